@@ -1,0 +1,281 @@
+"""Multi-crop batches streamed from WebDataset shards, with a position that survives restarts.
+
+Order. Each rank runs `num_streams = max(1, num_workers)` streams; stream `s` of rank `r` is
+global stream `g = r * num_streams + s`. In epoch `e` the shard list is permuted with
+`(seed, e)` and stream `g` reads every `world_size * num_streams`-th shard of it from offset
+`g`, so the streams of one epoch cover every shard exactly once. Raw (undecoded) samples pass a
+shuffle buffer seeded with `(seed, e, g)`; the n-th sample a stream takes in an epoch is decoded,
+augmented and masked with a seed of `(seed, e, g, n)`. Streams never end: when a stream's shards
+run out it starts its next epoch, so every rank can take the same number of steps and no rank
+waits at an epoch boundary for another.
+
+Position. Every batch comes with (stream, epoch, samples taken, failure counters). The loader
+records it when the batch reaches the consumer, so `state_dict()` names exactly what was trained
+on. Resuming replays each stream's raw bytes through its shuffle buffer and drops the samples
+already taken, without decoding them, then continues with the unseen ones. DataLoader hands out
+batches round-robin over its workers, starting at worker 0; on resume worker `w` serves stream
+`(w + batches) % num_streams`, so the interleaving also continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import itertools
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .masking import MaskSampler
+from .shards import IMAGE_KEYS, expand_shards, read_shard
+from .transforms import MultiCrop
+
+log = logging.getLogger(__name__)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def shards_for_stream(urls: list[str], seed: int, epoch: int, stream: int, num_streams: int) -> list[str]:
+    """The shards global stream `stream` (of `num_streams` over all ranks) reads in `epoch`."""
+    order = np.random.default_rng(_seed(seed, epoch)).permutation(len(urls))
+    return [urls[i] for i in order[stream::num_streams]]
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle with a buffer of `size` items."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def decode(raw: dict, counters: Counter) -> tuple[Image.Image, int] | None:
+    """(RGB image, label or -1) from a raw sample; None (counted, logged) when it has no usable image."""
+    key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if key is None:
+        counters["missing_image"] += 1
+        log.warning("%s: sample %s has no image (members: %s)", raw["__url__"], raw["__key__"],
+                    ", ".join(k for k in raw if not k.startswith("__")))
+        return None
+    try:
+        with Image.open(io.BytesIO(raw[key])) as im:
+            img = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        counters["corrupt_image"] += 1
+        log.warning("%s: sample %s: cannot decode %s: %s", raw["__url__"], raw["__key__"], key, e)
+        return None
+    label = -1
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"])
+        except ValueError:
+            counters["bad_label"] += 1
+    return img, label
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything that fixes the order of samples and what becomes of them."""
+
+    urls: tuple[str, ...]
+    augment: MultiCrop
+    mask_sampler: MaskSampler
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_streams: int = 1
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    shard_retries: int = 0
+    s3_command: str = "aws s3 cp --quiet {url} -"
+
+    def layout(self) -> dict:
+        digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
+        return {"world_size": self.world_size, "num_streams": self.num_streams, "seed": self.seed,
+                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+                "num_shards": len(self.urls), "shards_sha1": digest}
+
+    def raw_samples(self, stream: int, epoch: int, counters: Counter) -> Iterator[dict]:
+        g = self.rank * self.num_streams + stream
+        shards = shards_for_stream(list(self.urls), self.seed, epoch, g, self.world_size * self.num_streams)
+        raw = itertools.chain.from_iterable(
+            read_shard(u, counters, self.shard_retries, self.s3_command) for u in shards)
+        return shuffle_buffer(raw, self.shuffle_buffer, random.Random(_seed(self.seed, epoch, g)))
+
+    def make_sample(self, raw: dict, sample_seed: int, counters: Counter):
+        # In the training process (num_workers=0) the global RNG belongs to the model: fork it.
+        fork = torch.random.fork_rng(devices=[]) if get_worker_info() is None else nullcontext()
+        with fork:
+            torch.manual_seed(sample_seed)
+            decoded = decode(raw, counters)
+            if decoded is None:
+                return None
+            img, label = decoded
+            global_crops, local_crops = self.augment(img)
+        rng = np.random.default_rng(sample_seed)
+        masks = [torch.from_numpy(self.mask_sampler(rng)) for _ in global_crops]
+        return global_crops, local_crops, masks, label, raw["__key__"]
+
+    def collate(self, items: list) -> dict:
+        g, loc, masks, labels, keys = zip(*items)
+        n_local, size = self.augment.n_local, self.augment.local_size
+        return {
+            "global_crops": torch.stack([torch.stack(v) for v in zip(*g)]),  # [G, B, 3, H, W] uint8
+            "local_crops": (torch.stack([torch.stack(v) for v in zip(*loc)]) if n_local
+                            else torch.empty((0, len(items), 3, size, size), dtype=torch.uint8)),
+            "masks": torch.stack([torch.stack(v) for v in zip(*masks)]),  # [G, B, h, w] bool
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "keys": list(keys),
+        }
+
+    def batches(self, stream: int, start: dict) -> Iterator[tuple[dict, dict]]:
+        """Endless (batch, position) pairs of one stream, from position `start`."""
+        epoch, taken = start["epoch"], start["consumed"]
+        counters = Counter(start.get("counters", {}))
+        g = self.rank * self.num_streams + stream
+        pending: list = []
+        while True:
+            samples = self.raw_samples(stream, epoch, counters)
+            # Fast-forward over samples a previous run already trained on: no decoding.
+            skipped = sum(1 for _ in itertools.islice(samples, taken))
+            if skipped < taken:
+                log.warning("stream %d epoch %d has %d samples, fewer than the %d recorded; "
+                            "did the shards change? continuing with the next epoch", g, epoch, skipped, taken)
+            fresh = 0
+            for raw in samples:
+                taken += 1
+                fresh += 1
+                item = self.make_sample(raw, _seed(self.seed, epoch, g, taken), counters)
+                if item is None:
+                    continue
+                pending.append(item)
+                if len(pending) == self.batch_size:
+                    position = {"stream": stream, "epoch": epoch, "consumed": taken, "counters": dict(counters)}
+                    yield self.collate(pending), position
+                    pending = []
+            if fresh == 0 and skipped == 0:
+                raise RuntimeError(
+                    f"loader stream {g} read no samples in epoch {epoch} from its shards "
+                    f"(failures so far: {dict(counters) or 'none'}); check the shard URLs")
+            epoch, taken = epoch + 1, 0
+
+
+class _Streams(IterableDataset):
+    def __init__(self, plan: StreamPlan, starts: list[dict], rotation: int):
+        self.plan, self.starts, self.rotation = plan, starts, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        stream = ((info.id if info else 0) + self.rotation) % self.plan.num_streams
+        return self.plan.batches(stream, self.starts[stream])
+
+
+class PositionMismatch(ValueError):
+    """A saved data position that was recorded under a different data layout."""
+
+
+class ShardLoader:
+    """Endless multi-crop batches for one rank, with `state_dict()` / `load_state_dict()`.
+
+    Each batch is a dict: `global_crops` [G, B, 3, H, W] and `local_crops` [L, B, 3, h, w] (uint8,
+    normalise with `transforms.normalize_batch`), `masks` [G, B, H/p, W/p] bool, `labels` [B]
+    (-1 without a `cls`), `keys` (sample keys).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        augment: MultiCrop,
+        mask_sampler: MaskSampler,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        shard_retries: int = 0,
+        s3_command: str = "aws s3 cp --quiet {url} -",
+        pin_memory: bool = False,
+        source: str = "data.train_shards",
+    ):
+        num_streams = max(1, num_workers)
+        if not urls:
+            raise ValueError(f"{source}: names no shards")
+        if len(urls) < world_size * num_streams:
+            raise ValueError(
+                f"{source}: {len(urls)} shards cannot feed {world_size} ranks x {num_streams} loader "
+                f"streams ({world_size * num_streams} needed: each stream reads whole shards); write "
+                f"smaller shards (scripts/make_shards.py --samples-per-shard) or lower data.num_workers")
+        self.plan = StreamPlan(tuple(urls), augment, mask_sampler, batch_size, rank, world_size,
+                               num_streams, seed, shuffle_buffer, shard_retries, s3_command)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._streams = [{"epoch": 0, "consumed": 0, "counters": {}} for _ in range(num_streams)]
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        streams = _Streams(self.plan, copy.deepcopy(self._streams), self._batches % self.plan.num_streams)
+        loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None)
+        for batch, position in loader:
+            stream = position.pop("stream")
+            self._streams[stream] = position
+            self._batches += 1
+            yield batch
+
+    @property
+    def counters(self) -> Counter:
+        """Failures by kind (corrupt_image, missing_image, truncated_shard ...) over all streams."""
+        total: Counter = Counter()
+        for s in self._streams:
+            total.update(s["counters"])
+        return total
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the slowest stream is in (for logs and epoch-based rules)."""
+        return min(s["epoch"] for s in self._streams)
+
+    def state_dict(self) -> dict:
+        return {"layout": self.plan.layout(), "batches": self._batches,
+                "streams": copy.deepcopy(self._streams)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ours = self.plan.layout()
+        if state["layout"] != ours:
+            diff = {k: (state["layout"].get(k), v) for k, v in ours.items() if state["layout"].get(k) != v}
+            raise PositionMismatch(
+                "data position was saved under another data layout (saved, now): "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()))
+        self._batches = state["batches"]
+        self._streams = copy.deepcopy(state["streams"])
+
+
+def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False) -> ShardLoader:
+    """A `ShardLoader` from a `DataConfig`-shaped object whose `train_shards` is already resolved."""
+    grid = data.global_crops.size // patch_size
+    m = data.mask
+    sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect)
+    return ShardLoader(
+        expand_shards(data.train_shards), augment=MultiCrop.from_config(data), mask_sampler=sampler,
+        batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
+        seed=seed, shuffle_buffer=data.shuffle_buffer, shard_retries=data.shard_retries,
+        s3_command=data.s3_command, pin_memory=pin_memory)
