@@ -2,8 +2,9 @@
 
 1,797 real 8x8 grayscale scans of handwritten digits (10 classes), upsampled to `size` x `size`
 RGB JPEGs and split into a training and a held-out validation part (stratified, fixed seed). They
-are written once under `<cache_dir>/digits-<size>/{train,val}/` and reused; a `DONE` marker is
-written last, so an interrupted first run simply writes them again.
+are written once under `<cache_dir>/digits-<size>/{train,val}/` and reused; a `DONE` marker
+naming the recipe is written last, so an interrupted first run (or a changed recipe) simply
+writes them again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 from .shards import write_manifest, write_shard
 
 BUILTIN = "builtin:digits"
-VAL_FRACTION = 1 / 6  # 300 of 1,797 images held out for kNN
+VAL_PER_CLASS = 30  # 300 of the 1,797 images held out for kNN
 SAMPLES_PER_SHARD = 100
 
 
@@ -26,7 +27,9 @@ def digits_shards(cache_dir: str | Path, size: int = 64) -> dict[str, Path]:
     """Write the shards if needed; return {"train": dir, "val": dir}."""
     root = Path(cache_dir).expanduser() / f"digits-{size}"
     dirs = {split: root / split for split in ("train", "val")}
-    if (root / "DONE").is_file():
+    recipe = {"size": size, "val_per_class": VAL_PER_CLASS, "samples_per_shard": SAMPLES_PER_SHARD}
+    done = root / "DONE"
+    if done.is_file() and json.loads(done.read_text() or "{}") == recipe:
         return dirs
     from sklearn.datasets import load_digits  # only needed on first use
 
@@ -35,7 +38,7 @@ def digits_shards(cache_dir: str | Path, size: int = 64) -> dict[str, Path]:
     val_idx = []
     for c in range(10):  # stratified split, the same on every machine
         idx = np.flatnonzero(digits.target == c)
-        val_idx += list(rng.choice(idx, size=int(round(len(idx) * VAL_FRACTION)), replace=False))
+        val_idx += list(rng.choice(idx, size=VAL_PER_CLASS, replace=False))
     is_val = np.zeros(len(digits.target), dtype=bool)
     is_val[val_idx] = True
     for split, wanted in (("train", ~is_val), ("val", is_val)):
@@ -48,7 +51,7 @@ def digits_shards(cache_dir: str | Path, size: int = 64) -> dict[str, Path]:
             shards.append({"name": name, "count": write_shard(dirs[split] / name, samples)})
         write_manifest(dirs[split], shards, [str(c) for c in range(10)],
                        {"source": "sklearn.datasets.load_digits", "split": split})
-    (root / "DONE").write_text(json.dumps({"size": size}))
+    done.write_text(json.dumps(recipe))
     return dirs
 
 

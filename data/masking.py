@@ -6,8 +6,8 @@ takes a `numpy.random.Generator`, so a mask is a pure function of its seed (resu
 - `block_mask`: BEiT's blockwise masking (Algorithm 1): rectangles of at least `min_block_patches`
   patches with log-uniform aspect ratio in [min_aspect, 1/min_aspect], added until the target is
   reached; a block may overlap earlier ones but never overshoots the target. If no block fits
-  (tiny grids, tiny remainders), the remainder is filled with random single patches, so the count
-  is always exact.
+  (tiny grids, tiny remainders), the masked region grows by neighbouring patches until the count
+  is exact.
 - `random_mask`: exactly `count` patches, uniformly.
 - `MaskSampler`: iBOT's per-view policy: with probability `prob` a view is masked, its ratio drawn
   uniformly from `ratio`; otherwise it is left whole.
@@ -27,6 +27,12 @@ def random_mask(height: int, width: int, count: int, rng: np.random.Generator) -
     return mask.reshape(height, width)
 
 
+def block_shape(area: float, rng: np.random.Generator, min_aspect: float = 0.3) -> tuple[int, int]:
+    """(height, width) of a block of about `area` patches, aspect log-uniform in [a, 1/a]."""
+    aspect = math.exp(rng.uniform(math.log(min_aspect), -math.log(min_aspect)))
+    return int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+
+
 def block_mask(
     height: int,
     width: int,
@@ -37,19 +43,15 @@ def block_mask(
     attempts: int = 10,
 ) -> np.ndarray:
     mask = np.zeros((height, width), dtype=bool)
-    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
     masked = 0
     while masked < count:
         remaining = count - masked
         added = 0
         for _ in range(attempts):
-            # BEiT: s ~ U(min, remaining); blocks smaller than the minimum only when the
-            # remainder itself is smaller.
-            low = min(min_block_patches, remaining)
-            area = rng.uniform(low, remaining)
-            aspect = math.exp(rng.uniform(*log_aspect))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
+            # BEiT: s ~ U(min, remaining). A block may overlap masked patches, which is how
+            # remainders smaller than a block get placed.
+            lo, hi = sorted((min_block_patches, remaining))
+            h, w = block_shape(rng.uniform(lo, hi), rng, min_aspect)
             if not (1 <= h <= height and 1 <= w <= width):
                 continue
             top = int(rng.integers(0, height - h + 1))
@@ -63,9 +65,18 @@ def block_mask(
         if added == 0:
             break
         masked += added
-    if masked < count:
-        free = np.flatnonzero(~mask.reshape(-1))
-        mask.reshape(-1)[rng.choice(free, size=count - masked, replace=False)] = True
+    while masked < count:  # no block fits: grow the masked region patch by patch
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        border = np.flatnonzero((grown & ~mask).reshape(-1))
+        if border.size == 0:
+            border = np.flatnonzero(~mask.reshape(-1))
+        pick = rng.choice(border, size=min(count - masked, border.size), replace=False)
+        mask.reshape(-1)[pick] = True
+        masked += pick.size
     return mask
 
 

@@ -232,8 +232,11 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         streams = _Streams(self.plan, copy.deepcopy(self._streams), self._batches % self.plan.num_streams)
+        # A private generator: DataLoader draws its worker base seed from it, not from the
+        # training process's global RNG (which a resumed run must find as it was saved).
         loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None)
+                            pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.plan.seed))
         for batch, position in loader:
             stream = position.pop("stream")
             self._streams[stream] = position

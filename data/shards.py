@@ -112,12 +112,13 @@ def _reraise(exn: Exception) -> bool:
 
 def write_shard(path: Path, samples: Iterable[dict]) -> int:
     """Write samples (`__key__`, `jpg`: bytes, `cls`: int, `json`: dict) to `path` atomically:
-    a crash leaves no partial file under the final name, so finished shards can be trusted."""
+    a crash leaves no partial file under the final name, so finished shards can be trusted.
+    The bytes are a function of the samples alone (fixed mtime), so a rewrite is identical."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
     try:
-        with os.fdopen(fd, "wb") as f, wds.TarWriter(f) as sink:
+        with os.fdopen(fd, "wb") as f, wds.TarWriter(f, mtime=0.0) as sink:
             for sample in samples:
                 sink.write(sample)
                 n += 1

@@ -1,0 +1,193 @@
+import json
+import textwrap
+
+import pytest
+
+import launch
+from trainer.config import DEFAULT_CONFIG, Config, ConfigError, describe, load_config
+from trainer.distributed import dist_env, first_host
+from trainer.ds_config import build_ds_config, resolve_ds_config
+
+
+def write(tmp_path, text, name="x.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_file_is_valid_and_complete():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.model.arch == "vit_tiny" and cfg.data.train_shards == "builtin:digits"
+    assert cfg.data.global_crops.size % cfg.model.patch_size == 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(DEFAULT_CONFIG, ["optim.lr=1e-3", "data.batch_size=7", "data.local_crops.scale=[0.1,0.3]",
+                                       "run.output_dir=/tmp/x", "data.val_shards=null"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 7
+    assert cfg.data.local_crops.scale == (0.1, 0.3)
+    assert cfg.data.val_shards is None
+
+
+def test_base_chain_and_origins(tmp_path):
+    write(tmp_path, "data: {batch_size: 8}\n", "base.yaml")
+    path = write(tmp_path, "base: base.yaml\noptim: {lr: 0.5}\n")
+    cfg = load_config(path)
+    assert cfg.data.batch_size == 8 and cfg.optim.lr == 0.5
+    # an error in the base file names the base file
+    write(tmp_path, "data: {batch_size: 0}\n", "base.yaml")
+    with pytest.raises(ConfigError, match=r"base\.yaml: data\.batch_size: 0 must be >= 1"):
+        load_config(path)
+
+
+BAD = [
+    ("data: {mask: {ratio: [0.1, 1.5]}}", "data.mask.ratio", "1.5 is outside [0.0, 1.0)"),
+    ("data: {bach_size: 4}", "data.bach_size", "did you mean data.batch_size?"),
+    ("optimizer: {lr: 0.1}", "optimizer", "did you mean optim?"),
+    ("data: {batch_size: sixty}", "data.batch_size", "'sixty' is not an integer"),
+    ("data: {num_workers: true}", "data.num_workers", "True is not an integer"),
+    ("run: {precision: fp8}", "run.precision", "'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
+    ("data: {local_crops: {size: 256}}", "data.local_crops.size", "must be smaller than global_crops.size"),
+    ("data: {global_crops: {size: 225}}", "data.global_crops.size", "not a multiple of model.patch_size"),
+    ("data: {mask: {prob: 2}}", "data.mask.prob", "2.0 is outside [0, 1]"),
+    ("data: {mask: {ratio: [0.5, 0.1]}}", "data.mask.ratio", "is not an interval"),
+    ("data: {global_crops: {scale: [0.3]}}", "data.global_crops.scale", "not a list of 2 numbers"),
+    ("optim: {lr: 0.001, min_lr: 0.1}", "optim.min_lr", "outside [0, lr=0.001]"),
+    ("data: 5", "data", "expected a mapping"),
+    ("data: {global_crops: {number: 3}}", "data.global_crops.number", "exactly 2 global crops"),
+    ("model: {patch_size: 0}", "model.patch_size", "must be > 0"),
+    ("optim: {betas: [0.9, 1.0]}", "optim.betas", "1.0 is outside [0.0, 1.0)"),
+    ("data: {augment: {color_jitter: [0.4, 0.4, 0.2, 0.9]}}", "data.augment.color_jitter", "hue 0.9"),
+    ("method: simclr", "method", "not one of 'ibot'"),
+]
+
+
+@pytest.mark.parametrize("text,key,problem", BAD, ids=[b[1] for b in BAD])
+def test_bad_config_names_file_key_and_allowed(tmp_path, text, key, problem):
+    path = write(tmp_path, "base: " + str(DEFAULT_CONFIG) + "\n" + text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.key == key
+    assert problem in str(e.value)
+    assert str(e.value).startswith(f"{path}: {key}: ") or str(e.value).startswith(f"x.yaml: {key}: ")
+    assert "\n" not in str(e.value)
+
+
+def test_bad_override_names_the_command_line():
+    with pytest.raises(ConfigError, match=r"^command line: data\.mask\.ratio: 1\.5 is outside"):
+        load_config(DEFAULT_CONFIG, ["data.mask.ratio=[0.1,1.5]"])
+    with pytest.raises(ConfigError, match="overrides look like key.sub=value"):
+        load_config(DEFAULT_CONFIG, ["data.batch_size"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: {batch_size: [1,\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_key_is_documented():
+    rows = describe()
+    assert len(rows) > 40
+    assert all(help_text for _, help_text, _ in rows)
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def test_bare_ds_config_name_resolves():
+    assert resolve_ds_config("zero3.json").name == "zero3.json"
+    assert resolve_ds_config("zero2").name == "zero2.json"
+    with pytest.raises(ConfigError, match="zero3_offload.json"):
+        resolve_ds_config("zero9.json")
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json"])
+def test_yaml_values_flow_into_ds_config(name):
+    cfg = load_config(DEFAULT_CONFIG, ["data.batch_size=12", "optim.grad_accum=3", "optim.clip_grad=1.5",
+                                       "optim.lr=2e-4"])
+    ds = build_ds_config(name, cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 12
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 12 * 3 * 4
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds)
+    assert ds["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_ds_config_disagreeing_with_yaml_is_refused(tmp_path):
+    cfg = load_config()
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match=r"gradient_clipping: is 1.0 here but optim.clip_grad gives 3.0"):
+        build_ds_config(str(path), cfg, 1)
+    path.write_text(json.dumps({"bf16": {"enabled": False}}))
+    with pytest.raises(ConfigError, match=r"bf16.enabled: .*run.precision"):
+        build_ds_config(str(path), cfg, 1)
+    # agreeing values are fine
+    path.write_text(json.dumps({"gradient_clipping": 3.0}))
+    assert build_ds_config(str(path), cfg, 1)["gradient_clipping"] == 3.0
+
+
+def test_ds_config_auto_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ConfigError, match=r"zero_optimization.reduce_bucket_size: \"auto\" is not accepted"):
+        build_ds_config(str(path), load_config(), 1)
+
+
+# --------------------------------------------------------------------------- launch.py
+
+
+def test_launch_bad_config_is_one_line_and_exit_2(capsys):
+    assert launch.main(["data.mask.ratio=[0.1,1.5]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mimscale: config error: command line: data.mask.ratio: 1.5 is outside [0.0, 1.0)"
+
+
+def test_launch_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert launch.main([f"run.output_dir={blocker}/run"]) == 2
+    assert "run.output_dir" in capsys.readouterr().err
+
+
+def test_launch_too_few_shards_for_ranks_x_workers(tmp_path, capsys, monkeypatch, digits_dirs):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    rc = launch.main([f"data.train_shards={digits_dirs['train']}", "data.num_workers=2",
+                      f"run.output_dir={tmp_path}", "--dry-run", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "15 shards cannot feed 8 ranks x 2 loader streams (16 needed" in err
+
+
+def test_launch_dry_run_streams_batches(tmp_path, capsys, digits_dirs):
+    rc = launch.main([f"data.train_shards={digits_dirs['train']}", f"run.output_dir={tmp_path}",
+                      "data.num_workers=0", "data.batch_size=16", "--dry-run", "3"])
+    assert rc == 0
+    assert "streamed 3 batches" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def test_dist_env_from_each_launcher():
+    assert dist_env({}).world_size == 1
+    t = dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "123"})
+    assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port) == (3, 8, 1, "h", 123)
+    s = dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                  "SLURM_JOB_NODELIST": "gpu[003-010,012]", "SLURM_JOB_ID": "4242"})
+    assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.launcher) == (5, 16, 1, "gpu003", "slurm")
+    assert s.master_port == 20000 + 4242
+
+
+@pytest.mark.parametrize("nodes,first", [("node1", "node1"), ("a[1-4]", "a1"), ("gpu[003-010,012],x2", "gpu003"),
+                                         ("n[07,09]", "n07"), ("h1,h2", "h1")])
+def test_first_host(nodes, first):
+    assert first_host(nodes) == first

@@ -1,0 +1,56 @@
+"""Rank, world size and rendezvous address from whichever launcher started us.
+
+torchrun, the deepspeed launcher and `accelerate launch` set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT; `srun` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the node
+list, whose first host becomes the master. A plain `python launch.py` is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"
+
+    def export(self) -> None:
+        """Write the torch.distributed variables, so `deepspeed.init_distributed` finds them."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK=str(self.local_rank), MASTER_ADDR=self.master_addr,
+                          MASTER_PORT=str(self.master_port))
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    port = int(env.get("MASTER_PORT", 29500))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), port, "torch")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # jobs sharing a node do not collide
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR", first_host(nodes)), port, "slurm")
+    return DistEnv()
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: `gpu[003-010,012],cpu1` -> `gpu003`."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot read Slurm node list {nodelist!r}")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first

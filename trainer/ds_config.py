@@ -1,0 +1,105 @@
+"""DeepSpeed JSON configs: find them, and fill in what the YAML config owns.
+
+Batch size, gradient accumulation, clipping, precision and the optimizer's hyper-parameters are
+set once, in the YAML, and written into the DeepSpeed dict here. A JSON that sets one of them to
+a different value, or leaves anything as "auto", is refused before any process group starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import PROJECT_ROOT, Config, ConfigError
+
+DS_CONFIG_DIR = PROJECT_ROOT / "ds_configs"
+
+
+def resolve_ds_config(name: str) -> Path:
+    """A path as given, or a bare name (`zero3`, `zero3.json`) looked up in ds_configs/."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        for candidate in (DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json"):
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError("--ds_config", name, f"file not found (bare names are looked up in ds_configs/: {known})")
+
+
+def owned_values(cfg: Config, world_size: int) -> dict[str, tuple[str, Any]]:
+    """DeepSpeed key (dotted) -> (the YAML key that owns it, its value)."""
+    o = cfg.optim
+    micro, accum = cfg.data.batch_size, o.grad_accum
+    return {
+        "train_micro_batch_size_per_gpu": ("data.batch_size", micro),
+        "gradient_accumulation_steps": ("optim.grad_accum", accum),
+        "train_batch_size": (f"data.batch_size x optim.grad_accum x {world_size} ranks", micro * accum * world_size),
+        "gradient_clipping": ("optim.clip_grad", o.clip_grad),
+        "bf16.enabled": ("run.precision", cfg.run.precision == "bf16"),
+        "fp16.enabled": ("run.precision", cfg.run.precision == "fp16"),
+        "optimizer.params.lr": ("optim.lr", o.lr),
+        "optimizer.params.betas": ("optim.betas", list(o.betas)),
+        "optimizer.params.eps": ("optim.eps", o.eps),
+        "optimizer.params.weight_decay": ("optim.weight_decay[0]", o.weight_decay[0]),
+    }
+
+
+def build_ds_config(name: str, cfg: Config, world_size: int) -> dict:
+    """Load `name`, check it against `cfg`, and return the complete DeepSpeed dict."""
+    path = resolve_ds_config(name)
+    source = str(path)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(source, "", f"not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(source, "", "top level must be an object")
+    _reject_auto(ds, source, "")
+    for key, (owner, value) in owned_values(cfg, world_size).items():
+        present, current = _get(ds, key)
+        if present and not _same(current, value):
+            raise ConfigError(source, key, f"is {current!r} here but {owner} gives {value!r}; "
+                                           "remove it from the JSON (the launcher fills it from the YAML)")
+        _put(ds, key, value)
+    ds.setdefault("optimizer", {}).setdefault("type", "AdamW")
+    return ds
+
+
+def _reject_auto(node: Any, source: str, prefix: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_auto(v, source, f"{prefix}{k}.")
+    elif node == "auto":
+        raise ConfigError(source, prefix.rstrip("."), '"auto" is not accepted: give a value, or leave the key '
+                                                      "out where the YAML config owns it")
+
+
+def _get(ds: dict, dotted: str) -> tuple[bool, Any]:
+    node: Any = ds
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _put(ds: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = ds
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
