@@ -75,8 +75,10 @@ def decode(raw: dict, counters: Counter) -> tuple[Image.Image, int] | None:
                     ", ".join(k for k in raw if not k.startswith("__")))
         return None
     try:
-        with Image.open(io.BytesIO(raw[key])) as im:
-            img = im.convert("RGB")
+        img = Image.open(io.BytesIO(raw[key]))
+        img.load()  # decode now, so a broken file fails here and is counted
+        if img.mode != "RGB":
+            img = img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         counters["corrupt_image"] += 1
         log.warning("%s: sample %s: cannot decode %s: %s", raw["__url__"], raw["__key__"], key, e)

@@ -119,7 +119,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     shape = (3, 1, 1)
     m = torch.tensor(mean, device=images.device).view(shape) * 255
     s = torch.tensor(std, device=images.device).view(shape) * 255
-    return ((images.float() - m) / s).to(dtype)
+    out = images.to(torch.float32).sub_(m).div_(s)  # in place: one float tensor, not three
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def normalize_batch(batch: dict, mean: Sequence[float], std: Sequence[float],

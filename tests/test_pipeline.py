@@ -1,13 +1,12 @@
 import itertools
-
 import stat
 import tarfile
 from collections import Counter
 
 import pytest
 import torch
-
 from conftest import jpeg_bytes, make_shards
+
 from data.masking import MaskSampler
 from data.pipeline import PositionMismatch, ShardLoader, StreamPlan, shards_for_stream
 from data.shards import expand_shards, read_shard
