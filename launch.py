@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from trainer.config import Config, ConfigError, describe, dump_yaml, load_config
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DeepSpeed JSON; a bare name is looked up in ds_configs/ (default: zero3.json)")
     p.add_argument("--resume", help="resume from this checkpoint directory instead of the newest one")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("--dry-run", type=int, nargs="?", const=20, metavar="BATCHES",
+    p.add_argument("--dry-run", type=int, nargs="?", const=20, metavar="BATCHES", default=None,
                    help="check everything, stream this many batches (default 20), report, and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help")
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    # torch.distributed warns on every ZeRO-3 reduce-scatter that DeepSpeed still calls the old name.
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
     # Humans read rank 0; other ranks only speak up for warnings.
     logging.basicConfig(
         level=level if rank == 0 else logging.WARNING,
@@ -118,11 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    try:
-        dry_run(cfg, env, args.dry_run or 20)
-    except ValueError as e:
-        print(f"mimscale: {e}", file=sys.stderr)
-        return 2
+    if args.dry_run is not None:
+        try:
+            dry_run(cfg, env, args.dry_run)
+        except ValueError as e:
+            print(f"mimscale: {e}", file=sys.stderr)
+            return 2
+        return 0
+    from trainer.loop import train
+
+    summary = train(cfg, _ds, env, resume=args.resume)
+    if env.rank == 0 and summary.get("knn") is not None:
+        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, teacher [CLS], held-out split): "
+              f"{summary['knn']:.2f}%   random init: {summary['knn_random_init']:.2f}%")
     return 0
 
 

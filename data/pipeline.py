@@ -284,3 +284,27 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=seed, shuffle_buffer=data.shuffle_buffer, shard_retries=data.shard_retries,
         s3_command=data.s3_command, pin_memory=pin_memory)
+
+
+def labelled_batches(urls: list[str], size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                     counters: Counter | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every `world_size`-th sample from `rank`, in shard order, as (uint8 [B, 3, size, size], labels [B]):
+    resized (shorter side, bicubic) and centre-cropped. For evaluation: no shuffle, no augmentation."""
+    from torchvision.transforms import functional as F
+
+    counters = Counter() if counters is None else counters
+    images, labels = [], []
+    raw = itertools.chain.from_iterable(read_shard(u, counters) for u in urls)
+    for raw_sample in itertools.islice(raw, rank, None, world_size):
+        decoded = decode(raw_sample, counters)
+        if decoded is None:
+            continue
+        img, label = decoded
+        img = F.center_crop(F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC), size)
+        images.append(F.pil_to_tensor(img))
+        labels.append(label)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)

@@ -80,8 +80,8 @@ class RunConfig:
     output_dir: str = opt("runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard events, log.")
     seed: int = opt(0, "Global seed; data order, augmentations and masks are pure functions of it.")
     precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "Training precision of the student.")
-    kernels: Literal["auto", "triton", "torch"] = opt(
-        "auto", "Attention / softmax-CE implementation: Triton kernels, PyTorch references, or auto."
+    kernels: Literal["auto", "torch"] = opt(
+        "auto", "Attention / softmax-CE implementation: 'torch' (PyTorch references) or 'auto' (fastest available)."
     )
 
     def validate(self) -> None:
@@ -94,10 +94,18 @@ class ModelConfig:
     arch: str = opt("vit_small", "Backbone name from the model registry (vit_tiny, vit_small ... vit_giant2).")
     patch_size: int = opt(16, "Patch size in pixels; crop sizes must be multiples of it.")
     drop_path: float = opt(0.1, "Stochastic depth rate of the last block (linear over depth).")
+    layer_scale: float | None = opt(None, "LayerScale init value (e.g. 1e-5 for giant models); null: off.")
+    grad_checkpointing: int = opt(0, "Recompute every k-th block in backward (1: every block; 0: off).")
+    sharded_init: bool = opt(False, "Build the model under deepspeed.zero.Init (no rank holds all weights; "
+                                    "use for ViT-H and larger under ZeRO-3).")
 
     def validate(self) -> None:
+        from models.vit import VIT_ARCHS
+
+        _require(self.arch in VIT_ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(VIT_ARCHS)}")
         _require(self.patch_size > 0, "patch_size", f"{self.patch_size} must be > 0")
         _require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
+        _require(self.grad_checkpointing >= 0, "grad_checkpointing", f"{self.grad_checkpointing} must be >= 0")
 
 
 @dataclass
@@ -250,6 +258,48 @@ class LogConfig:
 
 
 @dataclass
+class IBOTConfig:
+    out_dim: int = opt(8192, "Prototypes K of the [CLS] head (8192 for ViT-S/B, 65536 for large models).")
+    patch_out_dim: int = opt(8192, "Prototypes of the patch head when it is not shared.")
+    shared_head: bool = opt(True, "One projection head for [CLS] and patch tokens (iBOT's default).")
+    head_hidden_dim: int = opt(2048, "Hidden width of the 3-layer head MLP.")
+    head_bottleneck_dim: int = opt(256, "Bottleneck before the prototypes.")
+    norm_last_layer: bool = opt(True, "Fix the prototype norms to 1 (more stable; False for ViT-S in iBOT).")
+    student_temp: float = opt(0.1, "Student softmax temperature.")
+    teacher_temp: tuple[float, float] = opt((0.04, 0.07), "Teacher temperature: warm-up start and final value.")
+    teacher_temp_warmup_steps: int = opt(37_500, "Steps of linear teacher-temperature warm-up (30 epochs of IN-1k).")
+    center_momentum: float = opt(0.9, "Momentum of the teacher output centers ([CLS] and patch).")
+    ema_momentum: tuple[float, float] = opt((0.996, 1.0), "Teacher EMA momentum: start and end of a cosine.")
+    cls_weight: float = opt(1.0, "Weight of L_CLS in the optimised loss.")
+    mim_weight: float = opt(1.0, "Weight of L_MIM in the optimised loss.")
+    freeze_last_layer_steps: int = opt(1250, "Prototype layer gets lr 0 for these first steps (one epoch).")
+
+    def validate(self) -> None:
+        for name in ("out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim"):
+            _require(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
+        _require(self.student_temp > 0, "student_temp", f"{self.student_temp} must be > 0")
+        _require(all(t > 0 for t in self.teacher_temp), "teacher_temp", "must be > 0")
+        _require(0 <= self.center_momentum < 1, "center_momentum", f"{self.center_momentum} is outside [0, 1)")
+        _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        for name in ("teacher_temp_warmup_steps", "freeze_last_layer_steps"):
+            _require(getattr(self, name) >= 0, name, f"{getattr(self, name)} must be >= 0")
+        _require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = opt(20, "Neighbours of the weighted kNN (DINO: 20).")
+    knn_temp: float = opt(0.07, "Temperature of the kNN vote weights.")
+    knn_at_end: bool = opt(True, "Run kNN on val_shards after training (and on the untrained network first).")
+    batch_size: int = opt(128, "Images per rank per feature-extraction batch.")
+
+    def validate(self) -> None:
+        _require(self.knn_k >= 1, "knn_k", f"{self.knn_k} must be >= 1")
+        _require(self.knn_temp > 0, "knn_temp", f"{self.knn_temp} must be > 0")
+        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+
+
+@dataclass
 class Config:
     method: Literal["ibot"] = opt("ibot", "Pretraining objective (trainer/methods/<method>.py).")
     run: RunConfig = opt(RunConfig(), "Run directory, seed, precision, kernels.")
@@ -259,6 +309,8 @@ class Config:
     schedule: ScheduleConfig = opt(ScheduleConfig(), "Length of training.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpoint cadence and retention.")
     log: LogConfig = opt(LogConfig(), "Metrics cadence and sinks.")
+    ibot: IBOTConfig = opt(IBOTConfig(), "iBOT objective (method: ibot).")
+    eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
 
     def validate(self) -> None:
         p = self.model.patch_size

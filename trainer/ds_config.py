@@ -66,6 +66,13 @@ def build_ds_config(name: str, cfg: Config, world_size: int) -> dict:
                                            "remove it from the JSON (the launcher fills it from the YAML)")
         _put(ds, key, value)
     ds.setdefault("optimizer", {}).setdefault("type", "AdamW")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("stage3_param_persistence_threshold", 1) != 0:
+        # Persistent parameters stay whole on every rank; the shard-local EMA writes partitions
+        # only, so a persistent teacher parameter would never change.
+        raise ConfigError(source, "zero_optimization.stage3_param_persistence_threshold",
+                          f"{zero.get('stage3_param_persistence_threshold', 'unset (DeepSpeed: 100000)')}"
+                          ": must be 0 (the EMA teacher is updated partition by partition)")
     return ds
 
 

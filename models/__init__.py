@@ -1,0 +1,1 @@
+"""Networks only: no DeepSpeed, no process groups, no config objects."""

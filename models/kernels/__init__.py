@@ -1,0 +1,1 @@
+"""Compute kernels and their PyTorch references (same signatures); `run.kernels` picks one."""

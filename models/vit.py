@@ -1,0 +1,112 @@
+"""Vision Transformer for masked image modeling, built from timm's blocks.
+
+What it adds to timm's `VisionTransformer`: our `Attention` (timm's parameter names, so timm
+weights load; its core is a swappable function, where the Triton kernel plugs in), a learnable
+[MASK] embedding that replaces masked patch tokens before position embeddings are added,
+position embeddings resampled for any crop size (local crops), `forward_features` returning
+[CLS] and patch tokens separately, and activation checkpointing of every k-th block.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from .kernels.attention import AttentionFn, attention_reference
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's layout (`qkv`, `proj`) and a pluggable core."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False,
+                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, norm_layer: type[nn.Module] | None = None, **_unused):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        if attn_drop:
+            raise ValueError("attention dropout is not supported (the fused kernels have none)")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.norm = norm_layer(dim) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_fn: AttentionFn = attention_reference
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = self.attn_fn(self.q_norm(q), self.k_norm(k), v, attn_mask)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(self.proj(x))
+
+
+class VisionTransformer(TimmVisionTransformer):
+    """timm's ViT with a [MASK] token, any input size, and split [CLS] / patch outputs."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference):
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path_rate=drop_path_rate,
+                         init_values=layer_scale, num_classes=0, global_pool="token", dynamic_img_size=True,
+                         attn_layer=Attention, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        for block in self.blocks:
+            block.attn.attn_fn = attn_fn
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))  # iBOT: zero init
+        self.checkpoint_every = 0
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Recompute every `every`-th block in backward (0 or enable=False: none)."""
+        self.checkpoint_every = every if enable else 0
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "mask_token", "reg_token", "dist_token"}
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x: [B, 3, H, W]; masks: [B, H/p, W/p] bool (True = replace by [MASK]).
+        Returns {"cls": [B, C], "patch": [B, N, C]} after the final norm."""
+        x = self.patch_embed(x)  # [B, h, w, C]
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = self.norm_pre(self._pos_embed(x))
+        for i, block in enumerate(self.blocks):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return {"cls": x[:, 0], "patch": x[:, self.num_prefix_tokens:]}
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(x, masks)["cls"]
+
+
+# name -> (width, depth, heads, mlp ratio, default patch size). Shapes of DESIGN.md; vit_test is for tests.
+VIT_ARCHS: dict[str, tuple[int, int, int, float, int]] = {
+    "vit_test": (32, 2, 2, 2.0, 4),
+    "vit_tiny": (96, 6, 3, 4.0, 8),
+    "vit_small": (384, 12, 6, 4.0, 16),
+    "vit_base": (768, 12, 12, 4.0, 16),
+    "vit_large": (1024, 24, 16, 4.0, 16),
+    "vit_huge": (1280, 32, 16, 4.0, 14),
+    "vit_giant": (1408, 40, 16, 6144 / 1408, 14),
+    "vit_gigantic": (1664, 48, 16, 8192 / 1664, 14),
+}
+
+
+def build_vit(arch: str, *, img_size: int, patch_size: int | None = None, drop_path_rate: float = 0.0,
+              layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference) -> VisionTransformer:
+    if arch not in VIT_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(VIT_ARCHS)}")
+    width, depth, heads, mlp_ratio, default_patch = VIT_ARCHS[arch]
+    return VisionTransformer(img_size=img_size, patch_size=patch_size or default_patch, embed_dim=width,
+                             depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+                             layer_scale=layer_scale, attn_fn=attn_fn)

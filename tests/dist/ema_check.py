@@ -1,0 +1,101 @@
+"""Run under torchrun with 2 ranks: the shard-local EMA against a dense fp32 EMA (and a bf16-only one).
+
+Writes a JSON report to argv[1] from rank 0.
+"""
+
+import json
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+from trainer.config import load_config
+from trainer.ds_config import build_ds_config
+from trainer.engine import apply_schedule, build_engine, init_distributed
+
+MOMENTUM = 0.9995
+STEPS = 20
+
+
+def gathered(params):
+    out = []
+    for p in params:
+        with deepspeed.zero.GatheredParameters([p]):
+            out.append(p.data.detach().float().clone())
+    return out
+
+
+def main(report_path):
+    init_distributed()
+    cfg = load_config(None, ["model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=32",
+                             "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0"])
+    ds = build_ds_config("zero3.json", cfg, dist.get_world_size())
+    engine, ema = build_engine(cfg, ds, seed=0)
+    students = list(engine.module.student.parameters())
+    teachers = list(engine.module.teacher.parameters())
+    partitioned = all(t.ds_tensor.numel() < t.ds_numel for t in teachers if t.ds_numel >= 2)
+
+    dense = [safe_get_full_fp32_param(p).float().clone() for p in students]  # fp32 EMA reference
+    start = [d.clone() for d in dense]
+    bf16_only = [d.bfloat16() for d in dense]  # what a bf16 EMA would hold
+    g = torch.Generator().manual_seed(dist.get_rank())
+    calls = {"n": 0}
+
+    def counting(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    names = ["all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_reduce",
+             "reduce_scatter_tensor"]
+    for step in range(STEPS):
+        apply_schedule(engine.optimizer, {"lr": 1e-3, "weight_decay": 0.0, "last_layer_lr_factor": 1.0})
+        batch = {"global_crops": torch.randn(2, 4, 3, 32, 32, generator=g).bfloat16(),
+                 "local_crops": torch.randn(2, 4, 3, 16, 16, generator=g).bfloat16(),
+                 "masks": torch.rand(2, 4, 4, 4, generator=g) < 0.4}
+        losses = engine(batch, teacher_temp=0.04)
+        engine.backward(losses["cls"] + losses["mim"])
+        engine.step()
+        saved = {n: getattr(dist, n) for n in names}
+        for n in names:
+            setattr(dist, n, counting(saved[n]))
+        gp = deepspeed.zero.GatheredParameters
+        deepspeed.zero.GatheredParameters = counting(gp)
+        try:
+            ema.update(MOMENTUM)
+        finally:
+            for n in names:
+                setattr(dist, n, saved[n])
+            deepspeed.zero.GatheredParameters = gp
+        full = [safe_get_full_fp32_param(p).float() for p in students]
+        for d, b, s in zip(dense, bf16_only, full):
+            d.mul_(MOMENTUM).add_(s, alpha=1 - MOMENTUM)
+            b.copy_((b * MOMENTUM + s.bfloat16() * (1 - MOMENTUM)).bfloat16())
+
+    teacher_now = gathered(teachers)
+    # the shadow slices of all ranks, put back together: the fp32 EMA itself
+    shadow_full = []
+    for sh, p in zip(ema.shadow, students):
+        parts = [torch.empty_like(sh) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, sh)
+        shadow_full.append(torch.cat(parts)[: p.ds_numel].view(p.ds_shape))
+    err_shadow = max((s - d).abs().max().item() for s, d in zip(shadow_full, dense))
+    teacher_is_cast = all(torch.equal(t, s.bfloat16().float()) for t, s in zip(teacher_now, shadow_full))
+    err_ours = max((t - d).abs().max().item() for t, d in zip(teacher_now, dense))
+    err_bf16 = max((b.float() - d).abs().max().item() for b, d in zip(bf16_only, dense))
+    # how far the EMA actually moved, and how much of the bf16-only teacher never moved at all
+    moved = max((d - s0).abs().max().item() for d, s0 in zip(dense, start))
+    frozen = sum((b.float() == s0.bfloat16().float()).sum().item() for b, s0 in zip(bf16_only, start))
+    frozen /= sum(b.numel() for b in bf16_only)
+    if dist.get_rank() == 0:
+        json.dump({"partitioned": partitioned, "err_ours": err_ours, "err_shadow": err_shadow,
+                   "teacher_is_cast_of_shadow": teacher_is_cast, "err_bf16": err_bf16, "moved": moved, "bf16_frozen_fraction": frozen,
+                   "collectives_in_update": calls["n"], "world": dist.get_world_size()},
+                  open(report_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,87 @@
+"""The teacher as an exponential moving average of the student, shard-local and in fp32.
+
+Under ZeRO-3, student and teacher have identical shapes, so every rank owns the same slice of
+each pair. The update reads the optimizer's fp32 master slice of each student parameter
+(`safe_get_local_fp32_param`), updates an fp32 shadow of the same slice, and writes its cast into
+the teacher's local partition (`ds_tensor`). Nothing is gathered and nothing is written through a
+gather (writes inside `GatheredParameters` without `modifier_rank` are silently dropped).
+
+The shadow matters: at momentum 0.9995 an update moves a weight by 0.0005 of its distance to the
+student, far below bf16's resolution (2^-8 relative), so a bf16-only EMA rounds most updates away.
+
+Without stage 3 (ZeRO-0/1/2, or no DeepSpeed) every rank holds whole parameters: the shadow is a
+whole fp32 copy, read from the student's working weights, which every rank holds identically.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _is_zero3(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+class TeacherEMA:
+    """fp32 shadow of the teacher, updated from the student without gathering anything."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        s_named, t_named = dict(student.named_parameters()), dict(teacher.named_parameters())
+        if s_named.keys() != t_named.keys():
+            diff = sorted(set(s_named) ^ set(t_named))[:5]
+            raise ValueError(f"student and teacher differ in parameters: {diff}")
+        self.names = list(s_named)
+        self.students = [s_named[n] for n in self.names]
+        self.teachers = [t_named[n] for n in self.names]
+        for name, s, t in zip(self.names, self.students, self.teachers):
+            a, b = self._student_local(s), self._teacher_local(t)
+            # DeepSpeed #2056: a pair partitioned differently would mix unrelated slices silently.
+            if a.numel() != b.numel():
+                raise RuntimeError(f"EMA pair {name}: student slice has {a.numel()} elements, teacher "
+                                   f"slice {b.numel()}; student and teacher must be partitioned alike")
+        self.shadow = [self._student_local(s).detach().float().clone() for s in self.students]
+
+    def _student_local(self, p: torch.Tensor) -> torch.Tensor:
+        if _is_zero3(p):
+            from deepspeed.utils import safe_get_local_fp32_param  # only reached under ZeRO-3
+
+            return safe_get_local_fp32_param(p)
+        return p.data
+
+    def _teacher_local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor.data if _is_zero3(p) else p.data
+
+    @torch.no_grad()
+    def copy_student_to_teacher(self) -> None:
+        """Teacher := student (start of training), through the same local slices."""
+        for sh, s, t in zip(self.shadow, self.students, self.teachers):
+            sh.copy_(self._student_local(s).float().view_as(sh))
+            self._teacher_local(t).copy_(sh.view_as(self._teacher_local(t)))
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        """shadow = m * shadow + (1 - m) * student; teacher = cast(shadow)."""
+        students = [self._student_local(s).float().view_as(sh) for s, sh in zip(self.students, self.shadow)]
+        torch._foreach_mul_(self.shadow, momentum)
+        torch._foreach_add_(self.shadow, students, alpha=1.0 - momentum)
+        for sh, t in zip(self.shadow, self.teachers):
+            local = self._teacher_local(t)
+            local.copy_(sh.view_as(local))
+
+    def state_dict(self) -> dict:
+        """This rank's slices (each rank saves its own; the layout must match on load)."""
+        return {"names": self.names, "shadow": [s.clone() for s in self.shadow]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names:
+            raise ValueError("EMA state belongs to another model (parameter names differ)")
+        for sh, saved in zip(self.shadow, state["shadow"]):
+            if saved.shape != sh.shape:
+                raise ValueError(f"EMA shadow slice has shape {tuple(saved.shape)}, expected {tuple(sh.shape)}: "
+                                 "resume with the same world size (or convert to a universal checkpoint)")
+            sh.copy_(saved)
+        for sh, t in zip(self.shadow, self.teachers):
+            local = self._teacher_local(t)
+            local.copy_(sh.view_as(local))

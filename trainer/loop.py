@@ -1,0 +1,133 @@
+"""The training run, top to bottom: engine, data, resume, steps, checkpoints, kNN."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.digits import resolve_builtin
+from data.pipeline import build_train_loader, labelled_batches
+from data.shards import expand_shards
+from data.transforms import normalize, normalize_batch
+
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .config import Config, to_dict
+from .distributed import DistEnv
+from .engine import apply_schedule, build_engine, init_distributed
+from .knn import extract_features, knn_accuracy
+from .metrics import MetricsWriter
+from .schedules import Schedules
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv) -> float | None:
+    """Weighted kNN of the teacher's [CLS] features: train split -> val split."""
+    if not cfg.data.val_shards:
+        return None
+    val_urls = expand_shards(cfg.data.val_shards)
+    train_urls = expand_shards(cfg.data.train_shards)
+    size, a = cfg.data.global_crops.size, cfg.data.augment
+    teacher = engine.module.teacher.backbone
+
+    def prepare(images):
+        return normalize(images.to(device), a.mean, a.std, dtype)
+
+    dummy = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    feats = {}
+    for name, urls in (("train", train_urls), ("val", val_urls)):
+        batches = labelled_batches(urls, size, cfg.eval.batch_size, env.rank, env.world_size)
+        feats[name] = extract_features(teacher, batches, prepare, dummy)
+    return knn_accuracy(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
+
+
+def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None) -> dict:
+    run_dir = Path(cfg.run.output_dir).expanduser()
+    cfg.data.train_shards, cfg.data.val_shards = resolve_builtin(
+        cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
+    env.export()
+    init_distributed()
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = DTYPES[cfg.run.precision]
+
+    engine, ema = build_engine(cfg, ds_config, cfg.run.seed)
+    loader = build_train_loader(cfg.data, patch_size=cfg.model.patch_size, seed=cfg.run.seed, rank=env.rank,
+                                world_size=env.world_size, pin_memory=device.type == "cuda")
+    schedules = Schedules.from_config(cfg)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
+    metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
+    if env.rank == 0:
+        (run_dir / "config.yaml").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    step, summary = 0, {}
+    source = Path(resume) if resume else ckpt.latest()
+    if source is not None:
+        parts = ckpt.load(engine, source)
+        step = parts["step"]
+        ema.load_state_dict(parts["ema"])
+        loader.load_state_dict(parts["data"])
+        engine.module.center.copy_(parts["center"])
+        engine.module.center_patch.copy_(parts["center_patch"])
+        set_rng_state(parts["rng"])
+        summary = parts.get("summary", {})
+        log.info("resumed from %s at step %d", source, step)
+    elif cfg.eval.knn_at_end:
+        summary["knn_random_init"] = knn_eval(cfg, engine, device, dtype, env)
+
+    def save() -> None:
+        parts = {"ema": ema.state_dict(), "data": loader.state_dict(), "center": engine.module.center,
+                 "center_patch": engine.module.center_patch, "rng": rng_state(), "summary": summary,
+                 "config": json.dumps(to_dict(cfg))}
+        path = ckpt.save(engine, step, parts)
+        log.info("saved %s", path)
+
+    weights = {"cls": cfg.ibot.cls_weight, "mim": cfg.ibot.mim_weight}
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
+    a = cfg.data.augment
+    batches = iter(loader)
+    window_start, window_steps = time.perf_counter(), 0
+    while step < cfg.schedule.steps:
+        values = schedules.at(step)
+        apply_schedule(engine.optimizer, values)
+        for _ in range(cfg.optim.grad_accum):
+            batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
+            losses = engine(batch, teacher_temp=values["teacher_temp"])
+            loss = sum(weights[k] * v for k, v in losses.items())
+            engine.backward(loss)
+            engine.step()
+        ema.update(values["momentum"])
+        step += 1
+        window_steps += 1
+        if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
+                      "lr": values["lr"], "weight_decay": values["weight_decay"], "momentum": values["momentum"],
+                      "teacher_temp": values["teacher_temp"], "images_per_s": window_steps * global_batch / elapsed,
+                      "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
+                      "data_failures": sum(loader.counters.values())}
+            if device.type == "cuda":
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics.write(step, record)
+            log.info("step %d/%d loss %.4f (cls %.4f mim %.4f) lr %.2e m %.4f %.0f img/s %.2fs/step",
+                     step, cfg.schedule.steps, record["loss"], record["loss_cls"], record["loss_mim"], record["lr"],
+                     record["momentum"], record["images_per_s"], record["step_time_s"])
+            window_start, window_steps = time.perf_counter(), 0
+        if step % cfg.checkpoint.every_steps == 0 and step < cfg.schedule.steps:
+            save()
+    if cfg.eval.knn_at_end and "knn" not in summary:
+        summary["knn"] = knn_eval(cfg, engine, device, dtype, env)
+    save()
+    metrics.write(step, {k: v for k, v in summary.items() if v is not None})
+    metrics.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return summary

@@ -1,0 +1,55 @@
+"""Schedules: pure functions of the optimizer step (nothing to save, nothing to restore)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Half-cosine from `start` (step 0) to `end` (step >= total)."""
+    t = min(max(step, 0), total) / max(total, 1)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def warmup_cosine(step: int, total: int, peak: float, final: float, warmup: int) -> float:
+    """Linear 0 -> peak over `warmup` steps, then cosine peak -> final until `total`."""
+    if step < warmup:
+        return peak * step / warmup
+    return cosine(step - warmup, total - warmup, peak, final)
+
+
+def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
+    """Linear start -> end over `warmup` steps, then constant."""
+    if warmup <= 0 or step >= warmup:
+        return end
+    return start + (end - start) * step / warmup
+
+
+@dataclass(frozen=True)
+class Schedules:
+    total: int
+    lr: float
+    min_lr: float
+    warmup: int
+    weight_decay: tuple[float, float]
+    momentum: tuple[float, float]
+    teacher_temp: tuple[float, float]
+    teacher_temp_warmup: int
+    freeze_last_layer: int
+
+    @classmethod
+    def from_config(cls, cfg) -> Schedules:
+        o, i = cfg.optim, cfg.ibot
+        return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(i.ema_momentum),
+                   tuple(i.teacher_temp), i.teacher_temp_warmup_steps, i.freeze_last_layer_steps)
+
+    def at(self, step: int) -> dict[str, float]:
+        """Every scheduled value for optimizer step `step` (0-based)."""
+        return {
+            "lr": warmup_cosine(step, self.total, self.lr, self.min_lr, self.warmup),
+            "weight_decay": cosine(step, self.total, *self.weight_decay),
+            "momentum": cosine(step, self.total, *self.momentum),
+            "teacher_temp": linear_warmup(step, self.teacher_temp_warmup, *self.teacher_temp),
+            "last_layer_lr_factor": 0.0 if step < self.freeze_last_layer else 1.0,
+        }
