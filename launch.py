@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ds_config", default="zero3.json",
                    help="DeepSpeed JSON; a bare name is looked up in ds_configs/ (default: zero3.json)")
     p.add_argument("--resume", help="resume from this checkpoint directory instead of the newest one")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="save and exit at this optimizer step (time-limited job slots; schedules still span "
+                        "schedule.steps, and the next launch resumes)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("--dry-run", type=int, nargs="?", const=20, metavar="BATCHES", default=None,
                    help="check everything, stream this many batches (default 20), report, and exit")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.loop import train
 
-    summary = train(cfg, _ds, env, resume=args.resume)
+    summary = train(cfg, _ds, env, resume=args.resume, stop_at=args.stop_at)
     if env.rank == 0 and summary.get("knn") is not None:
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, teacher [CLS], held-out split): "
               f"{summary['knn']:.2f}%   random init: {summary['knn_random_init']:.2f}%")

@@ -48,7 +48,7 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     return knn_accuracy(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
 
 
-def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None) -> dict:
+def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None) -> dict:
     run_dir = Path(cfg.run.output_dir).expanduser()
     cfg.data.train_shards, cfg.data.val_shards = resolve_builtin(
         cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
@@ -95,7 +95,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None)
     a = cfg.data.augment
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
-    while step < cfg.schedule.steps:
+    last = min(cfg.schedule.steps, stop_at) if stop_at else cfg.schedule.steps
+    while step < last:
         values = schedules.at(step)
         apply_schedule(engine.optimizer, values)
         for _ in range(cfg.optim.grad_accum):
@@ -123,9 +124,11 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None)
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.schedule.steps:
             save()
-    if cfg.eval.knn_at_end and "knn" not in summary:
+    finished = step >= cfg.schedule.steps
+    if finished and cfg.eval.knn_at_end and "knn" not in summary:
         summary["knn"] = knn_eval(cfg, engine, device, dtype, env)
-    save()
+    if not (ckpt.latest() and ckpt.latest().name == f"step{step:08d}"):
+        save()
     metrics.write(step, {k: v for k, v in summary.items() if v is not None})
     metrics.close()
     if dist.is_initialized():
