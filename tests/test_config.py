@@ -178,7 +178,8 @@ def test_launch_dry_run_streams_batches(tmp_path, capsys, digits_dirs):
 
 
 def test_dist_env_from_each_launcher():
-    assert dist_env({}).world_size == 1
+    single = dist_env({})
+    assert single.world_size == 1 and single.rank == 0 and single.master_port > 0
     t = dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "123"})
     assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port) == (3, 8, 1, "h", 123)
     s = dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",

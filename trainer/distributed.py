@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -41,7 +42,15 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # jobs sharing a node do not collide
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR", first_host(nodes)), port, "slurm")
-    return DistEnv()
+    # A single process still needs a rendezvous port: take a free one, so runs side by side on
+    # one machine do not collide on 29500.
+    return DistEnv(master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def first_host(nodelist: str) -> str:

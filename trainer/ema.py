@@ -10,7 +10,9 @@ The shadow matters: at momentum 0.9995 an update moves a weight by 0.0005 of its
 student, far below bf16's resolution (2^-8 relative), so a bf16-only EMA rounds most updates away.
 
 Without stage 3 (ZeRO-0/1/2, or no DeepSpeed) every rank holds whole parameters: the shadow is a
-whole fp32 copy, read from the student's working weights, which every rank holds identically.
+whole fp32 copy, started from the student's fp32 master weights and then updated from the
+student's working weights, which every rank holds identically (under bf16 that adds one bf16
+rounding of the student per update, scaled by 1 - m, never accumulated beyond one rounding).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class TeacherEMA:
             if a.numel() != b.numel():
                 raise RuntimeError(f"EMA pair {name}: student slice has {a.numel()} elements, teacher "
                                    f"slice {b.numel()}; student and teacher must be partitioned alike")
-        self.shadow = [self._student_local(s).detach().float().clone() for s in self.students]
+        self.shadow = [self._student_start(s) for s in self.students]
 
     def _student_local(self, p: torch.Tensor) -> torch.Tensor:
         if _is_zero3(p):
@@ -49,6 +51,14 @@ class TeacherEMA:
             return safe_get_local_fp32_param(p)
         return p.data
 
+    def _student_start(self, p: torch.Tensor) -> torch.Tensor:
+        """fp32 start value of the shadow: the master weights where the optimizer keeps them."""
+        if not _is_zero3(p) and hasattr(p, "_hp_mapping"):  # ZeRO-1/2: fragments on each rank, once
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p).detach().float().clone()
+        return self._student_local(p).detach().float().clone()
+
     def _teacher_local(self, p: torch.Tensor) -> torch.Tensor:
         return p.ds_tensor.data if _is_zero3(p) else p.data
 
@@ -56,7 +66,7 @@ class TeacherEMA:
     def copy_student_to_teacher(self) -> None:
         """Teacher := student (start of training), through the same local slices."""
         for sh, s, t in zip(self.shadow, self.students, self.teachers):
-            sh.copy_(self._student_local(s).float().view_as(sh))
+            sh.copy_(self._student_start(s).view_as(sh))
             self._teacher_local(t).copy_(sh.view_as(self._teacher_local(t)))
 
     @torch.no_grad()

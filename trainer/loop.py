@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from data.shards import expand_shards
 from data.transforms import normalize, normalize_batch
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .config import Config, to_dict
+from .config import Config, dump_yaml, to_dict
 from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
 from .knn import extract_features, knn_accuracy
@@ -66,7 +67,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
     if env.rank == 0:
-        (run_dir / "config.yaml").write_text(json.dumps(to_dict(cfg), indent=1))
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     step, summary = 0, {}
     source = Path(resume) if resume else ckpt.latest()
@@ -117,6 +118,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                       "data_failures": sum(loader.counters.values())}
             if device.type == "cuda":
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                record["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             metrics.write(step, record)
             log.info("step %d/%d loss %.4f (cls %.4f mim %.4f) lr %.2e m %.4f %.0f img/s %.2fs/step",
                      step, cfg.schedule.steps, record["loss"], record["loss_cls"], record["loss_mim"], record["lr"],

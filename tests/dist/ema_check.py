@@ -13,7 +13,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
-from trainer.engine import apply_schedule, build_engine, init_distributed
+from common import TINY, random_batch, train_step
+from trainer.engine import build_engine, init_distributed
 
 MOMENTUM = 0.9995
 STEPS = 20
@@ -27,18 +28,19 @@ def gathered(params):
     return out
 
 
-def main(report_path):
+def main(report_path, ds_name="zero3.json"):
     init_distributed()
-    cfg = load_config(None, ["model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=32",
-                             "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0"])
-    ds = build_ds_config("zero3.json", cfg, dist.get_world_size())
+    cfg = load_config(None, TINY)
+    ds = build_ds_config(ds_name, cfg, dist.get_world_size())
     engine, ema = build_engine(cfg, ds, seed=0)
     students = list(engine.module.student.parameters())
     teachers = list(engine.module.teacher.parameters())
-    partitioned = all(t.ds_tensor.numel() < t.ds_numel for t in teachers if t.ds_numel >= 2)
+    zero3 = hasattr(teachers[0], "ds_tensor")
+    partitioned = zero3 and all(t.ds_tensor.numel() < t.ds_numel for t in teachers if t.ds_numel >= 2)
 
     dense = [safe_get_full_fp32_param(p).float().clone() for p in students]  # fp32 EMA reference
     start = [d.clone() for d in dense]
+    rounding = 0.0  # largest bf16 rounding error of a student master weight seen
     bf16_only = [d.bfloat16() for d in dense]  # what a bf16 EMA would hold
     g = torch.Generator().manual_seed(dist.get_rank())
     calls = {"n": 0}
@@ -52,13 +54,7 @@ def main(report_path):
     names = ["all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_reduce",
              "reduce_scatter_tensor"]
     for step in range(STEPS):
-        apply_schedule(engine.optimizer, {"lr": 1e-3, "weight_decay": 0.0, "last_layer_lr_factor": 1.0})
-        batch = {"global_crops": torch.randn(2, 4, 3, 32, 32, generator=g).bfloat16(),
-                 "local_crops": torch.randn(2, 4, 3, 16, 16, generator=g).bfloat16(),
-                 "masks": torch.rand(2, 4, 4, 4, generator=g) < 0.4}
-        losses = engine(batch, teacher_temp=0.04)
-        engine.backward(losses["cls"] + losses["mim"])
-        engine.step()
+        train_step(engine, random_batch(g))
         saved = {n: getattr(dist, n) for n in names}
         for n in names:
             setattr(dist, n, counting(saved[n]))
@@ -71,6 +67,7 @@ def main(report_path):
                 setattr(dist, n, saved[n])
             deepspeed.zero.GatheredParameters = gp
         full = [safe_get_full_fp32_param(p).float() for p in students]
+        rounding = max(rounding, max((f - f.bfloat16().float()).abs().max().item() for f in full))
         for d, b, s in zip(dense, bf16_only, full):
             d.mul_(MOMENTUM).add_(s, alpha=1 - MOMENTUM)
             b.copy_((b * MOMENTUM + s.bfloat16() * (1 - MOMENTUM)).bfloat16())
@@ -79,6 +76,9 @@ def main(report_path):
     # the shadow slices of all ranks, put back together: the fp32 EMA itself
     shadow_full = []
     for sh, p in zip(ema.shadow, students):
+        if not zero3:  # whole parameters on every rank
+            shadow_full.append(sh.view_as(p))
+            continue
         parts = [torch.empty_like(sh) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, sh)
         shadow_full.append(torch.cat(parts)[: p.ds_numel].view(p.ds_shape))
@@ -93,9 +93,10 @@ def main(report_path):
     if dist.get_rank() == 0:
         json.dump({"partitioned": partitioned, "err_ours": err_ours, "err_shadow": err_shadow,
                    "teacher_is_cast_of_shadow": teacher_is_cast, "err_bf16": err_bf16, "moved": moved, "bf16_frozen_fraction": frozen,
-                   "collectives_in_update": calls["n"], "world": dist.get_world_size()},
+                   "bf16_read_bound": (1 - MOMENTUM ** STEPS) * rounding,
+                   "collectives_in_update": calls["n"], "world": dist.get_world_size(), "zero3": zero3},
                   open(report_path, "w"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

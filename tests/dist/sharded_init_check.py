@@ -10,14 +10,13 @@ import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
-from trainer.engine import apply_schedule, build_engine, init_distributed
+from common import TINY, random_batch, train_step
+from trainer.engine import build_engine, init_distributed
 
 
 def main(report_path):
     init_distributed()
-    cfg = load_config(None, ["model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
-                             "ibot.head_bottleneck_dim=16", "data.batch_size=4", "model.sharded_init=true",
-                             "model.grad_checkpointing=1"])
+    cfg = load_config(None, TINY + ["model.sharded_init=true", "model.grad_checkpointing=1"])
     engine, ema = build_engine(cfg, build_ds_config("zero3.json", cfg, dist.get_world_size()), seed=0)
     m = engine.module
     report = {"linear_std": [], "norm_ones": True, "teacher_equals_student": True}
@@ -30,15 +29,27 @@ def main(report_path):
         for (n, s), (_, t) in zip(m.student.named_parameters(), m.teacher.named_parameters()):
             report["teacher_equals_student"] &= torch.equal(s.data, t.data)
     g = torch.Generator().manual_seed(dist.get_rank())
-    apply_schedule(engine.optimizer, {"lr": 1e-3, "weight_decay": 0.04, "last_layer_lr_factor": 1.0})
-    batch = {"global_crops": torch.randn(2, 4, 3, 32, 32, generator=g).bfloat16(),
-             "local_crops": torch.randn(2, 4, 3, 16, 16, generator=g).bfloat16(),
-             "masks": torch.rand(2, 4, 4, 4, generator=g) < 0.4}
-    losses = engine(batch, teacher_temp=0.04)
-    engine.backward(losses["cls"] + losses["mim"])
-    engine.step()
+    batch = random_batch(g)
+    losses = train_step(engine, batch, weight_decay=0.04)
     ema.update(0.99)
     report["loss_finite"] = bool(torch.isfinite(losses["cls"] + losses["mim"]))
+
+    # The schedule reaches DeepSpeed's optimizer: a prototype-layer lr factor of 0 (the first
+    # epoch's freeze) leaves exactly that layer unchanged while everything else moves.
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    def masters():
+        return {n: safe_get_local_fp32_param(p).clone() for n, p in m.student.named_parameters()}
+
+    before = masters()
+    train_step(engine, batch, lr=1e-2, last_layer_lr_factor=0.0)
+    after = masters()
+    frozen = [n for n in before if ".last_layer." in n]
+    report["last_layer_unchanged"] = bool(frozen) and all(torch.equal(before[n], after[n]) for n in frozen)
+    report["others_changed"] = sum(not torch.equal(before[n], after[n]) for n in before if n not in frozen)
+    flags = torch.tensor([report["last_layer_unchanged"]], dtype=torch.int)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    report["last_layer_unchanged"] = bool(flags.item())
     if dist.get_rank() == 0:
         json.dump(report, open(report_path, "w"))
 

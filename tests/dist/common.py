@@ -1,0 +1,24 @@
+"""Shared by the torchrun scripts: a tiny iBOT setup and one training step on random crops."""
+
+import torch
+
+from trainer.engine import apply_schedule
+
+TINY = ["model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
+        "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0"]
+
+
+def random_batch(g: torch.Generator) -> dict:
+    """2 global 32-pixel crops, 2 local 16-pixel crops, 4 images, 4x4 patch masks."""
+    return {"global_crops": torch.randn(2, 4, 3, 32, 32, generator=g).bfloat16(),
+            "local_crops": torch.randn(2, 4, 3, 16, 16, generator=g).bfloat16(),
+            "masks": torch.rand(2, 4, 4, 4, generator=g) < 0.4}
+
+
+def train_step(engine, batch: dict, lr: float = 1e-3, weight_decay: float = 0.0, last_layer_lr_factor: float = 1.0):
+    apply_schedule(engine.optimizer, {"lr": lr, "weight_decay": weight_decay,
+                                      "last_layer_lr_factor": last_layer_lr_factor})
+    losses = engine(batch, teacher_temp=0.04)
+    engine.backward(losses["cls"] + losses["mim"])
+    engine.step()
+    return losses
