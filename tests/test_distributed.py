@@ -51,7 +51,7 @@ def test_ema_without_stage3_reads_whole_parameters(tmp_path):
     assert r["bf16_frozen_fraction"] > 0.5
 
 
-def _run_cmd(out: Path, steps: int, extra=()):
+def _run_cmd(out: Path, steps: int, extra=()) -> list[str]:
     return ["launch.py", "--config", str(ROOT / "configs" / "ibot_vit_tiny.yaml"), f"run.output_dir={out}",
             f"schedule.steps={steps}", "checkpoint.every_steps=3", "log.every_steps=1", "eval.knn_at_end=false",
             "model.arch=vit_test", "ibot.out_dim=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
@@ -95,3 +95,18 @@ def test_sharded_init_builds_like_dense_and_trains(tmp_path):
     assert r["linear_std"] and all(0.012 < s < 0.028 for s in r["linear_std"]), r["linear_std"]
     assert r["norm_ones"] and r["teacher_equals_student"] and r["loss_finite"]
     assert r["last_layer_unchanged"] and r["others_changed"] > 10
+
+
+def test_resume_after_changing_loader_workers_keeps_the_model(tmp_path):
+    """A data position saved under another layout is reported and the stream restarts; the
+    engine, EMA and step still resume."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    cmd = [sys.executable, *_run_cmd(run, 4)]
+    first = subprocess.run(cmd + ["--stop-at", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(cmd + ["data.num_workers=0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "num_streams 2 -> 1" in second.stderr and "resumed from" in second.stderr
+    assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from data.digits import resolve_builtin
-from data.pipeline import build_train_loader, labelled_batches
+from data.pipeline import PositionMismatch, build_train_loader, labelled_batches
 from data.shards import expand_shards
 from data.transforms import normalize, normalize_batch
 
@@ -75,7 +75,10 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         parts = ckpt.load(engine, source)
         step = parts["step"]
         ema.load_state_dict(parts["ema"])
-        loader.load_state_dict(parts["data"])
+        try:
+            loader.load_state_dict(parts["data"])
+        except PositionMismatch as e:  # e.g. data.num_workers changed: the model state is still good
+            log.warning("%s; the data stream starts over from its first epoch", e)
         engine.module.center.copy_(parts["center"])
         engine.module.center_patch.copy_(parts["center_patch"])
         set_rng_state(parts["rng"])
