@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:34} {default!r:>24}  {help_text}")
         return 0
     try:
-        cfg, env, _ds = prepare(args)
+        cfg, env, ds = prepare(args)
     except ConfigError as e:
         print(f"mimscale: config error: {e}", file=sys.stderr)
         return 2
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.loop import train
 
-    summary = train(cfg, _ds, env, resume=args.resume, stop_at=args.stop_at)
+    summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at)
     if env.rank == 0 and summary.get("knn") is not None:
         before = summary.get("knn_random_init")
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, teacher [CLS], held-out split): "

@@ -8,6 +8,7 @@ what is allowed, e.g. ``configs/x.yaml: data.mask.ratio: 1.5 is outside [0, 1)``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -47,6 +48,13 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise _Invalid(key, problem)
 
 
+def _at_least(section: Any, lo: float, *names: str, strict: bool = False) -> None:
+    """Each named field must be >= lo (> lo with strict)."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value > lo if strict else value >= lo, name, f"{value} must be {'>' if strict else '>='} {lo}")
+
+
 def _check_prob(value: float, key: str) -> None:
     _require(0.0 <= value <= 1.0, key, f"{value} is outside [0, 1]")
 
@@ -67,8 +75,6 @@ def opt(default: Any, help: str) -> Any:
 
 
 def _copy(value: Any) -> Any:
-    import copy
-
     return copy.deepcopy(value)
 
 
@@ -86,7 +92,7 @@ class RunConfig:
 
     def validate(self) -> None:
         _require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
-        _require(self.seed >= 0, "seed", f"{self.seed} must be >= 0")
+        _at_least(self, 0, "seed")
 
 
 @dataclass
@@ -103,9 +109,9 @@ class ModelConfig:
         from models.vit import VIT_ARCHS
 
         _require(self.arch in VIT_ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(VIT_ARCHS)}")
-        _require(self.patch_size > 0, "patch_size", f"{self.patch_size} must be > 0")
+        _at_least(self, 0, "patch_size", strict=True)
         _require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
-        _require(self.grad_checkpointing >= 0, "grad_checkpointing", f"{self.grad_checkpointing} must be >= 0")
+        _at_least(self, 0, "grad_checkpointing")
 
 
 @dataclass
@@ -115,8 +121,8 @@ class CropConfig:
     scale: tuple[float, float] = opt((0.32, 1.0), "RandomResizedCrop area range, as fractions of the image.")
 
     def validate(self) -> None:
-        _require(self.number >= 0, "number", f"{self.number} must be >= 0")
-        _require(self.size > 0, "size", f"{self.size} must be > 0")
+        _at_least(self, 0, "number")
+        _at_least(self, 0, "size", strict=True)
         _check_range(self.scale, "scale", 0.0, 1.0)
         _require(self.scale[1] > 0, "scale", "upper bound must be > 0")
 
@@ -162,7 +168,7 @@ class MaskConfig:
     def validate(self) -> None:
         _check_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
         _check_prob(self.prob, "prob")
-        _require(self.min_block_patches >= 1, "min_block_patches", f"{self.min_block_patches} must be >= 1")
+        _at_least(self, 1, "min_block_patches")
         _require(0 < self.min_aspect <= 1, "min_aspect", f"{self.min_aspect} is outside (0, 1]")
 
 
@@ -187,10 +193,10 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(bool(self.train_shards.strip()), "train_shards", "must not be empty")
-        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
-        _require(self.num_workers >= 0, "num_workers", f"{self.num_workers} must be >= 0")
-        _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"{self.shuffle_buffer} must be >= 1")
-        _require(self.shard_retries >= 0, "shard_retries", f"{self.shard_retries} must be >= 0")
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "num_workers")
+        _at_least(self, 1, "shuffle_buffer")
+        _at_least(self, 0, "shard_retries")
         _require(self.global_crops.number == 2, "global_crops.number",
                  f"{self.global_crops.number}: iBOT-style methods need exactly 2 global crops")
         _require("{url}" in self.s3_command, "s3_command", "must contain {url}")
@@ -215,27 +221,23 @@ class OptimConfig:
     layer_decay: float = opt(1.0, "Layer-wise lr decay factor (1.0: off).")
 
     def validate(self) -> None:
-        _require(self.lr > 0, "lr", f"{self.lr} must be > 0")
+        _at_least(self, 0, "lr", strict=True)
         _require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is outside [0, lr={self.lr}]")
-        _require(self.warmup_steps >= 0, "warmup_steps", f"{self.warmup_steps} must be >= 0")
+        _at_least(self, 0, "warmup_steps")
         _require(all(w >= 0 for w in self.weight_decay), "weight_decay", "must be >= 0")
         _check_range(self.betas, "betas", 0.0, 1.0, hi_open=True)
-        _require(self.eps > 0, "eps", f"{self.eps} must be > 0")
-        _require(self.clip_grad >= 0, "clip_grad", f"{self.clip_grad} must be >= 0")
-        _require(self.grad_accum >= 1, "grad_accum", f"{self.grad_accum} must be >= 1")
+        _at_least(self, 0, "eps", strict=True)
+        _at_least(self, 0, "clip_grad")
+        _at_least(self, 1, "grad_accum")
         _require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
 
 
 @dataclass
 class ScheduleConfig:
     steps: int = opt(100_000, "Optimizer steps to train for.")
-    epoch_steps: int = opt(
-        0, "Steps in a nominal epoch (for epoch-based rules); 0 derives it from the shard manifest."
-    )
 
     def validate(self) -> None:
-        _require(self.steps >= 1, "steps", f"{self.steps} must be >= 1")
-        _require(self.epoch_steps >= 0, "epoch_steps", f"{self.epoch_steps} must be >= 0")
+        _at_least(self, 1, "steps")
 
 
 @dataclass
@@ -244,8 +246,8 @@ class CheckpointConfig:
     keep: int = opt(3, "Newest checkpoints kept; older ones are deleted after a successful save.")
 
     def validate(self) -> None:
-        _require(self.every_steps >= 1, "every_steps", f"{self.every_steps} must be >= 1")
-        _require(self.keep >= 1, "keep", f"{self.keep} must be >= 1")
+        _at_least(self, 1, "every_steps")
+        _at_least(self, 1, "keep")
 
 
 @dataclass
@@ -254,7 +256,7 @@ class LogConfig:
     tensorboard: bool = opt(True, "Write TensorBoard event files into the run directory.")
 
     def validate(self) -> None:
-        _require(self.every_steps >= 1, "every_steps", f"{self.every_steps} must be >= 1")
+        _at_least(self, 1, "every_steps")
 
 
 @dataclass
@@ -275,14 +277,12 @@ class IBOTConfig:
     freeze_last_layer_steps: int = opt(1250, "Prototype layer gets lr 0 for these first steps (one epoch).")
 
     def validate(self) -> None:
-        for name in ("out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim"):
-            _require(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
-        _require(self.student_temp > 0, "student_temp", f"{self.student_temp} must be > 0")
+        _at_least(self, 1, "out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim")
+        _at_least(self, 0, "student_temp", strict=True)
         _require(all(t > 0 for t in self.teacher_temp), "teacher_temp", "must be > 0")
         _require(0 <= self.center_momentum < 1, "center_momentum", f"{self.center_momentum} is outside [0, 1)")
         _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
-        for name in ("teacher_temp_warmup_steps", "freeze_last_layer_steps"):
-            _require(getattr(self, name) >= 0, name, f"{getattr(self, name)} must be >= 0")
+        _at_least(self, 0, "teacher_temp_warmup_steps", "freeze_last_layer_steps")
         _require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
 
 
@@ -294,9 +294,9 @@ class EvalConfig:
     batch_size: int = opt(128, "Images per rank per feature-extraction batch.")
 
     def validate(self) -> None:
-        _require(self.knn_k >= 1, "knn_k", f"{self.knn_k} must be >= 1")
-        _require(self.knn_temp > 0, "knn_temp", f"{self.knn_temp} must be > 0")
-        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+        _at_least(self, 1, "knn_k")
+        _at_least(self, 0, "knn_temp", strict=True)
+        _at_least(self, 1, "batch_size")
 
 
 @dataclass

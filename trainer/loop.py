@@ -133,7 +133,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     finished = step >= cfg.schedule.steps
     if finished and cfg.eval.knn_at_end and "knn" not in summary:
         summary["knn"] = knn_eval(cfg, engine, device, dtype, env)
-    if not (ckpt.latest() and ckpt.latest().name == f"step{step:08d}"):
+    newest = ckpt.latest()
+    if newest is None or newest.name != f"step{step:08d}":  # not already saved by the loop
         save()
     metrics.write(step, {k: v for k, v in summary.items() if v is not None})
     metrics.close()
