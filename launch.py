@@ -131,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mimscale: {e}", file=sys.stderr)
             return 2
         return 0
+    from models.teachers import TeacherWeightsError
     from trainer.loop import train
 
-    summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at)
+    try:
+        summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at)
+    except TeacherWeightsError as e:  # raised before the first step: nothing is lost
+        print(f"mimscale: teacher error: {e}", file=sys.stderr)
+        return 2
     if env.rank == 0 and summary.get("knn") is not None:
         before = summary.get("knn_random_init")
-        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, teacher [CLS], held-out split): "
+        which = "student mean patch token" if cfg.method == "maskalign" else "teacher [CLS]"
+        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): "
               f"{summary['knn']:.2f}%   random init: " + (f"{before:.2f}%" if before is not None else "not measured"))
     return 0
 

@@ -70,23 +70,39 @@ class VisionTransformer(TimmVisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "mask_token", "reg_token", "dist_token"}
 
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x: [B, 3, H, W]; masks: [B, H/p, W/p] bool (True = replace by [MASK]).
-        Returns {"cls": [B, C], "patch": [B, N, C]} after the final norm."""
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                         blocks: list[int] | None = None) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """x: [B, 3, H, W]; masks: [B, H/p, W/p] bool (True = replace by [MASK]); keep: [B, K] indices
+        of the only patches to encode (MaskAlign: the rest never enter the network); blocks: also
+        return the tokens after these blocks (0-based), before the final norm.
+        Returns {"cls": [B, C], "patch": [B, N or K, C]} after the final norm, and "blocks"."""
         x = self.patch_embed(x)  # [B, h, w, C]
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = self.norm_pre(self._pos_embed(x))
+        p = self.num_prefix_tokens
+        if keep is not None:  # after the position embeddings, so each kept token knows where it was
+            x = torch.cat([x[:, :p], x[:, p:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))], dim=1)
+        depth = len(self.blocks)
+        wanted = {b % depth for b in blocks or []}
+        outputs = {}
         for i, block in enumerate(self.blocks):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+            if i in wanted:
+                outputs[i] = x
         x = self.norm(x)
-        return {"cls": x[:, 0], "patch": x[:, self.num_prefix_tokens:]}
+        out = {"cls": x[:, 0], "patch": x[:, p:]}
+        if blocks is not None:
+            out["blocks"] = [outputs[b % depth] for b in blocks]
+        return out
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_features(x, masks)["cls"]
+        """Pooled features: [CLS] (timm's global_pool "token"), or the mean patch token ("avg")."""
+        out = self.forward_features(x, masks)
+        return out["patch"].mean(dim=1) if self.global_pool == "avg" else out["cls"]
 
 
 # name -> (width, depth, heads, mlp ratio, default patch size). Shapes of DESIGN.md; vit_test is for tests.

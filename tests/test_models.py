@@ -71,7 +71,7 @@ def test_method_forward_with_separate_heads():
     method = build_method(cfg)
     batch = {"global_crops": torch.randn(2, 3, 3, 32, 32), "local_crops": torch.randn(4, 3, 3, 16, 16),
              "masks": torch.rand(2, 3, 4, 4) < 0.5}
-    losses = method(batch, teacher_temp=0.04)
+    losses = method(batch, {"teacher_temp": 0.04, "step": 0, "micro_step": 0})
     (losses["cls"] + losses["mim"]).backward()
     assert method.center_patch.shape == (24,)
     assert all(p.grad is None for p in method.teacher.parameters())
@@ -82,17 +82,17 @@ def test_param_groups_decay_and_layer_scales():
     cfg = load_config(None, ["model.arch=vit_test", "ibot.out_dim=32", "ibot.head_hidden_dim=16",
                              "ibot.head_bottleneck_dim=8"])
     method = build_method(cfg)
-    groups = param_groups(method.student, layer_decay=0.5)
+    groups = param_groups(method, layer_decay=0.5)
     by_name = {n: g for g in groups for n in g["names"]}
-    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.mask_token", "backbone.norm.weight",
-                 "backbone.blocks.0.attn.qkv.bias"):
+    for name in ("student.backbone.pos_embed", "student.backbone.cls_token", "student.backbone.mask_token",
+                 "student.backbone.norm.weight", "student.backbone.blocks.0.attn.qkv.bias"):
         assert by_name[name]["wd_scale"] == 0.0, name
-    assert by_name["backbone.blocks.0.attn.qkv.weight"]["wd_scale"] == 1.0
+    assert by_name["student.backbone.blocks.0.attn.qkv.weight"]["wd_scale"] == 1.0
     depth = len(method.student.backbone.blocks)
     assert layer_id("backbone.blocks.1.mlp.fc1.weight", depth) == 2
-    assert by_name["backbone.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
-    assert by_name["head.cls.mlp.0.weight"]["lr_scale"] == 1.0
-    assert by_name["head.cls.last_layer.weight"]["last_layer"]
+    assert by_name["student.backbone.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
+    assert by_name["student.head.cls.mlp.0.weight"]["lr_scale"] == 1.0
+    assert by_name["student.head.cls.last_layer.weight"]["last_layer"]
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in method.student.parameters())
 
 

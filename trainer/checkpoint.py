@@ -1,7 +1,9 @@
 """Checkpoints: DeepSpeed's sharded engine state plus our per-rank parts, saved atomically.
 
-Layout: `<run>/checkpoints/step00001200/` holds DeepSpeed's files, `rank00000.pt` ... (our parts:
-step, EMA shadow slice, centers, data position, RNG states, config) and `COMPLETE`, written by
+Layout: `<run>/checkpoints/step00001200/` holds DeepSpeed's files (the trainable parameters, their
+optimizer state and the module's buffers; no frozen teacher), `rank00000.pt` ... (our parts: step,
+EMA shadow slice, buffers in fp32, data position, RNG states, frozen-teacher file hash, config) and
+`COMPLETE`, written by
 rank 0 after every rank has finished. `<run>/checkpoints/latest` names the newest complete tag and
 moves only after `COMPLETE` exists; a tag without `COMPLETE` is never loaded. Older tags beyond
 `keep` are deleted after the new one is complete.
@@ -68,7 +70,9 @@ class Checkpointer:
         """Every rank calls this. `parts`: this rank's named state (tensors, numbers, strings)."""
         tag = f"step{step:08d}"
         path = self.dir / tag
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        # Frozen parameters (the EMA teacher, whose fp32 shadow is in `parts`, and a frozen CLIP
+        # teacher, reloaded from its own file) are left out: a checkpoint holds what training changes.
+        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
         torch.save({"step": step, **parts}, path / f"rank{_rank():05d}.pt")
         _barrier()  # every rank's files are on disk
         if _rank() == 0:
@@ -86,7 +90,8 @@ class Checkpointer:
         path = Path(path)
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        # Not strict: the frozen parameters are absent by design (see `save`).
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no engine state in {path}")
         own = path / f"rank{_rank():05d}.pt"

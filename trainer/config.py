@@ -197,8 +197,7 @@ class DataConfig:
         _at_least(self, 0, "num_workers")
         _at_least(self, 1, "shuffle_buffer")
         _at_least(self, 0, "shard_retries")
-        _require(self.global_crops.number == 2, "global_crops.number",
-                 f"{self.global_crops.number}: iBOT-style methods need exactly 2 global crops")
+        _require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
         _require("{url}" in self.s3_command, "s3_command", "must contain {url}")
         if self.local_crops.number > 0:
             _require(self.local_crops.size < self.global_crops.size, "local_crops.size",
@@ -275,6 +274,9 @@ class IBOTConfig:
     cls_weight: float = opt(1.0, "Weight of L_CLS in the optimised loss.")
     mim_weight: float = opt(1.0, "Weight of L_MIM in the optimised loss.")
     freeze_last_layer_steps: int = opt(1250, "Prototype layer gets lr 0 for these first steps (one epoch).")
+    clip_weight: float = opt(1.0, "method ibot_clip: weight of the frozen-teacher feature distillation term.")
+    clip_loss: Literal["cosine", "smooth_l1"] = opt(
+        "cosine", "method ibot_clip: distance between predicted and (normalised) teacher features.")
 
     def validate(self) -> None:
         _at_least(self, 1, "out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim")
@@ -284,6 +286,42 @@ class IBOTConfig:
         _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
         _at_least(self, 0, "teacher_temp_warmup_steps", "freeze_last_layer_steps")
         _require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
+        _at_least(self, 0, "clip_weight")
+
+
+@dataclass
+class FrozenTeacherConfig:
+    arch: str = opt("ViT-L-14", "An open_clip image tower (ViT-B-16, ViT-L-14, ViT-H-14, ViT-g-14; add -quickgelu "
+                                "for OpenAI's weights), clip_vit_tiny (CPU tests), or any timm ViT name (a DINO "
+                                "teacher: vit_base_patch16_224.dino).")
+    weights: str | None = opt(None, "Local weights file: open_clip .pt/.bin (whole CLIP or its visual tower), a "
+                                    "timm/DINO state dict, or .safetensors. Never downloaded.")
+    blocks: list[int] = opt([], "Teacher blocks whose outputs are targets (0-based; negative counts from the end). "
+                                "Empty: the method's default (maskalign: all; ibot_clip: the last).")
+    mean: tuple[float, float, float] | None = opt(None, "Teacher input normalisation mean; null: the arch's own.")
+    std: tuple[float, float, float] | None = opt(None, "Teacher input normalisation std; null: the arch's own.")
+
+
+@dataclass
+class TeacherConfig:
+    clip: FrozenTeacherConfig = opt(FrozenTeacherConfig(), "The frozen teacher of maskalign and ibot_clip.")
+
+
+@dataclass
+class MaskAlignConfig:
+    mask_ratio: float = opt(0.7, "Fraction r of patches the student never sees (it encodes the other 1 - r).")
+    masking: Literal["attentive", "random"] = opt(
+        "attentive", "attentive: keep the patches the teacher's last [CLS] attention ranks highest; random: uniform.")
+    student_blocks: list[int] = opt([], "Student blocks aligned to the teacher (0-based, negative from the end); "
+                                        "empty: all.")
+    dynamic: bool = opt(True, "Learn the S x T level-mixing matrix W (false: fixed layer-wise alignment).")
+    adapter_hidden_dim: int = opt(0, "Hidden width of each 2-layer adapter; 0: the teacher's width.")
+    loss_beta: float = opt(1.0, "Smooth-L1 transition point (the paper's loss: 1).")
+
+    def validate(self) -> None:
+        _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
+        _at_least(self, 0, "adapter_hidden_dim")
+        _at_least(self, 0, "loss_beta", strict=True)
 
 
 @dataclass
@@ -301,7 +339,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: Literal["ibot"] = opt("ibot", "Pretraining objective (trainer/methods/<method>.py).")
+    method: Literal["ibot", "maskalign", "ibot_clip"] = opt(
+        "ibot", "Pretraining objective (trainer/methods/<method>.py).")
     run: RunConfig = opt(RunConfig(), "Run directory, seed, precision, kernels.")
     model: ModelConfig = opt(ModelConfig(), "Backbone.")
     data: DataConfig = opt(DataConfig(), "Shards, multi-crop augmentation and masks.")
@@ -309,7 +348,9 @@ class Config:
     schedule: ScheduleConfig = opt(ScheduleConfig(), "Length of training.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpoint cadence and retention.")
     log: LogConfig = opt(LogConfig(), "Metrics cadence and sinks.")
-    ibot: IBOTConfig = opt(IBOTConfig(), "iBOT objective (method: ibot).")
+    ibot: IBOTConfig = opt(IBOTConfig(), "iBOT objective (methods ibot, ibot_clip).")
+    teacher: TeacherConfig = opt(TeacherConfig(), "Frozen teachers.")
+    maskalign: MaskAlignConfig = opt(MaskAlignConfig(), "MaskAlign objective (method: maskalign).")
     eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
 
     def validate(self) -> None:
@@ -320,9 +361,49 @@ class Config:
                 _require(crop.size % p == 0, f"data.{name}.size",
                          f"{crop.size} is not a multiple of model.patch_size ({p})")
         grid = (self.data.global_crops.size // p) ** 2
+        if self.method in ("ibot", "ibot_clip"):
+            _require(self.data.global_crops.number == 2, "data.global_crops.number",
+                     f"{self.data.global_crops.number}: {self.method} needs exactly 2 global crops")
+        if self.method == "maskalign":
+            _require(self.data.local_crops.number == 0, "data.local_crops.number",
+                     "maskalign uses no local crops: set it to 0")
+            keep = max(1, round(grid * (1 - self.maskalign.mask_ratio)))
+            _require(keep < grid, "maskalign.mask_ratio",
+                     f"{self.maskalign.mask_ratio} leaves all {grid} patches of a global crop visible")
+            _check_blocks(self.maskalign.student_blocks, _student_depth(self.model.arch), "maskalign.student_blocks")
+        if self.method in ("maskalign", "ibot_clip"):
+            self._validate_frozen_teacher()
         if self.data.mask.kind == "block" and self.data.mask.ratio[1] > 0:
             _require(self.data.mask.min_block_patches <= grid, "data.mask.min_block_patches",
                      f"{self.data.mask.min_block_patches} exceeds the {grid} patches of a global crop")
+
+
+    def _validate_frozen_teacher(self) -> None:
+        from models.teachers import resolve_arch, teacher_depth
+
+        t = self.teacher.clip
+        try:
+            resolve_arch(t.arch)
+        except ValueError as e:
+            raise _Invalid("teacher.clip.arch", str(e)) from None
+        _require(t.weights is not None, "teacher.clip.weights",
+                 f"{self.method} needs a local weights file for its frozen teacher ({t.arch})")
+        path = Path(t.weights).expanduser()
+        hint = "; make one with: python scripts/make_tiny_clip.py" if t.arch == "clip_vit_tiny" else ""
+        _require(path.is_file(), "teacher.clip.weights", f"{path}: file not found{hint}")
+        _check_blocks(t.blocks, teacher_depth(t.arch), "teacher.clip.blocks")
+
+
+def _student_depth(arch: str) -> int:
+    from models.vit import VIT_ARCHS
+
+    return VIT_ARCHS[arch][1]
+
+
+def _check_blocks(blocks: list[int], depth: int, key: str) -> None:
+    for b in blocks:
+        _require(-depth <= b < depth, key, f"block {b} does not exist (depth {depth})")
+    _require(len({b % depth for b in blocks}) == len(blocks), key, f"{blocks} names a block twice")
 
 
 # --------------------------------------------------------------------------- loading
@@ -352,6 +433,8 @@ def build_config(raw: dict, source: str = "<dict>", origins: dict[str, str] | No
     origins = origins or {}
     cfg = _build(Config, raw, "", source, origins)
     for prefix, section in _sections(cfg):
+        if not hasattr(section, "validate"):
+            continue
         try:
             section.validate()
         except _Invalid as e:

@@ -1,8 +1,8 @@
 """Build the method module and wrap it in one DeepSpeed engine (the only place that does).
 
-Order: process group -> method module (under `zero.Init` when `model.sharded_init`) ->
-activation checkpointing -> parameter groups (student only) -> `deepspeed.initialize` ->
-fp32 centers -> EMA (teacher := student through the local partitions).
+Order: process group -> method module (under `zero.Init` when `model.sharded_init`) -> frozen
+teacher weights -> activation checkpointing -> parameter groups (trainable only) ->
+`deepspeed.initialize` -> fp32 centers -> EMA (teacher := student through the local partitions).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from models.heads import IBOTHead
 from models.init import init_module_
 from models.kernels.attention import get_attention
-from models.vit import build_vit
+from models.teachers import load_teacher_weights
 
 from .config import Config
 from .ema import TeacherEMA
@@ -27,21 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def build_method(cfg: Config) -> nn.Module:
-    m, i = cfg.model, cfg.ibot
-    attn_fn = get_attention(cfg.run.kernels)
-
-    def backbone(drop_path: float):
-        return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
-                         drop_path_rate=drop_path, layer_scale=m.layer_scale, attn_fn=attn_fn)
-
-    def head(width: int):
-        return IBOTHead(width, i.out_dim, i.patch_out_dim, shared=i.shared_head, hidden_dim=i.head_hidden_dim,
-                        bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer)
-
-    student, teacher = backbone(m.drop_path), backbone(0.0)
-    out_dim, patch_dim = i.out_dim, (i.out_dim if i.shared_head else i.patch_out_dim)
-    return METHODS[cfg.method](student, head(student.embed_dim), teacher, head(teacher.embed_dim),
-                               out_dim, patch_dim, i.student_temp, i.center_momentum)
+    return METHODS[cfg.method].from_config(cfg, get_attention(cfg.run.kernels))
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -56,19 +41,22 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(student: nn.ModuleDict, layer_decay: float = 1.0) -> list[dict]:
-    """Student parameters grouped by (weight decay?, lr scale, prototype layer?).
+def param_groups(method: nn.Module, layer_decay: float = 1.0) -> list[dict]:
+    """The method's trainable parameters (the student and its alignment modules; never a teacher)
+    grouped by (weight decay?, lr scale, prototype layer?).
 
     No weight decay on biases, norms, position / [CLS] / [MASK] embeddings. `lr_scale` is the
-    layer-wise decay factor; `last_layer` marks the prototypes, frozen for the first steps.
+    layer-wise decay factor (modules beside the backbone count as its last layer); `last_layer`
+    marks the prototypes, frozen for the first steps.
     """
-    backbone = student["backbone"]
+    backbone = method.student["backbone"]
     no_wd = {f"backbone.{n}" for n in backbone.no_weight_decay()}
     depth = len(backbone.blocks)
     groups: dict[tuple, dict] = {}
-    for name, p in student.named_parameters():
+    for full_name, p in method.named_parameters():
         if not p.requires_grad:
             continue
+        name = full_name.removeprefix("student.")
         decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_wd)
         scale = layer_decay ** (depth + 1 - layer_id(name, depth))
         last = ".last_layer." in name
@@ -77,7 +65,7 @@ def param_groups(student: nn.ModuleDict, layer_decay: float = 1.0) -> list[dict]
             groups[key] = {"params": [], "weight_decay": 0.0, "wd_scale": float(decay), "lr_scale": scale,
                            "last_layer": last, "names": []}
         groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
+        groups[key]["names"].append(full_name)
     return list(groups.values())
 
 
@@ -97,7 +85,7 @@ def init_distributed() -> None:
 
 
 def build_engine(cfg: Config, ds_config: dict, seed: int):
-    """-> (DeepSpeed engine, TeacherEMA). The process group must exist (`init_distributed`)."""
+    """-> (DeepSpeed engine, TeacherEMA or None). The process group must exist (`init_distributed`)."""
     torch.manual_seed(seed)  # the same initial weights on every rank
     if cfg.model.sharded_init:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -113,9 +101,13 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
                         init_module_(module)
     else:
         method = build_method(cfg)
+    frozen = getattr(method, "clip_teacher", None)
+    if frozen is not None:  # before training, so a wrong file stops the run here
+        sha = load_teacher_weights(frozen, cfg.teacher.clip.weights)
+        log.info("frozen teacher %s loaded from %s (sha256 %s)", frozen.arch, cfg.teacher.clip.weights, sha[:12])
     if cfg.model.grad_checkpointing:
         method.student.backbone.set_grad_checkpointing(True, every=cfg.model.grad_checkpointing)
-    groups = param_groups(method.student, cfg.optim.layer_decay)
+    groups = param_groups(method, cfg.optim.layer_decay)
     for g in groups:
         g.pop("names")
     engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=groups, config=ds_config)
@@ -123,8 +115,10 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     for name, buf in engine.module.named_buffers():
         if name.startswith("center"):
             buf.data = buf.data.float()
-    ema = TeacherEMA(engine.module.student, engine.module.teacher)
-    ema.copy_student_to_teacher()
+    ema = None
+    if hasattr(engine.module, "teacher"):
+        ema = TeacherEMA(engine.module.student, engine.module.teacher)
+        ema.copy_student_to_teacher()
     n_student = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.student.parameters())
     log.info("engine: ZeRO stage %d, student %.1fM parameters, %d parameter groups",
              engine.zero_optimization_stage(), n_student / 1e6, len(groups))

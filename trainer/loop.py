@@ -30,22 +30,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv) -> float | None:
-    """Weighted kNN of the teacher's [CLS] features: train split -> val split."""
+    """Weighted kNN of the method's evaluation features: train split -> val split."""
     if not cfg.data.val_shards:
         return None
     val_urls = expand_shards(cfg.data.val_shards)
     train_urls = expand_shards(cfg.data.train_shards)
     size, a = cfg.data.global_crops.size, cfg.data.augment
-    teacher = engine.module.teacher.backbone
+    method = engine.module
 
     def prepare(images):
         return normalize(images.to(device), a.mean, a.std, dtype)
 
     dummy = torch.zeros(1, 3, size, size, dtype=torch.uint8)
     feats = {}
+    method.eval()
     for name, urls in (("train", train_urls), ("val", val_urls)):
         batches = labelled_batches(urls, size, cfg.eval.batch_size, env.rank, env.world_size)
-        feats[name] = extract_features(teacher, batches, prepare, dummy)
+        feats[name] = extract_features(method.eval_features, batches, prepare, dummy)
+    method.train()
     return knn_accuracy(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
 
 
@@ -69,18 +71,25 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
+    method = engine.module
+    frozen = getattr(method, "clip_teacher", None)
     step, summary = 0, {}
     source = Path(resume) if resume else ckpt.latest()
     if source is not None:
         parts = ckpt.load(engine, source)
         step = parts["step"]
-        ema.load_state_dict(parts["ema"])
+        if frozen is not None and parts.get("clip_teacher_sha256") != frozen.weights_sha256:
+            raise ValueError(f"teacher.clip.weights {cfg.teacher.clip.weights} (sha256 {frozen.weights_sha256[:12]}) "
+                             f"is not the file {source} was trained with (sha256 "
+                             f"{str(parts.get('clip_teacher_sha256'))[:12]}); point it at that file")
+        if ema is not None:
+            ema.load_state_dict(parts["ema"])
         try:
             loader.load_state_dict(parts["data"])
         except PositionMismatch as e:  # e.g. data.num_workers changed: the model state is still good
             log.warning("%s; the data stream starts over from its first epoch", e)
-        engine.module.center.copy_(parts["center"])
-        engine.module.center_patch.copy_(parts["center_patch"])
+        for name, buf in method.named_buffers():
+            buf.copy_(parts["buffers"][name])
         set_rng_state(parts["rng"])
         summary = parts.get("summary", {})
         log.info("resumed from %s at step %d", source, step)
@@ -88,13 +97,16 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         summary["knn_random_init"] = knn_eval(cfg, engine, device, dtype, env)
 
     def save() -> None:
-        parts = {"ema": ema.state_dict(), "data": loader.state_dict(), "center": engine.module.center,
-                 "center_patch": engine.module.center_patch, "rng": rng_state(), "summary": summary,
-                 "config": json.dumps(to_dict(cfg))}
+        parts = {"data": loader.state_dict(), "buffers": dict(method.named_buffers()), "rng": rng_state(),
+                 "summary": summary, "config": json.dumps(to_dict(cfg))}
+        if ema is not None:
+            parts["ema"] = ema.state_dict()
+        if frozen is not None:  # the frozen teacher is not saved: it is reloaded from this file
+            parts["clip_teacher_sha256"] = frozen.weights_sha256
         path = ckpt.save(engine, step, parts)
         log.info("saved %s", path)
 
-    weights = {"cls": cfg.ibot.cls_weight, "mim": cfg.ibot.mim_weight}
+    weights = method.loss_weights
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
     a = cfg.data.augment
     batches = iter(loader)
@@ -103,13 +115,14 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     while step < last:
         values = schedules.at(step)
         apply_schedule(engine.optimizer, values)
-        for _ in range(cfg.optim.grad_accum):
+        for micro in range(cfg.optim.grad_accum):
             batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
-            losses = engine(batch, teacher_temp=values["teacher_temp"])
+            losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
             loss = sum(weights[k] * v for k, v in losses.items())
             engine.backward(loss)
             engine.step()
-        ema.update(values["momentum"])
+        if ema is not None:
+            ema.update(values["momentum"])
         step += 1
         window_steps += 1
         if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
@@ -124,9 +137,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             else:
                 record["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             metrics.write(step, record)
-            log.info("step %d/%d loss %.4f (cls %.4f mim %.4f) lr %.2e m %.4f %.0f img/s %.2fs/step",
-                     step, cfg.schedule.steps, record["loss"], record["loss_cls"], record["loss_mim"], record["lr"],
-                     record["momentum"], record["images_per_s"], record["step_time_s"])
+            terms = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+            log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step", step, cfg.schedule.steps,
+                     record["loss"], terms, record["lr"], record["images_per_s"], record["step_time_s"])
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.schedule.steps:
             save()

@@ -18,7 +18,7 @@ def random_batch(g: torch.Generator) -> dict:
 def train_step(engine, batch: dict, lr: float = 1e-3, weight_decay: float = 0.0, last_layer_lr_factor: float = 1.0):
     apply_schedule(engine.optimizer, {"lr": lr, "weight_decay": weight_decay,
                                       "last_layer_lr_factor": last_layer_lr_factor})
-    losses = engine(batch, teacher_temp=0.04)
+    losses = engine(batch, {"teacher_temp": 0.04, "step": 0, "micro_step": 0})
     engine.backward(losses["cls"] + losses["mim"])
     engine.step()
     return losses

@@ -1,6 +1,15 @@
-"""Objectives: one registered nn.Module per method; `forward(batch, ...)` returns unweighted loss terms."""
+"""Objectives: one registered nn.Module per method.
+
+A method holds its networks as submodules (`student` always: a ModuleDict with its `backbone`;
+`teacher` when it has an EMA teacher of the same shape; `clip_teacher` when it has a frozen one)
+and provides `from_config(cfg, attn_fn)`, `forward(batch, values) -> {name: unweighted loss}`,
+`loss_weights` and `eval_features(images)` (the features kNN measures).
+"""
 
 from __future__ import annotations
+
+from models.teachers import FrozenTeacher
+from models.vit import VisionTransformer, build_vit
 
 METHODS: dict[str, type] = {}
 
@@ -13,4 +22,17 @@ def register(name: str):
     return deco
 
 
-from . import ibot  # noqa: E402,F401  (registers itself)
+def build_student(cfg, attn_fn, drop_path: float | None = None) -> VisionTransformer:
+    m = cfg.model
+    return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
+                     drop_path_rate=m.drop_path if drop_path is None else drop_path, layer_scale=m.layer_scale,
+                     attn_fn=attn_fn)
+
+
+def build_frozen_teacher(cfg) -> FrozenTeacher:
+    """The frozen teacher's network (weights are loaded by the engine, see models.teachers)."""
+    c = cfg.teacher.clip
+    return FrozenTeacher(c.arch, mean=c.mean, std=c.std)
+
+
+from . import ibot, ibot_clip, maskalign  # noqa: E402,F401  (register themselves)

@@ -25,7 +25,7 @@ from models.heads import IBOTHead
 from models.kernels.softmax_ce import softmax_ce_reference
 from models.vit import VisionTransformer
 
-from . import register
+from . import build_student, register
 
 
 def ibot_losses(student_cls: list[torch.Tensor], student_patch: list[torch.Tensor], patch_masks: torch.Tensor,
@@ -62,23 +62,54 @@ class IBOT(nn.Module):
 
     def __init__(self, student: VisionTransformer, student_head: IBOTHead, teacher: VisionTransformer,
                  teacher_head: IBOTHead, out_dim: int, patch_out_dim: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, loss_weights: dict[str, float] | None = None):
         super().__init__()
         self.student = nn.ModuleDict({"backbone": student, "head": student_head})
         self.teacher = nn.ModuleDict({"backbone": teacher, "head": teacher_head})
         self.teacher.requires_grad_(False)
         self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.loss_weights = loss_weights or {"cls": 1.0, "mim": 1.0}
         self.register_buffer("center", torch.zeros(out_dim))
         self.register_buffer("center_patch", torch.zeros(patch_out_dim))
         self.train()
+
+    @classmethod
+    def networks(cls, cfg, attn_fn) -> dict:
+        """Constructor arguments shared with subclasses: both backbones, both heads, loss settings."""
+        i = cfg.ibot
+
+        def head(width: int) -> IBOTHead:
+            return IBOTHead(width, i.out_dim, i.patch_out_dim, shared=i.shared_head, hidden_dim=i.head_hidden_dim,
+                            bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer)
+
+        student, teacher = build_student(cfg, attn_fn), build_student(cfg, attn_fn, drop_path=0.0)
+        return {"student": student, "student_head": head(student.embed_dim), "teacher": teacher,
+                "teacher_head": head(teacher.embed_dim), "out_dim": i.out_dim,
+                "patch_out_dim": i.out_dim if i.shared_head else i.patch_out_dim, "student_temp": i.student_temp,
+                "center_momentum": i.center_momentum,
+                "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight}}
+
+    @classmethod
+    def from_config(cls, cfg, attn_fn) -> IBOT:
+        return cls(**cls.networks(cfg, attn_fn))
+
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What kNN measures: the EMA teacher's [CLS] features. (Module calls, not forward_features:
+        ZeRO-3 gathers a module's own parameters in its forward hooks.)"""
+        return self.teacher.backbone(images)
 
     def train(self, mode: bool = True) -> IBOT:
         super().train(mode)
         self.teacher.eval()  # always: a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
         return self
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
-        """batch: normalised `global_crops` [G, B, 3, H, W], `local_crops` [L, B, 3, h, w], `masks` [G, B, h', w']."""
+    def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """batch: normalised `global_crops` [G, B, 3, H, W], `local_crops` [L, B, 3, h, w], `masks` [G, B, h', w'];
+        values: this step's schedule (teacher_temp)."""
+        return self.ibot_step(batch, values["teacher_temp"])[0]
+
+    def ibot_step(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> tuple[dict, torch.Tensor]:
+        """-> (iBOT loss terms, the student's final tokens at the masked positions [M, C])."""
         g, loc = batch["global_crops"], batch["local_crops"]
         G, B = g.shape[:2]
         masks = batch["masks"].flatten(2)  # [G, B, N]
@@ -91,7 +122,8 @@ class IBOT(nn.Module):
         s_head = self.student.head
         s_cls = [s_head.cls(s["cls"])]
         # Patch head on the masked tokens only: the rest never enters the loss.
-        s_patch = (s_head.patch or s_head.cls)(s["patch"][flat_masks])
+        masked_tokens = s["patch"][flat_masks]
+        s_patch = (s_head.patch or s_head.cls)(masked_tokens)
         if loc.shape[0]:
             s_cls.append(s_head.cls(self.student.backbone.forward_features(loc.flatten(0, 1))["cls"]))
         s_cls = list(torch.cat(s_cls).chunk(G + loc.shape[0]))
@@ -101,7 +133,7 @@ class IBOT(nn.Module):
             list(t_patch[flat_masks].split(per_view)), self.center, self.center_patch, self.student_temp,
             teacher_temp)
         self.update_centers(t_cls, t_patch)
-        return losses
+        return losses, masked_tokens
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:

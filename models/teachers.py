@@ -1,0 +1,232 @@
+"""Frozen teachers: a CLIP image tower, or a DINO ViT, loaded from a local weights file.
+
+The networks are timm's `VisionTransformer`: open_clip's ViT-B/16, L/14, H/14 and g/14 towers are
+timm's `vit_*_clip_*` models, and open_clip checkpoints (the whole CLIP model or its `visual`
+tower, `.pt`/`.bin`/`.safetensors`) are converted by timm's own `checkpoint_filter_fn`, the code
+timm uses for its CLIP weights. Any timm ViT name works as well, e.g. `vit_base_patch16_224.dino`
+with a DINO state dict. Nothing is ever downloaded.
+
+The teacher always runs in eval mode and without gradients. It takes the batch as normalised for
+the student, re-normalises it with its own statistics, resizes it so that its patch grid equals
+the student's (a /14 teacher behind a /16 student sees 196-pixel views of 224-pixel crops) and
+interpolates its position embeddings to that grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+# The smallest CLIP tower: `scripts/make_tiny_clip.py` saves a random one in open_clip's format for
+# the CPU configs and tests (open_clip's CLIPVisionCfg fields).
+TINY_CLIP_VISION = {"width": 64, "layers": 4, "head_width": 16, "patch_size": 8, "image_size": 32}
+
+# open_clip name -> (timm model, overrides). "-quickgelu": OpenAI's weights (open_clip's convention).
+TEACHER_ARCHS: dict[str, tuple[str, dict]] = {
+    "ViT-B-16": ("vit_base_patch16_clip_224", {}),
+    "ViT-B-16-quickgelu": ("vit_base_patch16_clip_quickgelu_224", {}),
+    "ViT-L-14": ("vit_large_patch14_clip_224", {}),
+    "ViT-L-14-quickgelu": ("vit_large_patch14_clip_quickgelu_224", {}),
+    "ViT-H-14": ("vit_huge_patch14_clip_224", {}),
+    "ViT-g-14": ("vit_giant_patch14_clip_224", {}),
+    "clip_vit_tiny": ("vit_base_patch16_clip_224", {
+        "embed_dim": TINY_CLIP_VISION["width"], "depth": TINY_CLIP_VISION["layers"],
+        "num_heads": TINY_CLIP_VISION["width"] // TINY_CLIP_VISION["head_width"],
+        "patch_size": TINY_CLIP_VISION["patch_size"], "img_size": TINY_CLIP_VISION["image_size"]}),
+}
+
+
+class TeacherWeightsError(ValueError):
+    """The teacher's weights file is missing, unreadable, or of another architecture."""
+
+
+def resolve_arch(arch: str) -> tuple[str, dict]:
+    """-> (timm model name, constructor overrides); raises ValueError for unknown names."""
+    if arch in TEACHER_ARCHS:
+        return TEACHER_ARCHS[arch]
+    if timm.is_model(arch.split(".")[0]):
+        return arch, {}
+    raise ValueError(f"{arch!r} is neither an open_clip name ({', '.join(TEACHER_ARCHS)}) nor a timm model")
+
+
+def build_teacher_vit(arch: str) -> VisionTransformer:
+    name, overrides = resolve_arch(arch)
+    vit = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"{arch!r} builds a timm {type(vit).__name__}; frozen teachers must be VisionTransformers")
+    return vit
+
+
+def teacher_depth(arch: str) -> int:
+    """Number of blocks, without allocating weights (for config checks)."""
+    with torch.device("meta"):
+        return len(build_teacher_vit(arch).blocks)
+
+
+def cls_attention(block: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """[CLS] -> patch attention of a timm block for its input x [B, T, C], averaged over heads: [B, N]."""
+    attn = block.attn
+    B, T, C = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # [B, H, 1, T]
+    return weights.mean(dim=1)[:, 0, num_prefix:]
+
+
+class FrozenTeacher(nn.Module):
+    """A timm ViT that is never trained: per-block patch features and the last block's [CLS] attention."""
+
+    def __init__(self, arch: str, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__()
+        self.arch = arch
+        self.vit = build_teacher_vit(arch)
+        cfg = self.vit.pretrained_cfg
+        # Python tuples, not buffers: DeepSpeed would cast buffers to bf16 with the module.
+        self.mean = tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(std or cfg.get("std", (0.229, 0.224, 0.225)))
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.depth, self.width = len(self.vit.blocks), self.vit.embed_dim
+        self.weights_sha256: str | None = None  # set when weights are loaded
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)  # a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
+
+    def prepare(self, images: torch.Tensor, grid: tuple[int, int], mean, std) -> torch.Tensor:
+        """Student-normalised images -> this teacher's normalisation, resized to grid * patch."""
+        def col(v):
+            return torch.tensor(v, device=images.device).view(1, 3, 1, 1)
+
+        x = images.float() * col(std) + col(mean)
+        x = (x - col(self.mean)) / col(self.std)
+        size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        return x.to(self.vit.patch_embed.proj.weight.dtype)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: tuple[int, int], mean, std, blocks: list[int],
+                attention: bool = False) -> dict:
+        """-> {"blocks": [B, N, C] patch tokens after each block in `blocks` (in that order),
+        "cls_attn": [B, N] (with `attention`)}. `mean`/`std`: how `images` were normalised."""
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(self.prepare(images, grid, mean, std)))))
+        p = v.num_prefix_tokens
+        wanted = {b % self.depth: None for b in blocks}
+        out = {}
+        for i, block in enumerate(v.blocks):
+            if attention and i == self.depth - 1:
+                out["cls_attn"] = cls_attention(block, x, p)
+            x = block(x)
+            if i in wanted:
+                wanted[i] = x[:, p:]
+        out["blocks"] = [wanted[b % self.depth] for b in blocks]
+        return out
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A tensor dict from .safetensors or a torch file (weights_only), unwrapped from the usual
+    containers: {"state_dict"|"model"|"teacher": ...}, "module." (DDP) and "backbone." (DINO) prefixes."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise TeacherWeightsError(f"{path}: cannot read teacher weights ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TeacherWeightsError(f"{path}: not a state dict of tensors")
+    for prefix in ("module.", "backbone."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # a DINO/iBOT training checkpoint: backbone + head
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], teacher: FrozenTeacher, path: str | Path) -> dict:
+    """open_clip / DINO / timm layouts -> the teacher's keys, checked strictly against its shapes."""
+    converted = checkpoint_filter_fn(sd, teacher.vit)
+    # CLIP's projection to the joint space (timm: head) is not part of the features.
+    converted = {f"vit.{k}": v for k, v in converted.items() if not k.startswith("head.")}
+    expected = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in teacher.named_parameters()}
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    wrong = [f"{k} {tuple(converted[k].shape)} vs {expected[k]}" for k in expected
+             if k in converted and tuple(converted[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+        raise TeacherWeightsError(
+            f"{path}: does not fit teacher architecture {teacher.arch} (depth {teacher.depth}, width "
+            f"{teacher.width}, patch {teacher.patch_size}); " + "; ".join(parts))
+    return converted
+
+
+@torch.no_grad()
+def load_teacher_weights(teacher: FrozenTeacher, path: str | Path) -> str:
+    """Load `path` into `teacher` (strictly) and return the file's sha256.
+
+    Under ZeRO-3 partitioning (the teacher built inside `deepspeed.zero.Init`) only rank 0 reads the
+    file; each module's parameters are gathered with rank 0 as the modifier, so every rank keeps
+    only its slice. A failure on rank 0 is raised on every rank.
+    """
+    path = Path(path).expanduser()
+    partitioned = any(hasattr(p, "ds_id") for p in teacher.parameters())
+    if not partitioned:
+        if not path.is_file():
+            raise TeacherWeightsError(f"{path}: teacher weights file not found")
+        teacher.load_state_dict(convert_state_dict(read_state_dict(path), teacher, path), strict=True)
+        teacher.weights_sha256 = file_sha256(path)
+        return teacher.weights_sha256
+
+    import deepspeed
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    state, message = None, [None, None]  # [error, sha256]
+    if rank0:
+        try:
+            if not path.is_file():
+                raise TeacherWeightsError(f"{path}: teacher weights file not found")
+            state = convert_state_dict(read_state_dict(path), teacher, path)
+            message[1] = file_sha256(path)
+        except TeacherWeightsError as e:
+            message[0] = str(e)
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise TeacherWeightsError(message[0])
+    for prefix, module in teacher.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+            if rank0:
+                for name, p in own:
+                    p.data.copy_(state[f"{prefix}.{name}" if prefix else name])
+    teacher.weights_sha256 = message[1]
+    return teacher.weights_sha256
