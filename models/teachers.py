@@ -170,10 +170,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def convert_state_dict(sd: dict[str, torch.Tensor], teacher: FrozenTeacher, path: str | Path) -> dict:
     """open_clip / DINO / timm layouts -> the teacher's keys, checked strictly against its shapes."""
-    converted = checkpoint_filter_fn(sd, teacher.vit)
+    # timm's converter reads shapes off the model; a partitioned (ZeRO-3) model has none, so it
+    # converts against a weightless twin on the meta device.
+    with torch.device("meta"):
+        twin = build_teacher_vit(teacher.arch)
+    converted = checkpoint_filter_fn(sd, twin)
     # CLIP's projection to the joint space (timm: head) is not part of the features.
     converted = {f"vit.{k}": v for k, v in converted.items() if not k.startswith("head.")}
-    expected = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in teacher.named_parameters()}
+    expected = {f"vit.{n}": tuple(p.shape) for n, p in twin.named_parameters()}
     missing = [k for k in expected if k not in converted]
     unexpected = [k for k in converted if k not in expected]
     wrong = [f"{k} {tuple(converted[k].shape)} vs {expected[k]}" for k in expected

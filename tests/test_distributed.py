@@ -1,6 +1,7 @@
 """Two CPU ranks (gloo) under ZeRO-3: the EMA teacher, and resuming a run exactly."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,3 +111,100 @@ def test_resume_after_changing_loader_workers_keeps_the_model(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "num_streams 2 -> 1" in second.stderr and "resumed from" in second.stderr
     assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- frozen (CLIP) teachers
+
+
+def _tiny_clip(path: Path, seed: int = 0) -> Path:
+    result = subprocess.run([sys.executable, "scripts/make_tiny_clip.py", str(path), "--seed", str(seed)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return path
+
+
+def _tensor_keys(obj, prefix="") -> list[str]:
+    """Every key path leading to a tensor inside a saved object."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix]
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _tensor_keys(v, f"{prefix}.{key}")]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in _tensor_keys(v, f"{prefix}[{i}]")]
+    return []
+
+
+def test_clip_teacher_is_partitioned_frozen_and_not_checkpointed(tmp_path):
+    clip = _tiny_clip(tmp_path / "clip.safetensors")
+    report, ckpt_dir = tmp_path / "frozen.json", tmp_path / "ckpt"
+    torchrun(str(ROOT / "tests" / "dist" / "frozen_teacher_check.py"), str(report), str(clip), str(ckpt_dir))
+    r = json.loads(report.read_text())
+    assert r["world"] == 2 and 0.45 < r["local_fraction"] < 0.55  # each rank holds about half of it
+    assert r["matches_file"] and r["unchanged"] and r["no_grads"] and r["clip_eval"] and not r["clip_in_optimizer"]
+    assert all(math.isfinite(v) for losses in r["losses"] for v in losses.values())
+
+    # Nothing of either teacher is in DeepSpeed's files: the CLIP tower is reloaded from its file,
+    # the EMA teacher from its fp32 shadow in our rankNNNNN.pt parts.
+    step = ckpt_dir / "step00000003"
+    for f in step.glob("*.pt"):
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        keys = _tensor_keys(state)
+        if f.name.startswith("rank"):
+            assert all(k.startswith(".ema.shadow") for k in keys), f.name
+        else:
+            assert not [k for k in keys if "teacher" in k], (f.name, [k for k in keys if "teacher" in k][:3])
+            assert state.get("frozen_param_fragments") is None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trainable = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=step.name)
+    assert any(k.startswith("clip_head.") for k in trainable) and not any("teacher" in k for k in trainable)
+
+    # The EMA teacher backbone, reassembled from the two ranks' shadow slices, is the trained teacher.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from export_backbone import export
+
+    from models.vit import build_vit
+
+    exported, config = export(step)
+    assert config["method"] == "ibot_clip"
+    expected = torch.load(tmp_path / "teacher_backbone.pt", weights_only=True)
+    assert exported.keys() == expected.keys()
+    for k in expected:  # the live teacher is the bf16 cast of the shadow
+        assert torch.equal(exported[k].to(torch.bfloat16).float(), expected[k]), k
+    build_vit("vit_test", img_size=32, patch_size=8).load_state_dict(exported, strict=True)
+
+
+def _maskalign_cmd(out: Path, clip: Path, steps: int, extra=()) -> list[str]:
+    return ["launch.py", "--config", str(ROOT / "configs" / "maskalign_vit_tiny.yaml"), f"run.output_dir={out}",
+            f"teacher.clip.weights={clip}", f"schedule.steps={steps}", "checkpoint.every_steps=2",
+            "log.every_steps=1", "eval.knn_at_end=false", "model.arch=vit_test", "data.batch_size=8",
+            "data.num_workers=1", "log.tensorboard=false", *extra]
+
+
+def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
+    clip = _tiny_clip(tmp_path / "clip.pt")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torchrun(*_maskalign_cmd(straight, clip, 4))
+    torchrun(*_maskalign_cmd(split, clip, 4, ["--stop-at", "2"]))
+    torchrun(*_maskalign_cmd(split, clip, 4))  # reloads the teacher from its file, the rest from the checkpoint
+    a, b = _losses(straight), _losses(split)
+    assert [s for s, _ in a] == [1, 2, 3, 4] and a == b
+
+    # Resuming with a different teacher file stops before any step, naming the file.
+    other = _tiny_clip(tmp_path / "other.pt", seed=1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *_maskalign_cmd(split, other, 6)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "mimscale: teacher error" in result.stderr and str(other) in result.stderr
+    assert "is not the file" in result.stderr and [s for s, _ in _losses(split)] == [1, 2, 3, 4]
+
+    # The exported student backbone carries none of MaskAlign's alignment modules.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from export_backbone import export
+
+    from models.vit import build_vit
+
+    state, _ = export(split / "checkpoints" / "latest")
+    assert not [k for k in state if "align" in k or "adapter" in k or "teacher" in k]
+    build_vit("vit_test", img_size=32, patch_size=8).load_state_dict(state, strict=True)

@@ -85,16 +85,20 @@ class Checkpointer:
         _barrier()
         return path
 
-    def load(self, engine, path: str | Path) -> dict:
-        """Restore the engine from `path` and return this rank's parts."""
+    def read_parts(self, path: str | Path) -> dict:
+        """This rank's parts of the checkpoint at `path` (cheap: read before restoring the engine)."""
         path = Path(path)
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-        # Not strict: the frozen parameters are absent by design (see `save`).
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
-        if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no engine state in {path}")
         own = path / f"rank{_rank():05d}.pt"
         if not own.is_file():
             raise FileNotFoundError(f"{own} is missing: the checkpoint was written by fewer ranks")
         return torch.load(own, map_location="cpu", weights_only=True)
+
+    def load_engine(self, engine, path: str | Path) -> None:
+        """Restore DeepSpeed's state (trainable parameters, optimizer, buffers) from `path`."""
+        path = Path(path)
+        # Not strict: the frozen parameters are absent by design (see `save`).
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no engine state in {path}")

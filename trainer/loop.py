@@ -15,6 +15,7 @@ from data.digits import resolve_builtin
 from data.pipeline import PositionMismatch, build_train_loader, labelled_batches
 from data.shards import expand_shards
 from data.transforms import normalize, normalize_batch
+from models.teachers import TeacherWeightsError
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import Config, dump_yaml, to_dict
@@ -76,12 +77,14 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     step, summary = 0, {}
     source = Path(resume) if resume else ckpt.latest()
     if source is not None:
-        parts = ckpt.load(engine, source)
-        step = parts["step"]
+        parts = ckpt.read_parts(source)
         if frozen is not None and parts.get("clip_teacher_sha256") != frozen.weights_sha256:
-            raise ValueError(f"teacher.clip.weights {cfg.teacher.clip.weights} (sha256 {frozen.weights_sha256[:12]}) "
-                             f"is not the file {source} was trained with (sha256 "
-                             f"{str(parts.get('clip_teacher_sha256'))[:12]}); point it at that file")
+            raise TeacherWeightsError(
+                f"teacher.clip.weights {cfg.teacher.clip.weights} (sha256 {frozen.weights_sha256[:12]}) is not the "
+                f"file {source} was trained with (sha256 {str(parts.get('clip_teacher_sha256'))[:12]}); point it "
+                "at that file")
+        ckpt.load_engine(engine, source)
+        step = parts["step"]
         if ema is not None:
             ema.load_state_dict(parts["ema"])
         try:
