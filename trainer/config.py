@@ -135,10 +135,10 @@ class AugmentConfig:
         (0.4, 0.4, 0.2, 0.1), "Colour jitter strengths: brightness, contrast, saturation, hue."
     )
     grayscale_p: float = opt(0.2, "Random grayscale probability.")
-    blur_p: tuple[float, float] = opt((1.0, 0.1), "Gaussian blur probability of global crop 1 and 2.")
+    blur_p: list[float] = opt([1.0, 0.1], "Gaussian blur probability of each global crop (iBOT: 1.0, 0.1).")
     local_blur_p: float = opt(0.5, "Gaussian blur probability of each local crop.")
     blur_sigma: tuple[float, float] = opt((0.1, 2.0), "Gaussian blur radius range.")
-    solarize_p: tuple[float, float] = opt((0.0, 0.2), "Solarisation probability of global crop 1 and 2.")
+    solarize_p: list[float] = opt([0.0, 0.2], "Solarisation probability of each global crop (iBOT: 0.0, 0.2).")
     mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "Normalisation mean (RGB).")
     std: tuple[float, float, float] = opt(IMAGENET_STD, "Normalisation std (RGB).")
 
@@ -203,8 +203,7 @@ class DataConfig:
             _require(self.local_crops.size < self.global_crops.size, "local_crops.size",
                      f"{self.local_crops.size} must be smaller than global_crops.size "
                      f"({self.global_crops.size})")
-        _require(len(self.augment.blur_p) == self.global_crops.number, "augment.blur_p",
-                 "needs one probability per global crop")
+
 
 
 @dataclass
@@ -364,6 +363,9 @@ class Config:
         if self.method in ("ibot", "ibot_clip"):
             _require(self.data.global_crops.number == 2, "data.global_crops.number",
                      f"{self.data.global_crops.number}: {self.method} needs exactly 2 global crops")
+        for name in ("blur_p", "solarize_p"):
+            _require(len(getattr(self.data.augment, name)) == self.data.global_crops.number, f"data.augment.{name}",
+                     f"needs one probability per global crop ({self.data.global_crops.number})")
         if self.method == "maskalign":
             _require(self.data.local_crops.number == 0, "data.local_crops.number",
                      "maskalign uses no local crops: set it to 0")
