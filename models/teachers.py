@@ -21,6 +21,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 # The smallest CLIP tower: `scripts/make_tiny_clip.py` saves a random one in open_clip's format for
@@ -86,7 +87,8 @@ class FrozenTeacher(nn.Module):
         super().__init__()
         self.arch = arch
         self.vit = build_teacher_vit(arch)
-        cfg = self.vit.pretrained_cfg
+        # open_clip names: open_clip's (OpenAI's) statistics; timm names: those of the model's tag.
+        cfg = {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD} if arch in TEACHER_ARCHS else self.vit.pretrained_cfg
         # Python tuples, not buffers: DeepSpeed would cast buffers to bf16 with the module.
         self.mean = tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(std or cfg.get("std", (0.229, 0.224, 0.225)))

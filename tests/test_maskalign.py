@@ -78,7 +78,9 @@ def test_dynamic_alignment_learns_w_and_adapters_only(clip_file):
     assert method.align.weight.shape == (2, 4)  # S student blocks (vit_test: 2) x T teacher blocks (4)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.align.adapters.parameters())
     assert all(p.grad is None for p in method.clip_teacher.parameters())
-    trained = {id(p) for g in param_groups(method) for p in g["params"]}
+    groups = param_groups(method)
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert next(g for g in groups if "align.weight" in g["names"])["wd_scale"] == 0.0
     assert {id(p) for p in method.align.parameters()} <= trained
     assert not {id(p) for p in method.clip_teacher.parameters()} & trained
 

@@ -131,3 +131,27 @@ def test_config_refuses_a_missing_teacher_file_before_training(tmp_path):
                                                                     "data.local_crops.number=2"])
     cfg = load_config(ROOT / "configs" / "maskalign_vit_tiny.yaml", [f"teacher.clip.weights={path}"])
     assert cfg.method == "maskalign"
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-B-16-quickgelu", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-H-14",
+                                  "ViT-g-14"])
+def test_open_clip_names_match_open_clip_towers(name):
+    """Every open_clip name builds a tower whose converted open_clip state dict fits key for key and
+    shape for shape, with the same activation and normalisation (checked on the meta device)."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from models.teachers import build_teacher_vit
+
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        ours = build_teacher_vit(name)
+    converted = checkpoint_filter_fn({f"visual.{k}": v for k, v in tower.state_dict().items()}, ours)
+    assert {k: v.shape for k, v in converted.items() if not k.startswith("head.")} == \
+        {k: v.shape for k, v in ours.state_dict().items()}
+    assert type(tower.transformer.resblocks[0].mlp.gelu).__name__ == type(ours.blocks[0].mlp.act).__name__
+    with torch.device("meta"):
+        teacher = FrozenTeacher(name)
+    assert teacher.mean == tuple(open_clip.OPENAI_DATASET_MEAN) and teacher.std == tuple(open_clip.OPENAI_DATASET_STD)

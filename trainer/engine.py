@@ -51,6 +51,7 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0) -> list[dict]:
     """
     backbone = method.student["backbone"]
     no_wd = {f"backbone.{n}" for n in backbone.no_weight_decay()}
+    no_wd |= method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
     depth = len(backbone.blocks)
     groups: dict[tuple, dict] = {}
     for full_name, p in method.named_parameters():

@@ -67,6 +67,9 @@ class MaskAlign(nn.Module):
                    m.adapter_hidden_dim or None, m.loss_beta, cfg.data.augment.mean, cfg.data.augment.std,
                    cfg.run.seed)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"align.weight"}  # a mixing matrix: decay would pull every level's weight to 0
+
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """What kNN measures: the student's mean patch token (its [CLS] output is never trained)."""
         return self.student.backbone(images)
