@@ -4,12 +4,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.shards import write_shard
 
 # Loader workers and the tests share 2 cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It is chosen when a
+# kernel is defined, so it must be set before any test imports models.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:

@@ -86,12 +86,18 @@ class RunConfig:
     output_dir: str = opt("runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard events, log.")
     seed: int = opt(0, "Global seed; data order, augmentations and masks are pure functions of it.")
     precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "Training precision of the student.")
-    kernels: Literal["auto", "torch"] = opt(
-        "auto", "Attention / softmax-CE implementation: 'torch' (PyTorch references) or 'auto' (fastest available)."
-    )
+    kernels: Literal["auto", "triton", "torch"] = opt(
+        "auto", "Attention / softmax-CE implementations: 'torch' (PyTorch references), 'triton' (Triton kernels "
+                "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (what has been measured "
+                "fastest: the references until the kernels are benchmarked on a GPU).")
 
     def validate(self) -> None:
         _require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        if self.kernels == "triton":
+            from models.kernels import triton_available
+
+            ok, why = triton_available()
+            _require(ok, "kernels", f"'triton' cannot run here: {why}; use 'torch' or 'auto'")
         _at_least(self, 0, "seed")
 
 

@@ -1,8 +1,10 @@
 """Attention core: softmax(q k^T / sqrt(d)) v over [B, H, N, D] tensors.
 
 `attention_reference` is the PyTorch implementation (scaled_dot_product_attention, which picks
-flash / memory-efficient / math backends itself). `get_attention(impl)` returns the function a
-model is built with; the Triton kernel registers here under the same signature.
+flash / memory-efficient / math backends itself); `attention_triton` runs the FlashAttention-style
+kernel of attention_triton.py under the same signature. The packed variable-length form
+(`cu_seqlens`) has `attention_varlen_reference` and `attention_triton.flash_attention_varlen`.
+`get_attention(impl)` returns the function a model is built with.
 """
 
 from __future__ import annotations
@@ -21,13 +23,33 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
-IMPLEMENTATIONS: dict[str, AttentionFn] = {"torch": attention_reference}
+def attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               max_seqlen: int | None = None) -> torch.Tensor:
+    """Packed q, k, v: [T, H, D]; cu_seqlens [S + 1]: block-diagonal attention, one SDPA per segment."""
+    bounds = cu_seqlens.tolist()
+    out = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+           for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out)
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel (models/kernels/attention_triton.py); masks go to the reference."""
+    if attn_mask is not None:
+        return attention_reference(q, k, v, attn_mask)
+    from .attention_triton import flash_attention
+
+    return flash_attention(q, k, v)
+
+
+IMPLEMENTATIONS: dict[str, AttentionFn] = {"torch": attention_reference, "triton": attention_triton}
 
 
 def get_attention(impl: str = "auto") -> AttentionFn:
-    """The attention function for `impl` ('auto' takes the fastest one available)."""
+    """The attention function for `impl`: 'torch', 'triton', or 'auto' (the reference until the
+    kernel has been measured faster than SDPA on a GPU: scripts/bench_kernels.py)."""
     if impl == "auto":
-        return IMPLEMENTATIONS.get("triton", attention_reference)
+        return attention_reference
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r} is not one of {sorted(IMPLEMENTATIONS)} or 'auto'")
     return IMPLEMENTATIONS[impl]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.heads import IBOTHead
-from models.kernels.softmax_ce import softmax_ce_reference
+from models.kernels.softmax_ce import SoftmaxCEFn, get_softmax_ce, softmax_ce_reference
 from models.vit import VisionTransformer
 
 from . import build_student, register
@@ -62,13 +62,15 @@ class IBOT(nn.Module):
 
     def __init__(self, student: VisionTransformer, student_head: IBOTHead, teacher: VisionTransformer,
                  teacher_head: IBOTHead, out_dim: int, patch_out_dim: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, loss_weights: dict[str, float] | None = None):
+                 center_momentum: float = 0.9, loss_weights: dict[str, float] | None = None,
+                 softmax_ce: SoftmaxCEFn = softmax_ce_reference):
         super().__init__()
         self.student = nn.ModuleDict({"backbone": student, "head": student_head})
         self.teacher = nn.ModuleDict({"backbone": teacher, "head": teacher_head})
         self.teacher.requires_grad_(False)
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.loss_weights = loss_weights or {"cls": 1.0, "mim": 1.0}
+        self.softmax_ce = softmax_ce
         self.register_buffer("center", torch.zeros(out_dim))
         self.register_buffer("center_patch", torch.zeros(patch_out_dim))
         self.train()
@@ -87,7 +89,8 @@ class IBOT(nn.Module):
                 "teacher_head": head(teacher.embed_dim), "out_dim": i.out_dim,
                 "patch_out_dim": i.out_dim if i.shared_head else i.patch_out_dim, "student_temp": i.student_temp,
                 "center_momentum": i.center_momentum,
-                "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight}}
+                "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight},
+                "softmax_ce": get_softmax_ce(cfg.run.kernels)}
 
     @classmethod
     def from_config(cls, cfg, attn_fn) -> IBOT:
@@ -131,7 +134,7 @@ class IBOT(nn.Module):
         losses = ibot_losses(
             s_cls, list(s_patch.split(per_view)), masks, list(t_cls.chunk(G)),
             list(t_patch[flat_masks].split(per_view)), self.center, self.center_patch, self.student_temp,
-            teacher_temp)
+            teacher_temp, self.softmax_ce)
         self.update_centers(t_cls, t_patch)
         return losses, masked_tokens
 

@@ -1,0 +1,293 @@
+"""FlashAttention-style Triton kernels: softmax(q k^T * scale) v without the [L x L] matrix.
+
+Forward: one program per (query block, sequence, head); keys and values stream through in
+blocks with an online softmax (running max and sum, fp32 accumulator); the log-sum-exp of each
+row is saved for backward. Backward (FlashAttention-2's split): `delta = rowsum(dO * O)`, then one
+kernel per key block accumulating dK and dV over all query blocks, and one per query block
+accumulating dQ over all key blocks, so no atomics are needed.
+
+Head dims that are not powers of two (80, 88, 104) are handled by masking the feature axis
+inside the kernel; sequence lengths need not be multiples of the block sizes. Two layouts share
+the kernels: fixed-length [B, H, N, D], and packed variable-length [T, H, D] with `cu_seqlens`
+(block-diagonal attention over the segments).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fwd_configs():
+    if _INTERPRET:  # the interpreter runs every config it is given: one
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2))]
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # Triton's CPU interpreter multiplies bf16 blocks wrongly; bf16 x bf16 products are exact in
+    # fp32, so upcasting first gives what the GPU's bf16 dot with fp32 accumulation gives.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+              H, N, D, MAX_LEN, VARLEN: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        length = N
+    if pid_m * BLOCK_M >= length:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < length
+    mask_d = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for start_n in range(0, length, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < length
+        k = tl.load(k_base + (start + cols)[None, :] * skn + offs_d[:, None],
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        qk = _dot(q, k, UPCAST) * scale_log2
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + (start + cols)[:, None] * svn + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + (start + offs_m)[:, None] * son + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + b * slb + h * slh + start + offs_m, m_i + tl.log2(l_i), mask=mask_m)  # log2 units
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, slb, slh, CU, H, N, D, VARLEN: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
+    """delta = rowsum(dO * O); O and dO share strides."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        length = N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < length)[:, None] & (offs_d < D)[None, :]
+    ptr = b * sob + h * soh + (start + offs_m)[:, None] * son + offs_d[None, :]
+    o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b * slb + h * slh + start + offs_m, tl.sum(o * do, 1), mask=offs_m < length)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+                   H, N, D, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
+    """One key block; dK and dV summed over every query block. dK/dV share K/V's strides; dO O's."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        length = N
+    if pid_n * BLOCK_N >= length:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < length
+    mask_d = offs_d < D
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + b * skb + h * skh + (start + offs_n)[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + (start + offs_n)[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, length, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < length
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + (start + rows)[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sob + h * soh + (start + rows)[:, None] * son + offs_d[None, :], mask=q_mask,
+                     other=0.0)
+        lse = tl.load(LSE + b * slb + h * slh + start + rows, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + b * slb + h * slh + start + rows, mask=mask_m, other=0.0)
+        qk = _dot(q, tl.trans(k), UPCAST) * scale_log2  # [M, N]
+        p = tl.exp2(qk - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+        dp = _dot(do, tl.trans(v), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + b * skb + h * skh + (start + offs_n)[:, None] * skn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * svb + h * svh + (start + offs_n)[:, None] * svn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+                 H, N, D, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
+    """One query block; dQ summed over every key block. dQ shares Q's strides."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        length = N
+    if pid_m * BLOCK_M >= length:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < length
+    mask_d = offs_d < D
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sob + h * soh + (start + offs_m)[:, None] * son + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + start + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + b * slb + h * slh + start + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, length, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < length
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + b * skb + h * skh + (start + cols)[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + (start + cols)[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), UPCAST) * scale_log2
+        p = tl.exp2(qk - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST)
+    tl.store(DQ + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _bwd_blocks(block_d: int) -> tuple[int, int]:
+    if _INTERPRET:
+        return 32, 32
+    return (64, 64) if block_d <= 64 else (32, 64)
+
+
+def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(sequence, head, token) strides: [B, H, N, D] or packed [T, H, D] (no sequence stride)."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+        varlen = cu_seqlens is not None
+        # Contiguous so that gradients (allocated contiguous) share the inputs' strides. The
+        # kernels take any strides; a q/k/v split of one qkv projection is not dense, and an
+        # empty_like of it would not keep its layout.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        D = q.shape[-1]
+        if varlen:
+            T, H = q.shape[0], q.shape[1]
+            n_seq, N = cu_seqlens.numel() - 1, max_seqlen
+            lse = torch.empty(H, T, device=q.device, dtype=torch.float32)
+            slb, slh = 0, T
+        else:
+            B, H, N = q.shape[:3]
+            n_seq = B
+            lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+            slb, slh = H * N, N
+        o = torch.empty_like(q)
+        scale = D ** -0.5
+        upcast = _INTERPRET and q.dtype == torch.bfloat16
+        block_d = max(16, triton.next_power_of_2(D))
+        cu = cu_seqlens if varlen else q  # unused pointer in the fixed layout
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)
+
+        _attn_fwd[grid](q, k, v, o, lse, cu, scale * LOG2E, *_strides4(q, varlen), *_strides4(k, varlen),
+                        *_strides4(v, varlen), *_strides4(o, varlen), slb, slh, H, N, D, N, VARLEN=varlen,
+                        BLOCK_D=block_d, UPCAST=upcast)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens if varlen else None)
+        ctx.meta = (varlen, n_seq, H, N, D, scale, block_d, slb, slh)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        varlen, n_seq, H, N, D, scale, block_d, slb, slh = ctx.meta
+        do = do.contiguous()  # o is contiguous: dO gets its strides
+        cu = cu_seqlens if varlen else q
+        upcast = _INTERPRET and q.dtype == torch.bfloat16
+        delta = torch.empty_like(lse)
+        bm, bn = _bwd_blocks(block_d)
+        so = _strides4(o, varlen)
+        _attn_bwd_delta[(triton.cdiv(N, bm), n_seq * H)](o, do, delta, *so, slb, slh, cu, H, N, D, VARLEN=varlen,
+                                                         BLOCK_M=bm, BLOCK_D=block_d)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        args = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so, slb, slh, H, N, D)
+        _attn_bwd_dkdv[(triton.cdiv(N, bn), n_seq * H)](q, k, v, do, lse, delta, dk, dv, cu, scale, scale * LOG2E,
+                                                        *args, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
+                                                        BLOCK_D=block_d, UPCAST=upcast)
+        _attn_bwd_dq[(triton.cdiv(N, bm), n_seq * H)](q, k, v, do, lse, delta, dq, cu, scale, scale * LOG2E,
+                                                      *args, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+                                                      UPCAST=upcast)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v: [B, H, N, D] (bf16, fp16 or fp32) -> [B, H, N, D]."""
+    return _FlashAttention.apply(q, k, v, None, None)
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int) -> torch.Tensor:
+    """Packed q, k, v: [T, H, D]; cu_seqlens: int32 [S + 1] segment offsets (0 ... T). Each token
+    attends to the tokens of its own segment only."""
+    return _FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen))

@@ -1,0 +1,150 @@
+"""Triton kernels against their PyTorch references (on the CPU: Triton's interpreter, see conftest)."""
+
+import pytest
+import torch
+
+from models.kernels import triton_available
+from models.kernels.attention import attention_reference, attention_triton, get_attention
+from models.kernels.softmax_ce import get_softmax_ce, softmax_ce_reference, softmax_ce_triton
+from trainer.config import ConfigError, load_config
+
+pytestmark = pytest.mark.skipif(not triton_available()[0], reason=triton_available()[1])
+
+# fp32: summation order only. bf16 inputs: the same fp32 math; gradients are rounded to bf16 once.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1e-5)}
+GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+
+
+@pytest.mark.parametrize("rows,K", [(7, 1000), (3, 64), (2, 2500), (1, 1), (0, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_ce_matches_reference(rows, K, dtype):
+    g = torch.Generator().manual_seed(rows * 1000 + K)
+    student = (torch.randn(rows, K, generator=g) * 4).to(dtype)
+    teacher = (torch.randn(rows, K, generator=g) * 4).to(dtype)
+    center = torch.randn(K, generator=g) * 0.3
+    grad_out = torch.randn(rows, generator=g)
+    results = []
+    for fn in (softmax_ce_triton, softmax_ce_reference):
+        s = student.clone().requires_grad_()
+        loss = fn(s, teacher, center, 0.1, 0.04)
+        loss.backward(grad_out)
+        results.append((loss, s.grad))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert loss.dtype == torch.float32 and loss.shape == (rows,) and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **GRAD_TOL[dtype])
+
+
+def test_softmax_ce_is_stable_for_sharp_teachers():
+    """Logits of +-1e4 after temperature: no inf/nan where the reference is finite."""
+    s = torch.randn(4, 300) * 50
+    t = torch.randn(4, 300) * 50
+    s.requires_grad_()
+    loss = softmax_ce_triton(s, t, torch.zeros(300), 0.01, 0.01)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss, softmax_ce_reference(s, t, torch.zeros(300), 0.01, 0.01), atol=1e-2, rtol=1e-5)
+
+
+def test_ibot_with_triton_kernels_trains_like_torch():
+    """The tiny iBOT model, 4 AdamW steps, with the Triton kernels (attention and loss) or the
+    PyTorch references: the same losses."""
+    from trainer.engine import build_method
+
+    losses = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        cfg = load_config(None, ["model.arch=vit_test", "ibot.out_dim=256", "ibot.head_hidden_dim=32",
+                                 "ibot.head_bottleneck_dim=16", f"run.kernels={impl}"])
+        method = build_method(cfg)
+        assert (method.softmax_ce is softmax_ce_triton) == (impl == "triton")
+        assert (method.student.backbone.blocks[0].attn.attn_fn is attention_triton) == (impl == "triton")
+        opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for step in range(4):
+            batch = {"global_crops": torch.randn(2, 4, 3, 32, 32, generator=g),
+                     "local_crops": torch.randn(2, 4, 3, 16, 16, generator=g),
+                     "masks": torch.rand(2, 4, 4, 4, generator=g) < 0.4}
+            terms = method(batch, {"teacher_temp": 0.04, "step": step, "micro_step": step})
+            loss = terms["cls"] + terms["mim"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append([terms["cls"].item(), terms["mim"].item()])
+        losses[impl] = torch.tensor(out)
+    torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_dispatch(monkeypatch):
+    assert get_softmax_ce("torch") is softmax_ce_reference and get_softmax_ce("triton") is softmax_ce_triton
+    assert get_softmax_ce("auto") is softmax_ce_reference  # until measured faster on a GPU
+    assert get_attention("auto") is attention_reference and get_attention("triton") is attention_triton
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="run.kernels: 'triton' cannot run here: no CUDA device"):
+            load_config(None, ["run.kernels=triton"])
+
+
+# --------------------------------------------------------------------------- attention
+
+ATT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
+           torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _attention_case(q, k, v, fn, ref):
+    grad_out = torch.randn_like(q)
+    grads = []
+    for f in (fn, ref):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = f(*xs)
+        out.backward(grad_out)
+        grads.append((out, *(x.grad for x in xs)))
+    dtype = q.dtype
+    for mine, theirs in zip(*grads):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine.float(), theirs.float(), **ATT_TOL[dtype])
+
+
+@pytest.mark.parametrize("D", [64, 80, 88, 104, 128])
+@pytest.mark.parametrize("N", [37, 50])
+def test_flash_attention_head_dims_and_odd_lengths(D, N):
+    from models.kernels.attention_triton import flash_attention
+
+    g = torch.Generator().manual_seed(D * 100 + N)
+    q, k, v = (torch.randn(2, 2, N, D, generator=g) for _ in range(3))
+    _attention_case(q, k, v, flash_attention, attention_reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attention_half_precision(dtype):
+    from models.kernels.attention_triton import flash_attention
+
+    def ref(q, k, v):  # fp32 math on the same half-precision inputs, cast back like the kernel
+        return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 65, 80, generator=g).to(dtype) for _ in range(3))
+    _attention_case(q, k, v, flash_attention, ref)
+
+
+def test_flash_attention_on_strided_qkv_views():
+    """The model hands in q, k, v unbound from one qkv projection: non-contiguous views."""
+    from models.kernels.attention_triton import flash_attention
+
+    qkv = torch.randn(2, 33, 3, 2, 64).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D], as models.vit.Attention
+    q, k, v = qkv.unbind(0)
+    assert not q.is_contiguous()
+    _attention_case(q, k, v, flash_attention, attention_reference)
+
+
+def test_flash_attention_varlen_is_block_diagonal():
+    from models.kernels.attention import attention_varlen_reference
+    from models.kernels.attention_triton import flash_attention_varlen
+
+    lens = [50, 10, 37, 1, 17]  # uneven segments, e.g. global and local crops packed together
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(sum(lens), 2, 88, generator=g) for _ in range(3))
+    _attention_case(q, k, v, lambda *x: flash_attention_varlen(*x, cu, max(lens)),
+                    lambda *x: attention_varlen_reference(*x, cu))
