@@ -148,3 +148,23 @@ def test_flash_attention_varlen_is_block_diagonal():
     q, k, v = (torch.randn(sum(lens), 2, 88, generator=g) for _ in range(3))
     _attention_case(q, k, v, lambda *x: flash_attention_varlen(*x, cu, max(lens)),
                     lambda *x: attention_varlen_reference(*x, cu))
+
+
+def test_bench_kernels_runs_its_real_code_at_tiny_size(tmp_path):
+    """The GPU benchmark's code path, on CPU tensors in the interpreter (its timings mean nothing here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "k.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--quick", "--out", str(out)], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["versions"]["triton"] and r["device"] and "bench_kernels.py --quick" in r["command"]
+    assert all(row["triton_s"] > 0 and row["ratio_vs_best_sdpa"] > 0 for row in r["attention"])
+    assert r["packed"][0]["ratio"] > 0 and r["softmax_ce"][0]["speedup"] > 0
