@@ -40,6 +40,15 @@ def _dot(a, b, UPCAST: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def _segment(CU, b, N, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b: packed segments from cu_seqlens, or fixed length N."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        return start, tl.load(CU + b + 1) - start
+    return 0, N
+
+
 @triton.autotune(configs=_fwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
@@ -50,12 +59,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
-    else:
-        start = 0
-        length = N
+    start, length = _segment(CU, b, N, VARLEN)
     if pid_m * BLOCK_M >= length:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,12 +103,7 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, slb, slh, CU, H, N, D, VARLEN: 
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
-    else:
-        start = 0
-        length = N
+    start, length = _segment(CU, b, N, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < length)[:, None] & (offs_d < D)[None, :]
@@ -124,12 +123,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
-    else:
-        start = 0
-        length = N
+    start, length = _segment(CU, b, N, VARLEN)
     if pid_n * BLOCK_N >= length:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,12 +169,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
-    else:
-        start = 0
-        length = N
+    start, length = _segment(CU, b, N, VARLEN)
     if pid_m * BLOCK_M >= length:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -37,6 +37,14 @@ def softmax_ce_reference(student_logits: torch.Tensor, teacher_logits: torch.Ten
 if triton is not None:
 
     @triton.jit
+    def _scaled_logits(s_row, t_row, C, offs, valid, inv_ts, inv_tt):
+        """One chunk of s / ts and (t - c) / tt in fp32 (0 outside the row)."""
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_ts
+        c = tl.load(C + offs, mask=valid, other=0.0).to(tl.float32)
+        t = (tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) - c) * inv_tt
+        return s, t
+
+    @triton.jit
     def _softmax_ce_fwd(S, T, C, LOSS, STATS, K, stride_s, stride_t, inv_ts, inv_tt, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row = S + row * stride_s, T + row * stride_t
@@ -48,9 +56,7 @@ if triton is not None:
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < K
-            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_ts
-            c = tl.load(C + offs, mask=valid, other=0.0).to(tl.float32)
-            t = (tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) - c) * inv_tt
+            s, t = _scaled_logits(s_row, t_row, C, offs, valid, inv_ts, inv_tt)
             t = tl.where(valid, t, float("-inf"))
             m_new = tl.maximum(m_t, tl.max(t, axis=0))
             p = tl.exp(t - m_new)  # 0 where invalid
@@ -78,9 +84,7 @@ if triton is not None:
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < K
-            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_ts
-            c = tl.load(C + offs, mask=valid, other=0.0).to(tl.float32)
-            t = (tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) - c) * inv_tt
+            s, t = _scaled_logits(s_row, t_row, C, offs, valid, inv_ts, inv_tt)
             grad = g * (tl.exp(s - lse_s) - tl.exp(t - lse_t))  # d loss / d s = (q - p) / ts
             tl.store(g_row + offs, grad.to(GRAD_S.dtype.element_ty), mask=valid)
 
