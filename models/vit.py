@@ -9,14 +9,28 @@ position embeddings resampled for any crop size (local crops), `forward_features
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from .kernels.attention import AttentionFn, attention_reference
+from .kernels.attention import AttentionFn, VarlenAttentionFn, attention_reference, attention_varlen_reference
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Several images' tokens in one sequence [1, T, C]: where each image starts (cu_seqlens, for
+    block-diagonal attention) and which image each token belongs to (per-image stochastic depth)."""
+
+    cu_seqlens: torch.Tensor  # int32 [S + 1]
+    max_seqlen: int
+    image: torch.Tensor  # [T]
+    num_images: int
 
 
 class Attention(nn.Module):
@@ -38,9 +52,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.attn_fn: AttentionFn = attention_reference
+        self.varlen_fn: VarlenAttentionFn = attention_varlen_reference
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Packed | None = None,
+                is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
+        if isinstance(attn_mask, Packed):  # x: [1, T, C], images side by side
+            q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, self.head_dim).unbind(1)
+            x = self.varlen_fn(self.q_norm(q), self.k_norm(k), v, attn_mask.cu_seqlens, attn_mask.max_seqlen)
+            return self.proj_drop(self.proj(self.norm(x.reshape(B, N, C))))
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = self.attn_fn(self.q_norm(q), self.k_norm(k), v, attn_mask)
         x = self.norm(x.transpose(1, 2).reshape(B, N, C))
@@ -52,13 +72,14 @@ class VisionTransformer(TimmVisionTransformer):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference):
+                 layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
+                 varlen_fn: VarlenAttentionFn = attention_varlen_reference):
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path_rate=drop_path_rate,
                          init_values=layer_scale, num_classes=0, global_pool="token", dynamic_img_size=True,
                          attn_layer=Attention, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         for block in self.blocks:
-            block.attn.attn_fn = attn_fn
+            block.attn.attn_fn, block.attn.varlen_fn = attn_fn, varlen_fn
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))  # iBOT: zero init
         self.checkpoint_every = 0
 
@@ -99,10 +120,55 @@ class VisionTransformer(TimmVisionTransformer):
             out["blocks"] = [outputs[b % depth] for b in blocks]
         return out
 
+    def forward_features_packed(self, views: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
+        """Several batches of different resolutions (multi-crop: the global crops with their masks,
+        the local crops without) through the blocks as one packed sequence, so each block runs,
+        and under ZeRO-3 is gathered, once. Attention is block-diagonal over the images. Returns
+        what `forward_features(x, masks)` returns for each view, in order."""
+        seqs = []
+        for x, masks in views:
+            x = self.patch_embed(x)
+            if masks is not None:
+                x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+            seqs.append(self.norm_pre(self._pos_embed(x)))  # [B_i, N_i, C]
+        lengths = [s.shape[1] for s in seqs for _ in range(s.shape[0])]
+        device = seqs[0].device
+        x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seqs]).unsqueeze(0)
+        packed = Packed(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device),
+                        max(lengths), torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                                              torch.tensor(lengths, device=device)), len(lengths))
+        for i, block in enumerate(self.blocks):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                x = checkpoint(_packed_block, block, x, packed, use_reentrant=False)
+            else:
+                x = _packed_block(block, x, packed)
+        x = self.norm(x)[0]
+        outs, offset, p = [], 0, self.num_prefix_tokens
+        for s in seqs:
+            B, N = s.shape[:2]
+            y = x[offset:offset + B * N].view(B, N, -1)
+            offset += B * N
+            outs.append({"cls": y[:, 0], "patch": y[:, p:]})
+        return outs
+
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features: [CLS] (timm's global_pool "token"), or the mean patch token ("avg")."""
         out = self.forward_features(x, masks)
         return out["patch"].mean(dim=1) if self.global_pool == "avg" else out["cls"]
+
+
+def _packed_block(block: nn.Module, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """timm's Block.forward on a packed sequence, with stochastic depth drawn per image (timm's
+    DropPath would drop the whole pack at once)."""
+
+    def residual(y: torch.Tensor, drop: nn.Module) -> torch.Tensor:
+        if not isinstance(drop, DropPath) or not drop.training or drop.drop_prob == 0.0:
+            return y
+        keep = y.new_empty(packed.num_images).bernoulli_(1.0 - drop.drop_prob) / (1.0 - drop.drop_prob)
+        return y * keep[packed.image].view(1, -1, 1)
+
+    x = x + residual(block.ls1(block.attn(block.norm1(x), attn_mask=packed)), block.drop_path1)
+    return x + residual(block.ls2(block.mlp(block.norm2(x))), block.drop_path2)
 
 
 # name -> (width, depth, heads, mlp ratio, default patch size). Shapes of DESIGN.md; vit_test is for tests.
@@ -119,10 +185,11 @@ VIT_ARCHS: dict[str, tuple[int, int, int, float, int]] = {
 
 
 def build_vit(arch: str, *, img_size: int, patch_size: int | None = None, drop_path_rate: float = 0.0,
-              layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference) -> VisionTransformer:
+              layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
+              varlen_fn: VarlenAttentionFn = attention_varlen_reference) -> VisionTransformer:
     if arch not in VIT_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(VIT_ARCHS)}")
     width, depth, heads, mlp_ratio, default_patch = VIT_ARCHS[arch]
     return VisionTransformer(img_size=img_size, patch_size=patch_size or default_patch, embed_dim=width,
                              depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
-                             layer_scale=layer_scale, attn_fn=attn_fn)
+                             layer_scale=layer_scale, attn_fn=attn_fn, varlen_fn=varlen_fn)

@@ -168,3 +168,52 @@ def test_bench_kernels_runs_its_real_code_at_tiny_size(tmp_path):
     assert r["versions"]["triton"] and r["device"] and "bench_kernels.py --quick" in r["command"]
     assert all(row["triton_s"] > 0 and row["ratio_vs_best_sdpa"] > 0 for row in r["attention"])
     assert r["packed"][0]["ratio"] > 0 and r["softmax_ce"][0]["speedup"] > 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_packed_multicrop_forward_equals_separate_forwards(impl):
+    """Global crops (masked) and local crops in one packed pass: the same outputs and gradients
+    as one forward per resolution."""
+    from models.kernels.attention import get_attention, get_attention_varlen
+    from models.vit import build_vit
+
+    torch.manual_seed(0)
+    vit = build_vit("vit_test", img_size=32, patch_size=8, attn_fn=get_attention(impl),
+                    varlen_fn=get_attention_varlen(impl))
+    with torch.no_grad():
+        vit.mask_token.normal_()
+    g = torch.Generator().manual_seed(1)
+    views = [(torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 4, 4, generator=g) < 0.4),
+             (torch.randn(6, 3, 16, 16, generator=g), None)]
+    packed = vit.forward_features_packed(views)
+    loss = sum(o["cls"].square().sum() + o["patch"].sum() for o in packed)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in vit.named_parameters()}
+    vit.zero_grad()
+    separate = [vit.forward_features(x, m) for x, m in views]
+    sum(o["cls"].square().sum() + o["patch"].sum() for o in separate).backward()
+    for a, b in zip(packed, separate):
+        torch.testing.assert_close(a["cls"], b["cls"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a["patch"], b["patch"], atol=1e-5, rtol=1e-5)
+    for n, p in vit.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_packed_stochastic_depth_is_per_image():
+    from models.vit import Packed, _packed_block, build_vit
+
+    vit = build_vit("vit_test", img_size=32, patch_size=8, drop_path_rate=0.5).train()
+    block = vit.blocks[-1]
+    lengths = [17, 17, 5, 5, 5]
+    image = torch.repeat_interleave(torch.arange(5), torch.tensor(lengths))
+    packed = Packed(torch.tensor([0, 17, 34, 39, 44, 49], dtype=torch.int32), 17, image, 5)
+    x = torch.randn(1, 49, 32)
+    torch.manual_seed(0)
+    dropped_per_image = set()
+    for _ in range(20):
+        delta = (_packed_block(block, x, packed) - x)[0].abs().sum(-1)  # 0 where both branches dropped
+        for i in range(5):
+            zero = delta[image == i] == 0
+            assert bool(zero.all()) or not bool(zero.any())  # an image is dropped whole or not at all
+            dropped_per_image.add((i, bool(zero.all())))
+    assert len(dropped_per_image) > 5  # images differ in what was dropped

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from models.init import init_module_
-from models.kernels.attention import get_attention
 from models.teachers import load_teacher_weights
 
 from .config import Config
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def build_method(cfg: Config) -> nn.Module:
-    return METHODS[cfg.method].from_config(cfg, get_attention(cfg.run.kernels))
+    return METHODS[cfg.method].from_config(cfg)
 
 
 def layer_id(name: str, depth: int) -> int:

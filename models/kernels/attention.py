@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+VarlenAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -42,7 +43,16 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return flash_attention(q, k, v)
 
 
+def attention_varlen_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int) -> torch.Tensor:
+    from .attention_triton import flash_attention_varlen
+
+    return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen)
+
+
 IMPLEMENTATIONS: dict[str, AttentionFn] = {"torch": attention_reference, "triton": attention_triton}
+VARLEN_IMPLEMENTATIONS: dict[str, VarlenAttentionFn] = {"torch": attention_varlen_reference,
+                                                        "triton": attention_varlen_triton}
 
 
 def get_attention(impl: str = "auto") -> AttentionFn:
@@ -53,3 +63,8 @@ def get_attention(impl: str = "auto") -> AttentionFn:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r} is not one of {sorted(IMPLEMENTATIONS)} or 'auto'")
     return IMPLEMENTATIONS[impl]
+
+
+def get_attention_varlen(impl: str = "auto") -> VarlenAttentionFn:
+    """The packed (cu_seqlens) attention for `impl`, chosen like `get_attention`."""
+    return attention_varlen_reference if impl == "auto" else VARLEN_IMPLEMENTATIONS[impl]

@@ -2,12 +2,13 @@
 
 A method holds its networks as submodules (`student` always: a ModuleDict with its `backbone`;
 `teacher` when it has an EMA teacher of the same shape; `clip_teacher` when it has a frozen one)
-and provides `from_config(cfg, attn_fn)`, `forward(batch, values) -> {name: unweighted loss}`,
+and provides `from_config(cfg)`, `forward(batch, values) -> {name: unweighted loss}`,
 `loss_weights` and `eval_features(images)` (the features kNN measures).
 """
 
 from __future__ import annotations
 
+from models.kernels.attention import get_attention, get_attention_varlen
 from models.teachers import FrozenTeacher
 from models.vit import VisionTransformer, build_vit
 
@@ -22,11 +23,12 @@ def register(name: str):
     return deco
 
 
-def build_student(cfg, attn_fn, drop_path: float | None = None) -> VisionTransformer:
+def build_student(cfg, drop_path: float | None = None) -> VisionTransformer:
+    """The backbone of `model.*`, with the attention implementations of `run.kernels`."""
     m = cfg.model
     return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
                      drop_path_rate=m.drop_path if drop_path is None else drop_path, layer_scale=m.layer_scale,
-                     attn_fn=attn_fn)
+                     attn_fn=get_attention(cfg.run.kernels), varlen_fn=get_attention_varlen(cfg.run.kernels))
 
 
 def build_frozen_teacher(cfg) -> FrozenTeacher:

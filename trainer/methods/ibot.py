@@ -63,20 +63,20 @@ class IBOT(nn.Module):
     def __init__(self, student: VisionTransformer, student_head: IBOTHead, teacher: VisionTransformer,
                  teacher_head: IBOTHead, out_dim: int, patch_out_dim: int, student_temp: float = 0.1,
                  center_momentum: float = 0.9, loss_weights: dict[str, float] | None = None,
-                 softmax_ce: SoftmaxCEFn = softmax_ce_reference):
+                 softmax_ce: SoftmaxCEFn = softmax_ce_reference, pack_crops: bool = False):
         super().__init__()
         self.student = nn.ModuleDict({"backbone": student, "head": student_head})
         self.teacher = nn.ModuleDict({"backbone": teacher, "head": teacher_head})
         self.teacher.requires_grad_(False)
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.loss_weights = loss_weights or {"cls": 1.0, "mim": 1.0}
-        self.softmax_ce = softmax_ce
+        self.softmax_ce, self.pack_crops = softmax_ce, pack_crops
         self.register_buffer("center", torch.zeros(out_dim))
         self.register_buffer("center_patch", torch.zeros(patch_out_dim))
         self.train()
 
     @classmethod
-    def networks(cls, cfg, attn_fn) -> dict:
+    def networks(cls, cfg) -> dict:
         """Constructor arguments shared with subclasses: both backbones, both heads, loss settings."""
         i = cfg.ibot
 
@@ -84,17 +84,19 @@ class IBOT(nn.Module):
             return IBOTHead(width, i.out_dim, i.patch_out_dim, shared=i.shared_head, hidden_dim=i.head_hidden_dim,
                             bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer)
 
-        student, teacher = build_student(cfg, attn_fn), build_student(cfg, attn_fn, drop_path=0.0)
+        student, teacher = build_student(cfg), build_student(cfg, drop_path=0.0)
         return {"student": student, "student_head": head(student.embed_dim), "teacher": teacher,
                 "teacher_head": head(teacher.embed_dim), "out_dim": i.out_dim,
                 "patch_out_dim": i.out_dim if i.shared_head else i.patch_out_dim, "student_temp": i.student_temp,
                 "center_momentum": i.center_momentum,
                 "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight},
-                "softmax_ce": get_softmax_ce(cfg.run.kernels)}
+                "softmax_ce": get_softmax_ce(cfg.run.kernels),
+                # one packed pass for all crops where a varlen kernel makes it pay (run.kernels: triton)
+                "pack_crops": cfg.run.kernels == "triton"}
 
     @classmethod
-    def from_config(cls, cfg, attn_fn) -> IBOT:
-        return cls(**cls.networks(cfg, attn_fn))
+    def from_config(cls, cfg) -> IBOT:
+        return cls(**cls.networks(cfg))
 
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """What kNN measures: the EMA teacher's [CLS] features. (Module calls, not forward_features:
@@ -121,14 +123,22 @@ class IBOT(nn.Module):
         with torch.no_grad():
             t = self.teacher.backbone.forward_features(g.flatten(0, 1))
             t_cls, t_patch = self.teacher.head(t["cls"], t["patch"])  # [GB, K], [GB, N, K']
-        s = self.student.backbone.forward_features(g.flatten(0, 1), batch["masks"].flatten(0, 1))
+        backbone = self.student.backbone
+        views = [(g.flatten(0, 1), batch["masks"].flatten(0, 1))]
+        if loc.shape[0]:
+            views.append((loc.flatten(0, 1), None))
+        if self.pack_crops:
+            outs = backbone.forward_features_packed(views)
+        else:
+            outs = [backbone.forward_features(x, m) for x, m in views]
+        s = outs[0]
         s_head = self.student.head
         s_cls = [s_head.cls(s["cls"])]
         # Patch head on the masked tokens only: the rest never enters the loss.
         masked_tokens = s["patch"][flat_masks]
         s_patch = (s_head.patch or s_head.cls)(masked_tokens)
         if loc.shape[0]:
-            s_cls.append(s_head.cls(self.student.backbone.forward_features(loc.flatten(0, 1))["cls"]))
+            s_cls.append(s_head.cls(outs[1]["cls"]))
         s_cls = list(torch.cat(s_cls).chunk(G + loc.shape[0]))
         per_view = masks.sum(dim=(1, 2)).tolist()
         losses = ibot_losses(

@@ -39,8 +39,8 @@ class IBOTCLIP(IBOT):
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
 
     @classmethod
-    def from_config(cls, cfg, attn_fn) -> IBOTCLIP:
-        networks = cls.networks(cfg, attn_fn)
+    def from_config(cls, cfg) -> IBOTCLIP:
+        networks = cls.networks(cfg)
         networks["loss_weights"]["clip"] = cfg.ibot.clip_weight
         blocks = cfg.teacher.clip.blocks or [-1]
         return cls(clip_teacher=build_frozen_teacher(cfg), clip_block=blocks[0], clip_loss=cfg.ibot.clip_loss,

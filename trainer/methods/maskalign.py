@@ -58,9 +58,9 @@ class MaskAlign(nn.Module):
         self.loss_weights = {"align": 1.0}
 
     @classmethod
-    def from_config(cls, cfg, attn_fn) -> MaskAlign:
+    def from_config(cls, cfg) -> MaskAlign:
         m, t = cfg.maskalign, cfg.teacher.clip
-        student = build_student(cfg, attn_fn)
+        student = build_student(cfg)
         teacher = build_frozen_teacher(cfg)
         return cls(student, teacher, m.student_blocks or list(range(len(student.blocks))),
                    t.blocks or list(range(teacher.depth)), m.mask_ratio, m.masking, m.dynamic,
