@@ -217,3 +217,45 @@ def test_packed_stochastic_depth_is_per_image():
             assert bool(zero.all()) or not bool(zero.any())  # an image is dropped whole or not at all
             dropped_per_image.add((i, bool(zero.all())))
     assert len(dropped_per_image) > 5  # images differ in what was dropped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hard_label_ce_matches_cross_entropy(dtype):
+    from models.kernels.softmax_ce import hard_ce_reference, hard_ce_triton
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(9, 1500, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 1500, (9,), generator=g)
+    grad_out = torch.randn(9, generator=g)
+    results = []
+    for fn in (hard_ce_triton, hard_ce_reference):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, labels)
+        loss.backward(grad_out)
+        results.append((loss, x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL[dtype])
+    torch.testing.assert_close(results[0][1].float(), results[1][1].float(), **GRAD_TOL[dtype])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        hard_ce_triton(logits, torch.full((9,), 1500))
+
+
+def test_fused_linear_softmax_ce_matches_linear_then_loss():
+    from models.kernels.softmax_ce import fused_linear_softmax_ce
+
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.nn.functional.normalize(torch.randn(50, 24, generator=g), dim=-1)
+    weight = torch.nn.functional.normalize(torch.randn(700, 24, generator=g), dim=-1)
+    teacher = torch.randn(50, 700, generator=g) * 5
+    center = torch.randn(700, generator=g) * 0.1
+    grad_out = torch.randn(50, generator=g)
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            loss = fused_linear_softmax_ce(h, w, teacher, center, 0.1, 0.04, chunk_rows=16)  # 4 chunks
+        else:
+            loss = softmax_ce_reference(h @ w.t(), teacher, center, 0.1, 0.04)
+        loss.backward(grad_out)
+        results.append((loss, h.grad, w.grad))
+    for mine, ref in zip(*results):
+        torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-4)
