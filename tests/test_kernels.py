@@ -259,3 +259,52 @@ def test_fused_linear_softmax_ce_matches_linear_then_loss():
         results.append((loss, h.grad, w.grad))
     for mine, ref in zip(*results):
         torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- on a GPU, at full size
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("L,D", [(197, 64), (257, 64), (257, 80), (257, 88), (257, 104), (257, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attention_on_gpu(L, D, dtype):
+    from models.kernels.attention_triton import flash_attention
+
+    def ref(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+    q, k, v = (torch.randn(4, 16, L, D, device="cuda", dtype=dtype) for _ in range(3))
+    _attention_case(q, k, v, flash_attention, ref)
+
+
+@pytest.mark.gpu
+@gpu
+def test_packed_multicrop_attention_on_gpu():
+    from models.kernels.attention import attention_varlen_reference
+    from models.kernels.attention_triton import flash_attention_varlen
+
+    lens = ([257, 257] + [37] * 10) * 4
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lens), 16, 64, device="cuda", dtype=torch.float32) for _ in range(3))
+    _attention_case(q, k, v, lambda *x: flash_attention_varlen(*x, cu, 257),
+                    lambda *x: attention_varlen_reference(*x, cu))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("K", [8192, 65536])
+def test_softmax_ce_on_gpu(K):
+    s = (torch.randn(512, K, device="cuda") * 4).bfloat16()
+    t = (torch.randn(512, K, device="cuda") * 4).bfloat16()
+    c = torch.randn(K, device="cuda") * 0.1
+    results = []
+    for fn in (softmax_ce_triton, softmax_ce_reference):
+        x = s.clone().requires_grad_()
+        loss = fn(x, t, c, 0.1, 0.04)
+        loss.sum().backward()
+        results.append((loss, x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(results[0][1].float(), results[1][1].float(), **GRAD_TOL[torch.bfloat16])

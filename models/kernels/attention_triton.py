@@ -24,6 +24,13 @@ LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _bwd_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3))]
+
+
 def _fwd_configs():
     if _INTERPRET:  # the interpreter runs every config it is given: one
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
@@ -113,10 +120,11 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, slb, slh, CU, H, N, D, VARLEN: 
     tl.store(DELTA + b * slb + h * slh + start + offs_m, tl.sum(o * do, 1), mask=offs_m < length)
 
 
+@triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
-                   H, N, D, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   H, N, D, MAX_LEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
     """One key block; dK and dV summed over every query block. dK/dV share K/V's strides; dO O's."""
     pid_n = tl.program_id(0)
@@ -159,10 +167,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
-                 H, N, D, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 H, N, D, MAX_LEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
     """One query block; dQ summed over every key block. dQ shares Q's strides."""
     pid_m = tl.program_id(0)
@@ -197,12 +206,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
         dq += _dot(ds.to(k.dtype), k, UPCAST)
     tl.store(DQ + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-
-
-def _bwd_blocks(block_d: int) -> tuple[int, int]:
-    if _INTERPRET:
-        return 32, 32
-    return (64, 64) if block_d <= 64 else (32, 64)
 
 
 def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -255,18 +258,17 @@ class _FlashAttention(torch.autograd.Function):
         cu = cu_seqlens if varlen else q
         upcast = _INTERPRET and q.dtype == torch.bfloat16
         delta = torch.empty_like(lse)
-        bm, bn = _bwd_blocks(block_d)
         so = _strides4(o, varlen)
-        _attn_bwd_delta[(triton.cdiv(N, bm), n_seq * H)](o, do, delta, *so, slb, slh, cu, H, N, D, VARLEN=varlen,
-                                                         BLOCK_M=bm, BLOCK_D=block_d)
+        _attn_bwd_delta[(triton.cdiv(N, 64), n_seq * H)](o, do, delta, *so, slb, slh, cu, H, N, D, VARLEN=varlen,
+                                                         BLOCK_M=64, BLOCK_D=block_d)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        args = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so, slb, slh, H, N, D)
-        _attn_bwd_dkdv[(triton.cdiv(N, bn), n_seq * H)](q, k, v, do, lse, delta, dk, dv, cu, scale, scale * LOG2E,
-                                                        *args, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn,
-                                                        BLOCK_D=block_d, UPCAST=upcast)
-        _attn_bwd_dq[(triton.cdiv(N, bm), n_seq * H)](q, k, v, do, lse, delta, dq, cu, scale, scale * LOG2E,
-                                                      *args, VARLEN=varlen, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-                                                      UPCAST=upcast)
+        args = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so, slb, slh, H, N, D, N)
+        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seq * H)](
+            q, k, v, do, lse, delta, dk, dv, cu, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
+            UPCAST=upcast)
+        _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)](
+            q, k, v, do, lse, delta, dq, cu, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
+            UPCAST=upcast)
         return dq, dk, dv, None, None
 
 
