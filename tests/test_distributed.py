@@ -208,3 +208,26 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
     state, _ = export(split / "checkpoints" / "latest")
     assert not [k for k in state if "align" in k or "adapter" in k or "teacher" in k]
     build_vit("vit_test", img_size=32, patch_size=8).load_state_dict(state, strict=True)
+
+
+def test_triton_kernels_and_packed_crops_match_torch_on_two_ranks(tmp_path):
+    """ZeRO-3, 2 ranks: run.kernels=triton (Triton's CPU interpreter; packed multi-crop student)
+    gives the losses of run.kernels=torch (separate forwards, SDPA, PyTorch loss)."""
+    runs = {}
+    for impl in ("torch", "triton"):
+        out = tmp_path / impl
+        env_extra = ["run.kernels=" + impl, "model.drop_path=0.0", "model.grad_checkpointing=1",
+                     "data.num_workers=1", "data.batch_size=4", "data.local_crops.number=2"]
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            torchrun(*_run_cmd(out, 2, env_extra))
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET")
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        runs[impl] = _losses(out)
+    assert [s for s, _ in runs["triton"]] == [1, 2]
+    for (_, a), (_, b) in zip(runs["torch"], runs["triton"]):
+        assert abs(a - b) < 2e-2 * max(1.0, abs(b)), (runs["torch"], runs["triton"])
