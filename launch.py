@@ -8,6 +8,12 @@
 Everything is checked (YAML, overrides, the DeepSpeed JSON against the YAML, the output
 directory, the shard list against ranks x workers) before any process group starts; a problem
 is reported as one line naming the file, the key and what is allowed, and the exit code is 2.
+
+Exit codes: 0 done (or stopped by --stop-at / SIGTERM / SIGUSR1 after saving: the same command
+resumes); 2 bad input (config, paths, teacher weights, an untrusted file), nothing trained; 3 the
+run stopped on a fault (a failed save, too many skipped steps, too many unreadable samples) with
+its newest complete checkpoint intact. Every rank logs to <run>/logs/rank<N>.log, tracebacks
+included; the terminal gets one line per error.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from trainer.distributed import DistEnv, dist_env
 from trainer.ds_config import build_ds_config
 
 log = logging.getLogger("mimscale")
+TRACEBACKS = logging.getLogger("mimscale.tracebacks")  # the log file only: the terminal gets one line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,14 +56,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup_logging(rank: int, level: int = logging.INFO) -> None:
+def setup_logging(rank: int, log_dir: Path | None = None) -> None:
     # torch.distributed warns on every ZeRO-3 reduce-scatter that DeepSpeed still calls the old name.
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
-    # Humans read rank 0; other ranks only speak up for warnings.
-    logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-        force=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(fmt)
+    terminal.setLevel(logging.INFO if rank == 0 else logging.WARNING)  # humans read rank 0; others warn only
+    handlers: list[logging.Handler] = [terminal]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_dir / f"rank{rank}.log")
+        file.setFormatter(fmt)
+        handlers.append(file)
+        TRACEBACKS.handlers = [file]
+    TRACEBACKS.propagate = False
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
 
 
 def check_output_dir(path: str) -> None:
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mimscale: config error: {e}", file=sys.stderr)
         return 2
-    setup_logging(env.rank)
+    log_dir = Path(cfg.run.output_dir).expanduser() / "logs"
+    setup_logging(env.rank, None if args.print_config or args.dry_run is not None else log_dir)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
@@ -131,14 +147,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mimscale: {e}", file=sys.stderr)
             return 2
         return 0
+    from data.pipeline import DataFailureError
     from models.teachers import TeacherWeightsError
+    from trainer.checkpoint import CheckpointError, UntrustedFileError
+    from trainer.faults import NumericalFault
     from trainer.loop import train
 
+    errors = {TeacherWeightsError: ("teacher error", 2), UntrustedFileError: ("untrusted file", 2),
+              CheckpointError: ("checkpoint error", 3), NumericalFault: ("numerical fault", 3),
+              DataFailureError: ("data error", 3)}
     try:
         summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at)
-    except TeacherWeightsError as e:  # raised before the first step: nothing is lost
-        print(f"mimscale: teacher error: {e}", file=sys.stderr)
-        return 2
+    except tuple(errors) as e:
+        what, code = next(v for k, v in errors.items() if isinstance(e, k))
+        TRACEBACKS.error("%s", what, exc_info=True)
+        print(f"mimscale: {what} (rank {env.rank}): {e}  [log: {log_dir / f'rank{env.rank}.log'}]", file=sys.stderr)
+        return code
+    except BaseException:  # a bug or an interrupt: keep the traceback on the terminal too
+        TRACEBACKS.error("unexpected error", exc_info=True)
+        raise
+    if summary.get("stopped_by"):
+        if env.rank == 0:
+            print(f"mimscale: {summary['stopped_by']}: saved step {summary['step']} and stopped; run the same "
+                  "command to resume", file=sys.stderr)
+        return 0
     if env.rank == 0 and summary.get("knn") is not None:
         before = summary.get("knn_random_init")
         which = "student mean patch token" if cfg.method == "maskalign" else "teacher [CLS]"

@@ -41,6 +41,18 @@ from .transforms import MultiCrop
 
 log = logging.getLogger(__name__)
 
+# Failures the loader counts, by kind (shard-level ones come from shards.read_shard).
+SAMPLE_FAILURES = ("missing_image", "corrupt_image")
+FAILURE_KINDS = ("shard_open_error", "truncated_shard", "shard_close_error", "duplicate_member", *SAMPLE_FAILURES,
+                 "bad_label")
+# The failed fraction is judged only once this many samples have been read (a few bad files at the
+# start of a stream are not a trend).
+MIN_SAMPLES_FOR_FRACTION = 200
+
+
+class DataFailureError(RuntimeError):
+    """Too large a fraction of the samples read could not be used."""
+
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -164,6 +176,7 @@ class StreamPlan:
             for raw in samples:
                 taken += 1
                 fresh += 1
+                counters["samples_read"] += 1
                 item = self.make_sample(raw, _seed(self.seed, epoch, g, taken), counters)
                 if item is None:
                     continue
@@ -216,6 +229,7 @@ class ShardLoader:
         shard_retries: int = 0,
         s3_command: str = "aws s3 cp --quiet {url} -",
         pin_memory: bool = False,
+        max_failed_fraction: float = 1.0,
         source: str = "data.train_shards",
     ):
         num_streams = max(1, num_workers)
@@ -229,6 +243,7 @@ class ShardLoader:
         self.plan = StreamPlan(tuple(urls), augment, mask_sampler, batch_size, rank, world_size,
                                num_streams, seed, shuffle_buffer, shard_retries, s3_command)
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.max_failed_fraction, self.source = max_failed_fraction, source
         self._streams = [{"epoch": 0, "consumed": 0, "counters": {}} for _ in range(num_streams)]
         self._batches = 0
 
@@ -243,15 +258,29 @@ class ShardLoader:
             stream = position.pop("stream")
             self._streams[stream] = position
             self._batches += 1
+            self._check_failures()
             yield batch
 
-    @property
-    def counters(self) -> Counter:
-        """Failures by kind (corrupt_image, missing_image, truncated_shard ...) over all streams."""
+    def _check_failures(self) -> None:
+        total = self._totals()
+        read, failed = total["samples_read"], sum(total[k] for k in SAMPLE_FAILURES)
+        if read >= MIN_SAMPLES_FOR_FRACTION and failed > self.max_failed_fraction * read:
+            raise DataFailureError(
+                f"{self.source}: {failed} of the {read} samples read on this rank could not be used "
+                f"({', '.join(f'{k} {v}' for k, v in self.counters.items())}), more than "
+                f"data.max_failed_fraction={self.max_failed_fraction}; see the warnings above for the shards")
+
+    def _totals(self) -> Counter:
         total: Counter = Counter()
         for s in self._streams:
             total.update(s["counters"])
         return total
+
+    @property
+    def counters(self) -> Counter:
+        """Failures by kind (`FAILURE_KINDS`: corrupt_image, missing_image, truncated_shard ...) over all
+        streams of this rank."""
+        return Counter({k: v for k, v in self._totals().items() if k in FAILURE_KINDS and v})
 
     @property
     def epoch(self) -> int:
@@ -283,7 +312,7 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
         expand_shards(data.train_shards), augment=MultiCrop.from_config(data), mask_sampler=sampler,
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=seed, shuffle_buffer=data.shuffle_buffer, shard_retries=data.shard_retries,
-        s3_command=data.s3_command, pin_memory=pin_memory)
+        s3_command=data.s3_command, pin_memory=pin_memory, max_failed_fraction=data.max_failed_fraction)
 
 
 def labelled_batches(urls: list[str], size: int, batch_size: int, rank: int = 0, world_size: int = 1,

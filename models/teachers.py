@@ -156,7 +156,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise TeacherWeightsError(f"{path}: cannot read teacher weights ({type(e).__name__}: {e})") from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise TeacherWeightsError(f"{path}: cannot read teacher weights ({type(e).__name__}: {first})") from None
     for key in ("state_dict", "model", "teacher"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -30,6 +30,13 @@ def resolve(path: str | Path) -> Path:
         path = path.parent / path.read_text().strip()
     if not (path / "COMPLETE").is_file():
         raise SystemExit(f"export_backbone: {path} is not a complete checkpoint (no COMPLETE marker)")
+    from trainer.checkpoint import UntrustedFileError, check_weights_only
+
+    try:  # DeepSpeed's zero_to_fp32 unpickles with weights_only=False: vet every file first
+        for f in sorted(path.glob("*.pt")):
+            check_weights_only(f)
+    except UntrustedFileError as e:
+        raise SystemExit(f"export_backbone: {e}") from None
     return path
 
 

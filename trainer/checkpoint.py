@@ -6,7 +6,17 @@ EMA shadow slice, buffers in fp32, data position, RNG states, frozen-teacher fil
 `COMPLETE`, written by
 rank 0 after every rank has finished. `<run>/checkpoints/latest` names the newest complete tag and
 moves only after `COMPLETE` exists; a tag without `COMPLETE` is never loaded. Older tags beyond
-`keep` are deleted after the new one is complete.
+`keep` are deleted after the new one is complete, and so are incomplete tags older than it (left
+by a crash during a save).
+
+A save that fails on any rank (disk full, quota, I/O error) is agreed on by all ranks: no
+`COMPLETE`, `latest` stays, nothing older is deleted, and `CheckpointError` stops the run. Before
+writing, every rank checks that its file system has room for another checkpoint as large as the
+newest one, and warns when room for fewer than three is left.
+
+Loading trusts nothing: every pickle in a checkpoint is opened with `torch.load(weights_only=True)`
+(DeepSpeed's own files too, whose two classes are allow-listed), so a file with code in it is
+refused (`UntrustedFileError`) before DeepSpeed reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +31,54 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+WARN_BELOW_CHECKPOINTS = 3  # warn when the disk has room for fewer checkpoints than this
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous ones are intact."""
+
+
+class UntrustedFileError(ValueError):
+    """A checkpoint or weights file holds objects other than tensors and plain containers."""
+
+
+def _deepspeed_safe_globals() -> list:
+    # What DeepSpeed pickles into its optimizer states besides tensors and plain containers.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def check_weights_only(path: str | Path) -> None:
+    """Unpickle `path` with `weights_only=True` (memory-mapped: the tensors are not read), allowing
+    DeepSpeed's bookkeeping classes; raise `UntrustedFileError` naming the file otherwise."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # not a zip-format file: it cannot be memory-mapped, read it whole
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError ... for these
+        first = str(e).strip().splitlines()
+        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise UntrustedFileError(f"{path} is not a plain tensor file (refused to unpickle it: {detail.strip()}); "
+                                 "only load checkpoints you wrote or trust") from None
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _rank() -> int:
@@ -66,21 +124,51 @@ class Checkpointer:
         tags = self.complete_tags()
         return self.dir / tags[-1] if tags else None
 
+    def check_space(self) -> None:
+        """Every rank calls this before a save: stop cleanly, before writing anything, when some
+        rank's disk cannot hold another checkpoint as large as the newest."""
+        newest = self.latest()
+        need = _size(newest) if newest is not None else 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        if not _all_ranks_ok(free > need * 1.05):
+            raise CheckpointError(
+                f"not enough free space in {self.dir} for another checkpoint (the newest, {newest}, takes "
+                f"{need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB free on rank {_rank()}); nothing was written, "
+                "free some space (or lower checkpoint.keep) and run the same command to resume")
+        if need and free < WARN_BELOW_CHECKPOINTS * need:
+            log.warning("%s has room for only %d more checkpoint(s) of %.2f GiB (%.2f GiB free)", self.dir,
+                        free // need, need / 2**30, free / 2**30)
+
     def save(self, engine, step: int, parts: dict) -> Path:
         """Every rank calls this. `parts`: this rank's named state (tensors, numbers, strings)."""
+        self.check_space()
         tag = f"step{step:08d}"
         path = self.dir / tag
-        # Frozen parameters (the EMA teacher, whose fp32 shadow is in `parts`, and a frozen CLIP
-        # teacher, reloaded from its own file) are left out: a checkpoint holds what training changes.
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
-        torch.save({"step": step, **parts}, path / f"rank{_rank():05d}.pt")
-        _barrier()  # every rank's files are on disk
+        error = None
+        try:
+            # Frozen parameters (the EMA teacher, whose fp32 shadow is in `parts`, and a frozen CLIP
+            # teacher, reloaded from its own file) are left out: a checkpoint holds what training changes.
+            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+            torch.save({"step": step, **parts}, path / f"rank{_rank():05d}.pt")
+        except OSError as e:  # disk full, quota, I/O error: tell every rank, keep what exists
+            error = e
+            log.error("rank %d could not write checkpoint %s: %s", _rank(), path, e)
+        if not _all_ranks_ok(error is None):  # also the barrier: every rank's files are on disk
+            if _rank() == 0:
+                shutil.rmtree(path, ignore_errors=True)  # never COMPLETE, so never loaded; free its space
+            raise CheckpointError(
+                f"saving step {step} to {path} failed ({error or 'on another rank'}); the newest complete "
+                f"checkpoint is still {self.latest() or 'none'} (nothing was deleted); fix the cause and run the "
+                "same command to resume from it")
         if _rank() == 0:
             (path / "COMPLETE").write_text(f"{step}\n")
             tmp = self.dir / f".latest.{os.getpid()}"
             tmp.write_text(tag)
             os.replace(tmp, self.dir / "latest")
-            for old in self.complete_tags()[: -self.keep]:
+            complete = self.complete_tags()
+            stale = [p.name for p in self.dir.glob("step*") if p.is_dir() and p.name < tag and p.name not in complete]
+            for old in complete[: -self.keep] + stale:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
         _barrier()
         return path
@@ -93,11 +181,18 @@ class Checkpointer:
         own = path / f"rank{_rank():05d}.pt"
         if not own.is_file():
             raise FileNotFoundError(f"{own} is missing: the checkpoint was written by fewer ranks")
-        return torch.load(own, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(own, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - report which file and why, in one line
+            check_weights_only(own)
+            raise
 
     def load_engine(self, engine, path: str | Path) -> None:
         """Restore DeepSpeed's state (trainable parameters, optimizer, buffers) from `path`."""
         path = Path(path)
+        # DeepSpeed unpickles its files with weights_only=False: vet each one first.
+        for f in sorted(path.glob("*.pt")):
+            check_weights_only(f)
         # Not strict: the frozen parameters are absent by design (see `save`).
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
         if load_path is None:

@@ -190,6 +190,9 @@ class DataConfig:
     num_workers: int = opt(8, "Loader processes per rank; 0 reads in the training process.")
     shuffle_buffer: int = opt(2000, "Samples held per loader process for shuffling (raw bytes, not decoded).")
     shard_retries: int = opt(2, "Extra attempts to open a shard before it is skipped and counted.")
+    max_failed_fraction: float = opt(
+        0.05, "Stop the run when more than this fraction of the samples read on a rank cannot be used (corrupt or "
+              "missing images; judged after 200 samples). Each failure is skipped, counted and logged either way.")
     global_crops: CropConfig = opt(CropConfig(2, 224, (0.32, 1.0)), "Global crops (teacher and student).")
     local_crops: CropConfig = opt(CropConfig(10, 96, (0.05, 0.32)), "Local crops (student only, never masked).")
     augment: AugmentConfig = opt(AugmentConfig(), "Photometric augmentations (DINO/iBOT recipe).")
@@ -203,6 +206,7 @@ class DataConfig:
         _at_least(self, 0, "num_workers")
         _at_least(self, 1, "shuffle_buffer")
         _at_least(self, 0, "shard_retries")
+        _check_prob(self.max_failed_fraction, "max_failed_fraction")
         _require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
         _require("{url}" in self.s3_command, "s3_command", "must contain {url}")
         if self.local_crops.number > 0:
@@ -223,6 +227,9 @@ class OptimConfig:
     clip_grad: float = opt(3.0, "Global gradient-norm clipping; 0 disables it.")
     grad_accum: int = opt(1, "Micro-steps per optimizer step.")
     layer_decay: float = opt(1.0, "Layer-wise lr decay factor (1.0: off).")
+    max_consecutive_skips: int = opt(
+        10, "Optimizer steps skipped for a non-finite loss or gradient norm (on any rank) are counted; this many "
+            "in a row stop the run, naming the step and the newest checkpoint. fp16 loss-scale overflows count too.")
 
     def validate(self) -> None:
         _at_least(self, 0, "lr", strict=True)
@@ -234,6 +241,7 @@ class OptimConfig:
         _at_least(self, 0, "clip_grad")
         _at_least(self, 1, "grad_accum")
         _require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
+        _at_least(self, 1, "max_consecutive_skips")
 
 
 @dataclass

@@ -66,6 +66,7 @@ def build_ds_config(name: str, cfg: Config, world_size: int) -> dict:
                                            "remove it from the JSON (the launcher fills it from the YAML)")
         _put(ds, key, value)
     ds.setdefault("optimizer", {}).setdefault("type", "AdamW")
+    _check_step_skipping(ds, source, cfg.run.precision)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") == 3 and zero.get("stage3_param_persistence_threshold", 1) != 0:
         # Persistent parameters stay whole on every rank; the shard-local EMA writes partitions
@@ -74,6 +75,22 @@ def build_ds_config(name: str, cfg: Config, world_size: int) -> dict:
                           f"{zero.get('stage3_param_persistence_threshold', 'unset (DeepSpeed: 100000)')}"
                           ": must be 0 (the EMA teacher is updated partition by partition)")
     return ds
+
+
+def _check_step_skipping(ds: dict, source: str, precision: str) -> None:
+    """The loop relies on DeepSpeed skipping an optimizer step whose gradient norm is inf/NaN
+    (trainer/faults.py): ZeRO-3 always does; below stage 3 only fp16, and bf16 with
+    `bf16.check_grad_overflow` (DeepSpeed's default, made explicit here)."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if precision == "bf16":
+        if ds["bf16"].get("check_grad_overflow", True) is not True:
+            raise ConfigError(source, "bf16.check_grad_overflow", "must be true: a step with a non-finite gradient "
+                                                                  "must be skipped, not applied")
+        ds["bf16"]["check_grad_overflow"] = True
+    elif precision == "fp32" and stage != 3:
+        raise ConfigError(source, "zero_optimization.stage",
+                          f"{stage} with run.precision fp32: DeepSpeed checks fp32 gradients for inf/NaN only under "
+                          "ZeRO stage 3; use stage 3 or run.precision bf16")
 
 
 def _reject_auto(node: Any, source: str, prefix: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from data.digits import resolve_builtin
-from data.pipeline import PositionMismatch, build_train_loader, labelled_batches
+from data.pipeline import FAILURE_KINDS, PositionMismatch, build_train_loader, labelled_batches
 from data.shards import expand_shards
 from data.transforms import normalize, normalize_batch
 from models.teachers import TeacherWeightsError
@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import Config, dump_yaml, to_dict
 from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
+from .faults import StepGuard
 from .knn import extract_features, knn_accuracy
 from .metrics import MetricsWriter
 from .schedules import Schedules
@@ -52,6 +53,15 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     return knn_accuracy(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
 
 
+def data_failures(counters, device: torch.device) -> dict[str, int]:
+    """Loader failures by kind, summed over ranks (a collective: every rank calls it at the same step)."""
+    counts = torch.tensor([float(counters.get(k, 0)) for k in FAILURE_KINDS], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    per_kind = {f"data_{k}": int(v) for k, v in zip(FAILURE_KINDS, counts.tolist())}
+    return {"data_failures": sum(per_kind.values()), **per_kind}
+
+
 def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None) -> dict:
     run_dir = Path(cfg.run.output_dir).expanduser()
     cfg.data.train_shards, cfg.data.val_shards = resolve_builtin(
@@ -69,6 +79,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     schedules = Schedules.from_config(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
+    guard = StepGuard(cfg.optim.max_consecutive_skips)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -95,13 +106,14 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             buf.copy_(parts["buffers"][name])
         set_rng_state(parts["rng"])
         summary = parts.get("summary", {})
+        guard.skipped = parts.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", source, step)
     elif cfg.eval.knn_at_end:
         summary["knn_random_init"] = knn_eval(cfg, engine, device, dtype, env)
 
     def save() -> None:
         parts = {"data": loader.state_dict(), "buffers": dict(method.named_buffers()), "rng": rng_state(),
-                 "summary": summary, "config": json.dumps(to_dict(cfg))}
+                 "summary": summary, "config": json.dumps(to_dict(cfg)), "skipped_steps": guard.skipped}
         if ema is not None:
             parts["ema"] = ema.state_dict()
         if frozen is not None:  # the frozen teacher is not saved: it is reloaded from this file
@@ -115,39 +127,52 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
     last = min(cfg.schedule.steps, stop_at) if stop_at else cfg.schedule.steps
+    stopped_by = None
     while step < last:
         values = schedules.at(step)
         apply_schedule(engine.optimizer, values)
+        # The method's running statistics (iBOT's centers) move in its forward; a skipped step undoes them.
+        before = [b.clone() for b in method.buffers() if b.is_floating_point()]
         for micro in range(cfg.optim.grad_accum):
             batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
             losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
             loss = sum(weights[k] * v for k, v in losses.items())
-            engine.backward(loss)
+            engine.backward(guard.check(loss))
             engine.step()
-        if ema is not None:
-            ema.update(values["momentum"])
         step += 1
         window_steps += 1
+        if guard.record(engine.was_step_applied(), step, losses, ckpt.latest):
+            if ema is not None:
+                ema.update(values["momentum"])
+        else:
+            for b, saved in zip((b for b in method.buffers() if b.is_floating_point()), before):
+                b.copy_(saved)
         if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
             elapsed = time.perf_counter() - window_start
-            record = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
+            terms = {k: v.item() for k, v in losses.items()}
+            record = {"loss": loss.item(), **{f"loss_{k}": v for k, v in terms.items()},
                       "lr": values["lr"], "weight_decay": values["weight_decay"], "momentum": values["momentum"],
                       "teacher_temp": values["teacher_temp"], "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
-                      "data_failures": sum(loader.counters.values())}
+                      "skipped_steps": guard.skipped, **data_failures(loader.counters, device)}
             if device.type == "cuda":
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:
                 record["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             metrics.write(step, record)
-            terms = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+            shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
             log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step", step, cfg.schedule.steps,
-                     record["loss"], terms, record["lr"], record["images_per_s"], record["step_time_s"])
+                     record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"])
             window_start, window_steps = time.perf_counter(), 0
+        if guard.stop_requested:
+            log.warning("%s received: saving step %d and stopping; the same command resumes", guard.signal_name or
+                        "a stop signal (on another rank)", step)
+            stopped_by = guard.signal_name or "signal"
+            break
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.schedule.steps:
             save()
     finished = step >= cfg.schedule.steps
-    if finished and cfg.eval.knn_at_end and "knn" not in summary:
+    if finished and not stopped_by and cfg.eval.knn_at_end and "knn" not in summary:
         summary["knn"] = knn_eval(cfg, engine, device, dtype, env)
     newest = ckpt.latest()
     if newest is None or newest.name != f"step{step:08d}":  # not already saved by the loop
@@ -156,4 +181,4 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     metrics.close()
     if dist.is_initialized():
         dist.barrier()
-    return summary
+    return {**summary, "step": step, "stopped_by": stopped_by}

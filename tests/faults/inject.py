@@ -1,0 +1,100 @@
+"""Run launch.py with one fault injected into the real code path (for tests/faults/).
+
+    python tests/faults/inject.py FAULT [FAULT ...] -- <launch.py arguments>
+
+FAULT is one of
+    nan:STEP[-LAST]@RANK   the batch of optimizer steps STEP..LAST (1-based) on RANK is NaN
+    kill-in-save:STEP@RANK RANK kills itself (SIGKILL) after DeepSpeed wrote step STEP's files and
+                           before our own parts and the COMPLETE marker exist
+    fail-save:STEP@RANK    writing step STEP's checkpoint raises ENOSPC on RANK (disk full)
+    disk-free:BYTES        every rank sees only BYTES free on the checkpoint file system
+"""
+
+import errno
+import os
+import signal
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
+import launch  # noqa: E402
+import trainer.checkpoint  # noqa: E402
+import trainer.loop  # noqa: E402
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def parse(spec: str) -> tuple[str, str, int]:
+    kind, _, rest = spec.partition(":")
+    value, _, who = rest.partition("@")
+    return kind, value, int(who or 0)
+
+
+def inject_nan(first: int, last: int, who: int) -> None:
+    normalize = trainer.loop.normalize_batch
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        batch = normalize(*args, **kwargs)
+        calls["n"] += 1  # optim.grad_accum is 1 in these tests: call n is optimizer step n
+        if rank() == who and first <= calls["n"] <= last:
+            batch["global_crops"] = batch["global_crops"] * float("nan")
+        return batch
+
+    trainer.loop.normalize_batch = poisoned
+
+
+def wrap_save(step: int, who: int, action) -> None:
+    original = deepspeed.DeepSpeedEngine.save_checkpoint
+
+    def save_checkpoint(self, save_dir, tag=None, *args, **kwargs):
+        result = original(self, save_dir, tag, *args, **kwargs)
+        if tag == f"step{step:08d}" and rank() == who:
+            action()
+        return result
+
+    deepspeed.DeepSpeedEngine.save_checkpoint = save_checkpoint
+
+
+def die() -> None:
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full() -> None:
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def report_free(free: int) -> None:
+    usage = namedtuple("usage", "total used free")
+    trainer.checkpoint.shutil.disk_usage = lambda path: usage(10**12, 10**12 - free, free)
+
+
+def main() -> int:
+    split = sys.argv.index("--")
+    for spec in sys.argv[1:split]:
+        kind, value, who = parse(spec)
+        if kind == "nan":
+            first, _, last = value.partition("-")
+            inject_nan(int(first), int(last or first), who)
+        elif kind == "kill-in-save":
+            wrap_save(int(value), who, die)
+        elif kind == "fail-save":
+            wrap_save(int(value), who, disk_full)
+        elif kind == "disk-free":
+            report_free(int(value))
+        else:
+            raise SystemExit(f"unknown fault {spec!r}")
+    torch.set_num_threads(1)
+    return launch.main(sys.argv[split + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
