@@ -32,6 +32,7 @@ def launch(args: list[str], faults: tuple[str, ...] = (), ranks: int = 1, timeou
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(29000 + os.getpid() % 500), *script, *args]
     if popen:
+        popen.pop("popen")
         return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
