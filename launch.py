@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may sit on either side of the options
 
 
 def setup_logging(rank: int, log_dir: Path | None = None) -> None:
@@ -85,12 +85,34 @@ def check_output_dir(path: str) -> None:
         raise ConfigError("run.output_dir", str(out), f"not writable: {e.strerror or e}") from None
 
 
+def check_shards(cfg: Config, env: DistEnv) -> None:
+    """Local shard lists that name nothing that exists, or too few shards for ranks x loader streams.
+    (A few missing shards are not fatal: each is skipped and counted when its turn comes.)"""
+    from data.shards import expand_shards
+
+    for key in ("train_shards", "val_shards"):
+        spec = getattr(cfg.data, key)
+        if not spec or spec.startswith("builtin:"):  # written on first use
+            continue
+        urls = expand_shards(spec)
+        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+        if not urls or len(missing) == len(urls):
+            raise ConfigError(f"data.{key}", spec, f"names no shard that exists ({len(urls)} named"
+                                                   + (f", first {missing[0]})" if missing else ")"))
+        if key == "train_shards":
+            need = env.world_size * max(1, cfg.data.num_workers)
+            if len(urls) < need:
+                raise ConfigError(f"data.{key}", spec, f"{len(urls)} shards cannot feed {env.world_size} ranks x "
+                                                       f"{max(1, cfg.data.num_workers)} loader streams ({need} needed)")
+
+
 def prepare(args: argparse.Namespace) -> tuple[Config, DistEnv, dict]:
     """Everything that can fail on user input, before any process group exists."""
     cfg = load_config(args.config, args.overrides)
     env = dist_env()
     ds = build_ds_config(args.ds_config, cfg, env.world_size)
     check_output_dir(cfg.run.output_dir)
+    check_shards(cfg, env)
     return cfg, env, ds
 
 
