@@ -10,8 +10,7 @@ import time
 from collections import namedtuple
 
 import pytest
-
-from runs import launch, losses, ok, tiny_args
+from fault_runs import launch, losses, ok, tiny_args
 
 pytestmark = pytest.mark.slow
 

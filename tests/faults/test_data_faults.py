@@ -9,13 +9,13 @@ from collections import Counter
 
 import pytest
 from conftest import jpeg_bytes, make_shards
+from fault_runs import launch, metrics, ok, tiny_args
 
 import data.shards
 from data.masking import MaskSampler
 from data.pipeline import DataFailureError, ShardLoader
 from data.shards import read_shard
 from data.transforms import MultiCrop
-from runs import launch, metrics, ok, tiny_args
 
 AUG = MultiCrop(global_size=32, global_scale=(0.5, 1.0), n_local=0, local_size=16, local_scale=(0.1, 0.4))
 MASKS = MaskSampler((4, 4), "block", (0.1, 0.5), 0.5, min_block_patches=2)

@@ -3,8 +3,7 @@
 
 import pytest
 import torch
-
-from runs import launch, losses, metrics, ok, optimizer_state, rank_parts, tiny_args
+from fault_runs import launch, losses, metrics, ok, optimizer_state, rank_parts, tiny_args
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import torch
-
-from runs import ROOT, launch, ok, tiny_args
+from fault_runs import ROOT, launch, ok, tiny_args
 
 
 class Payload:
