@@ -146,6 +146,13 @@ def dry_run(cfg: Config, env: DistEnv, batches: int) -> None:
              batches, rate, dict(loader.counters) or "none", loader.epoch)
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: print() writes the text and its newline separately, so the
+    lines of ranks that fail together came out spliced into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, env, ds = prepare(args)
     except ConfigError as e:
-        print(f"mimscale: config error: {e}", file=sys.stderr)
+        say(f"mimscale: config error: {e}")
         return 2
     log_dir = Path(cfg.run.output_dir).expanduser() / "logs"
     setup_logging(env.rank, None if args.print_config or args.dry_run is not None else log_dir)
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             dry_run(cfg, env, args.dry_run)
         except ValueError as e:
-            print(f"mimscale: {e}", file=sys.stderr)
+            say(f"mimscale: {e}")
             return 2
         return 0
     from data.pipeline import DataFailureError
@@ -183,15 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(errors) as e:
         what, code = next(v for k, v in errors.items() if isinstance(e, k))
         TRACEBACKS.error("%s", what, exc_info=True)
-        print(f"mimscale: {what} (rank {env.rank}): {e}  [log: {log_dir / f'rank{env.rank}.log'}]", file=sys.stderr)
+        say(f"mimscale: {what} (rank {env.rank}): {e}  [log: {log_dir / f'rank{env.rank}.log'}]")
         return code
     except BaseException:  # a bug or an interrupt: keep the traceback on the terminal too
         TRACEBACKS.error("unexpected error", exc_info=True)
         raise
     if summary.get("stopped_by"):
         if env.rank == 0:
-            print(f"mimscale: {summary['stopped_by']}: saved step {summary['step']} and stopped; run the same "
-                  "command to resume", file=sys.stderr)
+            say(f"mimscale: {summary['stopped_by']}: saved step {summary['step']} and stopped; run the same "
+                "command to resume")
         return 0
     if env.rank == 0 and summary.get("knn") is not None:
         before = summary.get("knn_random_init")
