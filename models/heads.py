@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,11 +23,14 @@ class NormedLinear(nn.Module):
         trunc_normal_(self.weight, std=0.02)
         self.scale = None if fixed_norm else nn.Parameter(torch.ones(out_dim, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """x @ w^T; or, with `loss_fn`, loss_fn(x, w): a loss over those logits that never holds
+        them whole (models/kernels/softmax_ce.py). It runs here so that ZeRO-3 has gathered the weight."""
         w = F.normalize(self.weight, dim=-1)
         if self.scale is not None:
             w = w * self.scale
-        return F.linear(x, w)
+        return F.linear(x, w) if loss_fn is None else loss_fn(x, w)
 
 
 class DINOHead(nn.Module):
@@ -47,8 +52,12 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer = NormedLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised features the prototypes score."""
+        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1, eps=1e-6))
+        return self.last_layer(self.bottleneck(x))
 
 
 class IBOTHead(nn.Module):

@@ -5,8 +5,9 @@ L=197 and 257), ViT-H/14 (d=80, L=257), ViT-g/14 (d=88, L=257), against
 scaled_dot_product_attention with each of its flash / memory-efficient backends that accepts the
 shape. Packed multi-crop: per image 2 x 257 + 10 x 37 tokens, one variable-length kernel call
 against one SDPA call per resolution. Softmax-CE (DINO/iBOT loss), forward + backward, rows=8192,
-K=65536 and 8192, against the plain PyTorch expression: time and peak memory; and the variant
-with the prototype projection fused in (bottleneck 256) against matmul + the plain expression.
+K=65536 and 8192, against the plain PyTorch expression, both also giving the teacher center's
+column sums: time and peak memory; and the variant with the prototype projection fused in
+(bottleneck 256) against matmul + the plain expression.
 
 Printed: time, TFLOP/s (attention) and the ratio baseline_time / triton_time (> 1: Triton faster;
 targets: >= 1.0 per attention shape, >= 1.3 packed, >= 2 for softmax-CE, with >= 4x lower peak
@@ -37,6 +38,7 @@ from models.kernels.attention import attention_varlen_reference  # noqa: E402
 from models.kernels.attention_triton import flash_attention, flash_attention_varlen  # noqa: E402
 from models.kernels.softmax_ce import (  # noqa: E402
     fused_linear_softmax_ce,
+    fused_linear_softmax_ce_reference,
     softmax_ce_reference,
     softmax_ce_triton,
 )
@@ -164,16 +166,17 @@ def bench_softmax_ce(shapes, device, dtype, repeats, warmup) -> list[dict]:
         s, t = (torch.randn(R, K, device=device, dtype=dtype) for _ in range(2))
         c = torch.zeros(K, device=device)
         row = {"rows": R, "K": K}
+        total = torch.zeros(K, device=device)  # both also produce the center's column sums, as in training
         for name, fn in (("triton", softmax_ce_triton), ("torch", softmax_ce_reference)):
-            run = fwd_bwd(lambda a, fn=fn, t=t, c=c: fn(a, t, c, 0.1, 0.04), s)
+            run = fwd_bwd(lambda a, fn=fn, t=t, c=c, u=total: fn(a, t, c, 0.1, 0.04, teacher_sum=u), s)
             row[f"{name}_s"] = timed(run, device, repeats, warmup)
             row[f"{name}_peak_bytes"] = peak_memory(run, device)
         # the head's last layer fused in: bottleneck 256 -> K prototypes, against matmul + torch loss
         h = torch.randn(R, 256, device=device, dtype=dtype)
         w = torch.randn(K, 256, device=device, dtype=dtype)
-        for name, fn in (("fused_linear", lambda a, b, t=t, c=c: fused_linear_softmax_ce(a, b, t, c, 0.1, 0.04)),
-                         ("linear_torch", lambda a, b, t=t, c=c: softmax_ce_reference(a @ b.t(), t, c, 0.1, 0.04))):
-            run = fwd_bwd(fn, h, w)
+        for name, fn in (("fused_linear", fused_linear_softmax_ce),
+                         ("linear_torch", fused_linear_softmax_ce_reference)):
+            run = fwd_bwd(lambda a, b, fn=fn, t=t, c=c, u=total: fn(a, b, t, c, 0.1, 0.04, teacher_sum=u), h, w)
             row[f"{name}_s"] = timed(run, device, repeats, warmup)
             row[f"{name}_peak_bytes"] = peak_memory(run, device)
         row["speedup"] = row["torch_s"] / row["triton_s"]

@@ -27,12 +27,22 @@ try:
 except ImportError:  # pragma: no cover - triton ships with Linux torch wheels
     triton = None
 
-SoftmaxCEFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+SoftmaxCEFn = Callable[..., torch.Tensor]
 
 
 def softmax_ce_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
-                         student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """student_logits, teacher_logits: [R, K]; center: [K] or [1, K]. Returns [R] fp32."""
+                         student_temp: float, teacher_temp: float, teacher_rows: torch.Tensor | None = None,
+                         teacher_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """student_logits: [R, K]; teacher_logits: [R_t, K]; center: [K] or [1, K]. Returns [R] fp32.
+
+    Student row i is paired with teacher row `teacher_rows[i]` (default: row i, R_t == R).
+    `teacher_sum` ([K] fp32), if given, gets the column sums of every row of `teacher_logits`
+    added to it: the statistics of the teacher center's update.
+    """
+    if teacher_sum is not None:
+        teacher_sum += teacher_logits.detach().float().sum(0)
+    if teacher_rows is not None:
+        teacher_logits = teacher_logits[teacher_rows]
     teacher = F.softmax((teacher_logits.float() - center.float()) / teacher_temp, dim=-1)
     return -(teacher * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
 
@@ -40,54 +50,68 @@ def softmax_ce_reference(student_logits: torch.Tensor, teacher_logits: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _scaled_logits(s_row, t_row, C, offs, valid, inv_ts, inv_tt):
-        """One chunk of s / ts and (t - c) / tt in fp32 (0 outside the row)."""
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_ts
-        c = tl.load(C + offs, mask=valid, other=0.0).to(tl.float32)
-        t = (tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) - c) * inv_tt
-        return s, t
-
-    @triton.jit
-    def _softmax_ce_fwd(S, T, C, LOSS, STATS, K, stride_s, stride_t, inv_ts, inv_tt, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        s_row, t_row = S + row * stride_s, T + row * stride_t
-        m_t = tl.full([], float("-inf"), tl.float32)  # teacher running max, sum of exp, and
-        l_t = tl.zeros([], tl.float32)                # sum of exp(t' - m_t) * s' (rescaled alike)
-        acc = tl.zeros([], tl.float32)
-        m_s = tl.full([], float("-inf"), tl.float32)  # student running max and sum of exp
-        l_s = tl.zeros([], tl.float32)
-        for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+    def _softmax_ce_fwd(S, T, T_IDX, EXTRA, C, LOSS, STATS, TSUM, R, E, K, stride_s, stride_t, inv_ts, inv_tt,
+                        HAS_IDX: tl.constexpr, HAS_SUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_R work rows per program, one online pass over K. Work rows w < R pair student row w
+        with teacher row T_IDX[w] (or w); rows R <= w < R + E are teacher rows EXTRA[w - R] that
+        only add to the column sums TSUM, so every teacher row is read exactly once."""
+        w = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        is_loss = w < R
+        is_row = w < R + E
+        t_row = w
+        if HAS_IDX:
+            t_row = tl.load(T_IDX + w, mask=is_loss, other=0)
+        if HAS_SUM:
+            t_row = tl.where(is_loss, t_row, tl.load(EXTRA + (w - R), mask=is_row & (w >= R), other=0))
+        s_ptr = S + w.to(tl.int64)[:, None] * stride_s
+        t_ptr = T + t_row.to(tl.int64)[:, None] * stride_t
+        m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)  # teacher running max, sum of exp, and
+        l_t = tl.zeros([BLOCK_R], tl.float32)                # sum of exp(t' - m_t) * s' (rescaled alike)
+        acc = tl.zeros([BLOCK_R], tl.float32)
+        m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)  # student running max and sum of exp
+        l_s = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            offs = start + tl.arange(0, BLOCK_K)
             valid = offs < K
-            s, t = _scaled_logits(s_row, t_row, C, offs, valid, inv_ts, inv_tt)
-            t = tl.where(valid, t, float("-inf"))
-            m_new = tl.maximum(m_t, tl.max(t, axis=0))
-            p = tl.exp(t - m_new)  # 0 where invalid
+            t_raw = tl.load(t_ptr + offs[None, :], mask=is_row[:, None] & valid[None, :], other=0.0).to(tl.float32)
+            if HAS_SUM:
+                tl.atomic_add(TSUM + offs, tl.sum(t_raw, axis=0), mask=valid)
+            c = tl.load(C + offs, mask=valid, other=0.0).to(tl.float32)
+            t = tl.where(valid[None, :], (t_raw - c[None, :]) * inv_tt, float("-inf"))
+            s = tl.load(s_ptr + offs[None, :], mask=is_loss[:, None] & valid[None, :], other=0.0).to(tl.float32)
+            s = s * inv_ts
+            m_new = tl.maximum(m_t, tl.max(t, axis=1))
+            p = tl.exp(t - m_new[:, None])  # 0 where invalid
             scale = tl.exp(m_t - m_new)
-            l_t = l_t * scale + tl.sum(p, axis=0)
-            acc = acc * scale + tl.sum(p * s, axis=0)
+            l_t = l_t * scale + tl.sum(p, axis=1)
+            acc = acc * scale + tl.sum(p * s, axis=1)
             m_t = m_new
-            s_masked = tl.where(valid, s, float("-inf"))
-            ms_new = tl.maximum(m_s, tl.max(s_masked, axis=0))
-            l_s = l_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(s_masked - ms_new), axis=0)
+            s_masked = tl.where(valid[None, :], s, float("-inf"))
+            ms_new = tl.maximum(m_s, tl.max(s_masked, axis=1))
+            l_s = l_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(s_masked - ms_new[:, None]), axis=1)
             m_s = ms_new
         lse_s = m_s + tl.log(l_s)
-        tl.store(LOSS + row, lse_s - acc / l_t)  # -sum p log q = lse_s - sum p s'
-        tl.store(STATS + row * 2, lse_s)
-        tl.store(STATS + row * 2 + 1, m_t + tl.log(l_t))
+        tl.store(LOSS + w, lse_s - acc / l_t, mask=is_loss)  # -sum p log q = lse_s - sum p s'
+        tl.store(STATS + w * 2, lse_s, mask=is_loss)
+        tl.store(STATS + w * 2 + 1, m_t + tl.log(l_t), mask=is_loss)
 
     @triton.jit
-    def _softmax_ce_bwd(S, T, C, STATS, GRAD, GRAD_S, K, stride_s, stride_t, stride_g, inv_ts, inv_tt,
-                        BLOCK: tl.constexpr):
+    def _softmax_ce_bwd(S, T, T_IDX, C, STATS, GRAD, GRAD_S, K, stride_s, stride_t, stride_g, inv_ts, inv_tt,
+                        HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        s_row, t_row, g_row = S + row * stride_s, T + row * stride_t, GRAD_S + row * stride_g
+        t_row = row
+        if HAS_IDX:
+            t_row = tl.load(T_IDX + row).to(tl.int64)
+        s_row, t_ptr, g_row = S + row * stride_s, T + t_row * stride_t, GRAD_S + row * stride_g
         lse_s = tl.load(STATS + row * 2)
         lse_t = tl.load(STATS + row * 2 + 1)
         g = tl.load(GRAD + row).to(tl.float32) * inv_ts
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < K
-            s, t = _scaled_logits(s_row, t_row, C, offs, valid, inv_ts, inv_tt)
+            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_ts
+            c = tl.load(C + offs, mask=valid, other=0.0).to(tl.float32)
+            t = (tl.load(t_ptr + offs, mask=valid, other=0.0).to(tl.float32) - c) * inv_tt
             grad = g * (tl.exp(s - lse_s) - tl.exp(t - lse_t))  # d loss / d s = (q - p) / ts
             tl.store(g_row + offs, grad.to(GRAD_S.dtype.element_ty), mask=valid)
 
@@ -123,35 +147,77 @@ if triton is not None:
             tl.store(GRAD_S + row * stride_g + offs, grad.to(GRAD_S.dtype.element_ty), mask=valid)
 
 
-_BLOCK = 1024
+_BLOCK = 1024  # K chunk of the one-row-per-program kernels
+_TILE_ROWS, _TILE_K = 4, 512  # the forward's tile: rows share each chunk's column-sum atomics
+
+
+def _pairing(teacher_rows: torch.Tensor | None, n_student: int, teacher: torch.Tensor,
+             teacher_sum: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """-> (teacher row of each student row, or None for the identity; the teacher rows that only
+    the column sums need, or None)."""
+    if teacher_rows is None:
+        if n_student != teacher.shape[0]:
+            raise ValueError(f"{n_student} student rows but {teacher.shape[0]} teacher rows: pass teacher_rows")
+        return None, None
+    if teacher_rows.shape != (n_student,):
+        raise ValueError(f"teacher_rows has shape {tuple(teacher_rows.shape)}, expected ({n_student},)")
+    idx = teacher_rows.to(teacher.device, torch.int64).contiguous()
+    if teacher_sum is None:
+        return idx, None
+    seen = torch.zeros(teacher.shape[0], dtype=torch.bool, device=teacher.device)
+    seen[idx] = True
+    extra = (~seen).nonzero().squeeze(1)
+    if extra.numel() + n_student != teacher.shape[0]:
+        raise ValueError("teacher_rows names a teacher row twice: its column sums would count it twice")
+    return idx, extra
+
+
+def _check_sum(teacher_sum: torch.Tensor | None, K: int, device: torch.device) -> None:
+    if teacher_sum is not None and (teacher_sum.shape != (K,) or teacher_sum.dtype != torch.float32
+                                    or teacher_sum.device != device or not teacher_sum.is_contiguous()):
+        raise ValueError(f"teacher_sum must be a contiguous fp32 [{K}] tensor on {device}")
+
+
+def _launch_fwd(student, teacher, idx, extra, center, loss, stats, teacher_sum, ts, tt) -> None:
+    R, K = student.shape[0], teacher.shape[1]
+    E = 0 if extra is None else extra.numel()
+    if R + E == 0:
+        return
+    no_rows = torch.zeros(1, dtype=torch.int64, device=teacher.device)  # stands in where a flag is off
+    _softmax_ce_fwd[(triton.cdiv(R + E, _TILE_ROWS),)](
+        student, teacher, no_rows if idx is None else idx, no_rows if extra is None else extra, center, loss,
+        stats, loss if teacher_sum is None else teacher_sum, R, E, K, student.stride(0), teacher.stride(0),
+        1.0 / ts, 1.0 / tt, HAS_IDX=idx is not None, HAS_SUM=teacher_sum is not None, BLOCK_R=_TILE_ROWS,
+        BLOCK_K=min(_TILE_K, triton.next_power_of_2(K)))
+
+
+def _launch_bwd(student, teacher, idx, center, stats, grad_loss, grad, ts, tt) -> None:
+    R, K = student.shape
+    if R:
+        _softmax_ce_bwd[(R,)](student, teacher, grad_loss if idx is None else idx, center, stats, grad_loss, grad, K,
+                              student.stride(0), teacher.stride(0), grad.stride(0), 1.0 / ts, 1.0 / tt,
+                              HAS_IDX=idx is not None, BLOCK=min(_BLOCK, triton.next_power_of_2(K)))
 
 
 class _SoftmaxCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, center, student_temp, teacher_temp):
+    def forward(ctx, student, teacher, center, student_temp, teacher_temp, idx, extra, teacher_sum):
         student, teacher = student.contiguous(), teacher.contiguous()
-        center = center.reshape(-1).clone()  # a copy: iBOT updates its center in place before backward
-        R, K = student.shape
+        center = center.reshape(-1).clone()  # a copy: the caller may update its center before backward
+        R = student.shape[0]
         loss = torch.empty(R, device=student.device, dtype=torch.float32)
         stats = torch.empty(R, 2, device=student.device, dtype=torch.float32)
-        block = min(_BLOCK, triton.next_power_of_2(K))
-        if R:
-            _softmax_ce_fwd[(R,)](student, teacher, center, loss, stats, K, student.stride(0), teacher.stride(0),
-                                  1.0 / student_temp, 1.0 / teacher_temp, BLOCK=block)
-        ctx.save_for_backward(student, teacher, center, stats)
-        ctx.temps, ctx.block = (student_temp, teacher_temp), block
+        _launch_fwd(student, teacher, idx, extra, center, loss, stats, teacher_sum, student_temp, teacher_temp)
+        ctx.save_for_backward(student, teacher, idx, center, stats)
+        ctx.temps = (student_temp, teacher_temp)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        student, teacher, center, stats = ctx.saved_tensors
-        R, K = student.shape
+        student, teacher, idx, center, stats = ctx.saved_tensors
         grad = torch.empty_like(student)
-        if R:
-            ts, tt = ctx.temps
-            _softmax_ce_bwd[(R,)](student, teacher, center, stats, grad_loss.contiguous(), grad, K, student.stride(0),
-                                  teacher.stride(0), grad.stride(0), 1.0 / ts, 1.0 / tt, BLOCK=ctx.block)
-        return grad, None, None, None, None
+        _launch_bwd(student, teacher, idx, center, stats, grad_loss.contiguous(), grad, *ctx.temps)
+        return grad, None, None, None, None, None, None, None
 
 
 class _HardCE(torch.autograd.Function):
@@ -194,11 +260,16 @@ def hard_ce_triton(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_ce_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
-                      student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """Same contract as `softmax_ce_reference` (gradients for the student logits only)."""
+                      student_temp: float, teacher_temp: float, teacher_rows: torch.Tensor | None = None,
+                      teacher_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `softmax_ce_reference` (gradients for the student logits only). The column
+    sums come out of the loss pass; with them, `teacher_rows` must not repeat a row."""
     if triton is None:
         raise RuntimeError("softmax_ce_triton needs the triton package")
-    return _SoftmaxCE.apply(student_logits, teacher_logits.detach(), center.detach(), student_temp, teacher_temp)
+    _check_sum(teacher_sum, teacher_logits.shape[1], teacher_logits.device)
+    idx, extra = _pairing(teacher_rows, student_logits.shape[0], teacher_logits, teacher_sum)
+    return _SoftmaxCE.apply(student_logits, teacher_logits.detach(), center.detach(), student_temp, teacher_temp,
+                            idx, extra, teacher_sum)
 
 
 class _FusedLinearSoftmaxCE(torch.autograd.Function):
@@ -208,66 +279,83 @@ class _FusedLinearSoftmaxCE(torch.autograd.Function):
     dL/dweight at once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, center, student_temp, teacher_temp, chunk_rows):
+    def _chunks(R, chunk_rows, teacher, idx):
+        """(a, b, teacher, teacher-row index) per chunk of student rows; at least one chunk."""
+        for a in range(0, max(R, 1), chunk_rows):
+            b = min(a + chunk_rows, R)
+            yield a, b, (teacher[a:b], None) if idx is None else (teacher, idx[a:b])
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher, center, student_temp, teacher_temp, idx, extra, teacher_sum,
+                chunk_rows):
         hidden, teacher = hidden.contiguous(), teacher.contiguous()
         center = center.reshape(-1).clone()
-        R, K = hidden.shape[0], weight.shape[0]
+        R = hidden.shape[0]
         loss = torch.empty(R, device=hidden.device, dtype=torch.float32)
         stats = torch.empty(R, 2, device=hidden.device, dtype=torch.float32)
-        block = min(_BLOCK, triton.next_power_of_2(K))
-        for a in range(0, R, chunk_rows):
-            b = min(a + chunk_rows, R)
-            logits = hidden[a:b] @ weight.t()
-            _softmax_ce_fwd[(b - a,)](logits, teacher[a:b], center, loss[a:b], stats[a:b], K, logits.stride(0),
-                                      teacher.stride(0), 1.0 / student_temp, 1.0 / teacher_temp, BLOCK=block)
-        ctx.save_for_backward(hidden, weight, teacher, center, stats)
-        ctx.args = (student_temp, teacher_temp, chunk_rows, block)
+        for a, b, (t, i) in _FusedLinearSoftmaxCE._chunks(R, chunk_rows, teacher, idx):
+            last = b == R  # the rows only the column sums need go with the last chunk
+            _launch_fwd(hidden[a:b] @ weight.t(), t, i, extra if last else None, center, loss[a:b], stats[a:b],
+                        teacher_sum, student_temp, teacher_temp)
+        ctx.save_for_backward(hidden, weight, teacher, idx, center, stats)
+        ctx.args = (student_temp, teacher_temp, chunk_rows)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, teacher, center, stats = ctx.saved_tensors
-        ts, tt, chunk_rows, block = ctx.args
-        R, K = hidden.shape[0], weight.shape[0]
+        hidden, weight, teacher, idx, center, stats = ctx.saved_tensors
+        ts, tt, chunk_rows = ctx.args
+        R = hidden.shape[0]
         grad_loss = grad_loss.contiguous()
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        for a in range(0, R, chunk_rows):
-            b = min(a + chunk_rows, R)
+        for a, b, (t, i) in _FusedLinearSoftmaxCE._chunks(R, chunk_rows, teacher, idx):
             logits = hidden[a:b] @ weight.t()
             grad_logits = torch.empty_like(logits)
-            _softmax_ce_bwd[(b - a,)](logits, teacher[a:b], center, stats[a:b], grad_loss[a:b], grad_logits, K,
-                                      logits.stride(0), teacher.stride(0), grad_logits.stride(0), 1.0 / ts, 1.0 / tt,
-                                      BLOCK=block)
+            _launch_bwd(logits, t, i, center, stats[a:b], grad_loss[a:b], grad_logits, ts, tt)
             grad_hidden[a:b] = grad_logits @ weight
             grad_weight.addmm_(grad_logits.t().float(), hidden[a:b].float())
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None, None
 
 
 def fused_linear_softmax_ce(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor,
                             center: torch.Tensor, student_temp: float, teacher_temp: float,
+                            teacher_rows: torch.Tensor | None = None, teacher_sum: torch.Tensor | None = None,
                             chunk_rows: int = 1024) -> torch.Tensor:
     """softmax_ce(hidden @ weight^T, teacher_logits, ...) without the [R, K] student logits.
 
     hidden: [R, C] (the head's normalised bottleneck), weight: [K, C] (the prototypes, already
     weight-normalised by the caller, so that normalisation keeps its own autograd). Gradients for
-    hidden and weight; none for the teacher side. Peak extra memory: one [chunk_rows, K] block.
+    hidden and weight; none for the teacher side. `teacher_rows` and `teacher_sum` as in
+    `softmax_ce_reference`. Peak extra memory: one [chunk_rows, K] block.
     """
     if triton is None:
         raise RuntimeError("fused_linear_softmax_ce needs the triton package")
+    _check_sum(teacher_sum, teacher_logits.shape[1], teacher_logits.device)
+    idx, extra = _pairing(teacher_rows, hidden.shape[0], teacher_logits, teacher_sum)
     return _FusedLinearSoftmaxCE.apply(hidden, weight, teacher_logits.detach(), center.detach(), student_temp,
-                                       teacher_temp, chunk_rows)
+                                       teacher_temp, idx, extra, teacher_sum, chunk_rows)
+
+
+def fused_linear_softmax_ce_reference(hidden: torch.Tensor, weight: torch.Tensor, *args, **kw) -> torch.Tensor:
+    """The definition the fused kernel is tested against: the logits, then the loss."""
+    return softmax_ce_reference(F.linear(hidden, weight), *args, **kw)
 
 
 IMPLEMENTATIONS: dict[str, SoftmaxCEFn] = {"torch": softmax_ce_reference}
+FUSED_LINEAR_IMPLEMENTATIONS: dict[str, SoftmaxCEFn] = {"torch": fused_linear_softmax_ce_reference}
 if triton is not None:
     IMPLEMENTATIONS["triton"] = softmax_ce_triton
+    FUSED_LINEAR_IMPLEMENTATIONS["triton"] = fused_linear_softmax_ce
 
 
-def get_softmax_ce(impl: str = "auto") -> SoftmaxCEFn:
-    """'torch', 'triton', or 'auto' (the reference until the kernel has been measured faster on a GPU)."""
-    if impl == "auto":
-        return softmax_ce_reference
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"softmax-CE implementation {impl!r} is not one of {sorted(IMPLEMENTATIONS)} or 'auto'")
-    return IMPLEMENTATIONS[impl]
+def get_softmax_ce(impl: str = "auto", fused_linear: bool = False) -> SoftmaxCEFn:
+    """The loss for `impl`: 'torch', 'triton' or 'auto' (models.kernels.resolve). With
+    `fused_linear`, the variant that takes (hidden, prototype weight) instead of logits."""
+    from . import resolve
+
+    impl = resolve(impl, 64)[0]
+    table = FUSED_LINEAR_IMPLEMENTATIONS if fused_linear else IMPLEMENTATIONS
+    if impl not in table:
+        raise ValueError(f"softmax-CE implementation {impl!r} is not one of {sorted(table)} or 'auto'")
+    return table[impl]

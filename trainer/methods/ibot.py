@@ -22,38 +22,58 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.heads import IBOTHead
-from models.kernels.softmax_ce import SoftmaxCEFn, get_softmax_ce, softmax_ce_reference
+from models.kernels.softmax_ce import (
+    SoftmaxCEFn,
+    fused_linear_softmax_ce_reference,
+    get_softmax_ce,
+    softmax_ce_reference,
+)
 from models.vit import VisionTransformer
 
-from . import build_student, register
+from . import build_student, kernels, register
 
 
-def ibot_losses(student_cls: list[torch.Tensor], student_patch: list[torch.Tensor], patch_masks: torch.Tensor,
-                teacher_cls: list[torch.Tensor], teacher_patch: list[torch.Tensor], center: torch.Tensor,
+def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_masks: torch.Tensor,
+                teacher_cls: torch.Tensor, teacher_patch: torch.Tensor, center: torch.Tensor,
                 center_patch: torch.Tensor, student_temp: float, teacher_temp: float,
-                softmax_ce=softmax_ce_reference) -> dict[str, torch.Tensor]:
+                loss_fn: SoftmaxCEFn = softmax_ce_reference, last_layers: tuple = (None, None),
+                teacher_sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The iBOT loss terms.
 
-    student_cls: per student crop (globals first), [B, K] logits.
-    student_patch: per global view, [M_v, K'] logits of its masked patches only (row order of
-        `patch_masks[v].nonzero()`).
+    student_cls: [C*B, X], every student crop (globals first); student_patch: [M, X] at the masked
+        positions, in the row order of `patch_masks.nonzero()`. X is the K logits; or, with
+        `last_layers` (the [CLS] and patch heads' NormedLinear), the heads' bottleneck features,
+        and `loss_fn` is then a fused linear loss run inside the layer (`NormedLinear.forward`).
     patch_masks: [G, B, N] bool.
-    teacher_cls: per global view, [B, K]; teacher_patch: per global view, [M_v, K'] at the same
-        masked positions as the student's.
+    teacher_cls: [G*B, K]; teacher_patch: [G*B*N, K'], every patch (the loss reads the masked ones).
     center: [K]; center_patch: [K'].
+    teacher_sums: ([K], [K']) fp32 that get the column sums of teacher_cls and teacher_patch, the
+        center statistics, out of the loss pass itself.
     """
-    G = len(teacher_cls)
-    cls_terms = [softmax_ce(student_cls[v], teacher_cls[q], center, student_temp, teacher_temp).mean()
-                 for q in range(G) for v in range(len(student_cls)) if v != q]
-    mim_terms = []
-    for v in range(G):
-        mask = patch_masks[v]  # [B, N]
-        per_patch = softmax_ce(student_patch[v], teacher_patch[v], center_patch, student_temp, teacher_temp)
-        image = mask.nonzero()[:, 0]  # image index of each masked patch
-        per_image = torch.zeros(mask.shape[0], device=per_patch.device, dtype=per_patch.dtype)
-        per_image.index_add_(0, image, per_patch)
-        mim_terms.append((per_image / mask.sum(dim=1).clamp(min=1)).mean())
-    return {"cls": torch.stack(cls_terms).mean(), "mim": torch.stack(mim_terms).mean()}
+    G, B, N = patch_masks.shape
+    cls_sum, patch_sum = teacher_sums or (None, None)
+
+    def ce(layer, x, teacher, teacher_rows, c, total):
+        args = (teacher, c, student_temp, teacher_temp, teacher_rows, total)
+        return loss_fn(x, *args) if layer is None else layer(x, lambda h, w: loss_fn(h, w, *args))
+
+    # [CLS]: every student crop v against every teacher view q != v. The pairs go in two calls, the
+    # first holding one pair per teacher view, so the column sums count each teacher row once.
+    pairs = [(v, q) for q in range(G) for v in range(student_cls.shape[0] // B) if v != q]
+    first = [next(p for p in pairs if p[1] == q) for q in range(G)]
+    arange = torch.arange(B, device=student_cls.device)
+    cls_total = 0.0
+    for group, total in ((first, cls_sum), ([p for p in pairs if p not in first], None)):
+        if group:
+            s_rows = torch.cat([v * B + arange for v, _ in group])
+            t_rows = torch.cat([q * B + arange for _, q in group])
+            cls_total = cls_total + ce(last_layers[0], student_cls[s_rows], teacher_cls, t_rows, center, total).sum()
+    # MIM: per image over its masked patches, then over images (unmasked images count 0) and views.
+    t_rows = patch_masks.flatten().nonzero().squeeze(1)
+    per_patch = ce(last_layers[1], student_patch, teacher_patch, t_rows, center_patch, patch_sum)
+    per_image = torch.zeros(G * B, device=per_patch.device, dtype=per_patch.dtype).index_add_(0, t_rows // N, per_patch)
+    mim = (per_image / patch_masks.flatten(0, 1).sum(dim=1).clamp(min=1)).mean()
+    return {"cls": cls_total / (len(pairs) * B), "mim": mim}
 
 
 @register("ibot")
@@ -63,14 +83,14 @@ class IBOT(nn.Module):
     def __init__(self, student: VisionTransformer, student_head: IBOTHead, teacher: VisionTransformer,
                  teacher_head: IBOTHead, out_dim: int, patch_out_dim: int, student_temp: float = 0.1,
                  center_momentum: float = 0.9, loss_weights: dict[str, float] | None = None,
-                 softmax_ce: SoftmaxCEFn = softmax_ce_reference, pack_crops: bool = False):
+                 loss_fn: SoftmaxCEFn = fused_linear_softmax_ce_reference, pack_crops: bool = False):
         super().__init__()
         self.student = nn.ModuleDict({"backbone": student, "head": student_head})
         self.teacher = nn.ModuleDict({"backbone": teacher, "head": teacher_head})
         self.teacher.requires_grad_(False)
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.loss_weights = loss_weights or {"cls": 1.0, "mim": 1.0}
-        self.softmax_ce, self.pack_crops = softmax_ce, pack_crops
+        self.loss_fn, self.pack_crops = loss_fn, pack_crops
         self.register_buffer("center", torch.zeros(out_dim))
         self.register_buffer("center_patch", torch.zeros(patch_out_dim))
         self.train()
@@ -90,9 +110,9 @@ class IBOT(nn.Module):
                 "patch_out_dim": i.out_dim if i.shared_head else i.patch_out_dim, "student_temp": i.student_temp,
                 "center_momentum": i.center_momentum,
                 "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight},
-                "softmax_ce": get_softmax_ce(cfg.run.kernels),
-                # one packed pass for all crops where a varlen kernel makes it pay (run.kernels: triton)
-                "pack_crops": cfg.run.kernels == "triton"}
+                "loss_fn": get_softmax_ce(kernels(cfg), fused_linear=True),
+                # one packed pass for all crops where a varlen kernel makes it pay
+                "pack_crops": kernels(cfg) == "triton"}
 
     @classmethod
     def from_config(cls, cfg) -> IBOT:
@@ -116,7 +136,6 @@ class IBOT(nn.Module):
     def ibot_step(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> tuple[dict, torch.Tensor]:
         """-> (iBOT loss terms, the student's final tokens at the masked positions [M, C])."""
         g, loc = batch["global_crops"], batch["local_crops"]
-        G, B = g.shape[:2]
         masks = batch["masks"].flatten(2)  # [G, B, N]
         flat_masks = masks.flatten(0, 1)  # [G*B, N]
 
@@ -132,25 +151,24 @@ class IBOT(nn.Module):
         else:
             outs = [backbone.forward_features(x, m) for x, m in views]
         s = outs[0]
-        s_head = self.student.head
-        s_cls = [s_head.cls(s["cls"])]
-        # Patch head on the masked tokens only: the rest never enters the loss.
+        cls_head = self.student.head.cls
+        patch_head = self.student.head.patch or cls_head
+        # The heads' last layers run inside the loss (fused where the kernels are on); the patch head
+        # sees the masked tokens only: the rest never enters the loss.
         masked_tokens = s["patch"][flat_masks]
-        s_patch = (s_head.patch or s_head.cls)(masked_tokens)
-        if loc.shape[0]:
-            s_cls.append(s_head.cls(outs[1]["cls"]))
-        s_cls = list(torch.cat(s_cls).chunk(G + loc.shape[0]))
-        per_view = masks.sum(dim=(1, 2)).tolist()
+        sums = (self.center.new_zeros(self.center.shape, dtype=torch.float32),
+                self.center_patch.new_zeros(self.center_patch.shape, dtype=torch.float32))
         losses = ibot_losses(
-            s_cls, list(s_patch.split(per_view)), masks, list(t_cls.chunk(G)),
-            list(t_patch[flat_masks].split(per_view)), self.center, self.center_patch, self.student_temp,
-            teacher_temp, self.softmax_ce)
-        self.update_centers(t_cls, t_patch)
+            cls_head.bottleneck(torch.cat([o["cls"] for o in outs])), patch_head.bottleneck(masked_tokens), masks,
+            t_cls, t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp, teacher_temp,
+            self.loss_fn, (cls_head.last_layer, patch_head.last_layer), sums)
+        self.update_centers(sums[0] / t_cls.shape[0], sums[1] / (t_patch.shape[0] * t_patch.shape[1]))
         return losses, masked_tokens
 
     @torch.no_grad()
-    def update_centers(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
-        means = torch.cat([teacher_cls.float().mean(0), teacher_patch.float().mean((0, 1))])
+    def update_centers(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
+        """EMA of the teacher outputs' batch means (this rank's, averaged over ranks here)."""
+        means = torch.cat([cls_mean, patch_mean])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)
             means /= dist.get_world_size()
