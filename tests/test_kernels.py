@@ -3,9 +3,16 @@
 import pytest
 import torch
 
-from models.kernels import triton_available
+import models.kernels.attention_triton as attention_triton_module
+from models.kernels import resolve, self_check, triton_available
 from models.kernels.attention import attention_reference, attention_triton, get_attention
-from models.kernels.softmax_ce import get_softmax_ce, softmax_ce_reference, softmax_ce_triton
+from models.kernels.softmax_ce import (
+    fused_linear_softmax_ce,
+    fused_linear_softmax_ce_reference,
+    get_softmax_ce,
+    softmax_ce_reference,
+    softmax_ce_triton,
+)
 from trainer.config import ConfigError, load_config
 
 pytestmark = pytest.mark.skipif(not triton_available()[0], reason=triton_available()[1])
@@ -51,13 +58,13 @@ def test_ibot_with_triton_kernels_trains_like_torch():
     PyTorch references: the same losses."""
     from trainer.engine import build_method
 
-    losses = {}
+    losses, centers = {}, {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
         cfg = load_config(None, ["model.arch=vit_test", "ibot.out_dim=256", "ibot.head_hidden_dim=32",
                                  "ibot.head_bottleneck_dim=16", f"run.kernels={impl}"])
         method = build_method(cfg)
-        assert (method.softmax_ce is softmax_ce_triton) == (impl == "triton")
+        assert (method.loss_fn is fused_linear_softmax_ce) == (impl == "triton")
         assert (method.student.backbone.blocks[0].attn.attn_fn is attention_triton) == (impl == "triton")
         opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
         g = torch.Generator().manual_seed(1)
@@ -73,17 +80,76 @@ def test_ibot_with_triton_kernels_trains_like_torch():
             opt.step()
             out.append([terms["cls"].item(), terms["mim"].item()])
         losses[impl] = torch.tensor(out)
+        centers[impl] = torch.cat([method.center, method.center_patch])  # from the loss pass with triton
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-4, rtol=1e-4)
+    assert centers["torch"].abs().max() > 1e-3  # they moved
+    torch.testing.assert_close(centers["triton"], centers["torch"], atol=1e-5, rtol=1e-4)
 
 
 def test_kernel_dispatch(monkeypatch):
     assert get_softmax_ce("torch") is softmax_ce_reference and get_softmax_ce("triton") is softmax_ce_triton
-    assert get_softmax_ce("auto") is softmax_ce_reference  # until measured faster on a GPU
-    assert get_attention("auto") is attention_reference and get_attention("triton") is attention_triton
+    assert get_softmax_ce("triton", fused_linear=True) is fused_linear_softmax_ce
+    assert get_attention("triton") is attention_triton
+    if not torch.cuda.is_available():  # auto: the references without CUDA, even where the interpreter could run
+        assert get_softmax_ce("auto") is softmax_ce_reference and get_attention("auto") is attention_reference
+        assert resolve("auto", 64) == ("torch", "no CUDA device")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="run.kernels: 'triton' cannot run here: no CUDA device"):
             load_config(None, ["run.kernels=triton"])
+
+
+def test_auto_takes_the_kernels_where_their_self_check_passes(monkeypatch):
+    """'auto' on a device where the kernels run (here the interpreter's CPU): the self-check passes
+    and picks them; a kernel that disagrees with its reference makes 'auto' fall back, saying which."""
+    self_check(80, "cpu")  # raises on any disagreement
+    resolve.cache_clear()
+    assert resolve("auto", 80, "cpu") == ("triton", "")
+    flash = attention_triton_module.flash_attention
+    monkeypatch.setattr(attention_triton_module, "flash_attention", lambda q, k, v: flash(q, k, v) * 1.1)
+    resolve.cache_clear()
+    impl, why = resolve("auto", 80, "cpu")
+    assert impl == "torch" and "failed their self-check on cpu" in why and "attention output" in why
+    resolve.cache_clear()
+
+
+def _softmax_ce_pair(student, teacher, center, rows, grad_out, fns=(softmax_ce_triton, softmax_ce_reference)):
+    results = []
+    for fn in fns:
+        s = student.clone().requires_grad_()
+        total = torch.zeros(teacher.shape[1])
+        loss = fn(s, teacher, center, 0.1, 0.04, teacher_rows=rows, teacher_sum=total)
+        loss.backward(grad_out)
+        results.append((loss, s.grad, total))
+    return results
+
+
+@pytest.mark.parametrize("n_teacher,rows", [(40, 17), (40, 40), (9, 0), (5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_ce_pairs_teacher_rows_and_sums_every_teacher_row(n_teacher, rows, dtype):
+    """Student row i against teacher row teacher_rows[i]; the column sums (the center statistics)
+    cover every teacher row, paired or not, including when no row is paired at all."""
+    g = torch.Generator().manual_seed(n_teacher * 100 + rows)
+    K = 700
+    teacher = (torch.randn(n_teacher, K, generator=g) * 4).to(dtype)
+    student = (torch.randn(rows, K, generator=g) * 4).to(dtype)
+    pick = torch.randperm(n_teacher, generator=g)[:rows]
+    (loss, grad, total), (ref_loss, ref_grad, ref_total) = _softmax_ce_pair(
+        student, teacher, torch.randn(K, generator=g) * 0.3, pick, torch.randn(rows, generator=g))
+    torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **GRAD_TOL[dtype])
+    torch.testing.assert_close(total, teacher.float().sum(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+
+
+def test_softmax_ce_refuses_sums_over_a_repeated_teacher_row():
+    t = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="names a teacher row twice"):
+        softmax_ce_triton(torch.randn(2, 10), t, torch.zeros(10), 0.1, 0.04, torch.tensor([1, 1]), torch.zeros(10))
+    with pytest.raises(ValueError, match="pass teacher_rows"):
+        softmax_ce_triton(torch.randn(2, 10), t, torch.zeros(10), 0.1, 0.04)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        softmax_ce_triton(torch.randn(4, 10), t, torch.zeros(10), 0.1, 0.04, teacher_sum=torch.zeros(10).bfloat16())
 
 
 # --------------------------------------------------------------------------- attention
@@ -239,26 +305,26 @@ def test_hard_label_ce_matches_cross_entropy(dtype):
         hard_ce_triton(logits, torch.full((9,), 1500))
 
 
-def test_fused_linear_softmax_ce_matches_linear_then_loss():
-    from models.kernels.softmax_ce import fused_linear_softmax_ce
-
+@pytest.mark.parametrize("paired", [False, True])
+def test_fused_linear_softmax_ce_matches_linear_then_loss(paired):
     g = torch.Generator().manual_seed(6)
     hidden = torch.nn.functional.normalize(torch.randn(50, 24, generator=g), dim=-1)
     weight = torch.nn.functional.normalize(torch.randn(700, 24, generator=g), dim=-1)
-    teacher = torch.randn(50, 700, generator=g) * 5
+    teacher = torch.randn(80 if paired else 50, 700, generator=g) * 5
+    rows = torch.randperm(80, generator=g)[:50] if paired else None  # 30 teacher rows only summed
     center = torch.randn(700, generator=g) * 0.1
     grad_out = torch.randn(50, generator=g)
     results = []
-    for fused in (True, False):
+    for fn in (fused_linear_softmax_ce, fused_linear_softmax_ce_reference):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        if fused:
-            loss = fused_linear_softmax_ce(h, w, teacher, center, 0.1, 0.04, chunk_rows=16)  # 4 chunks
-        else:
-            loss = softmax_ce_reference(h @ w.t(), teacher, center, 0.1, 0.04)
+        total = torch.zeros(700)
+        kw = {"chunk_rows": 16} if fn is fused_linear_softmax_ce else {}  # 4 chunks
+        loss = fn(h, w, teacher, center, 0.1, 0.04, rows, total, **kw)
         loss.backward(grad_out)
-        results.append((loss, h.grad, w.grad))
+        results.append((loss, h.grad, w.grad, total))
     for mine, ref in zip(*results):
         torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][3], teacher.sum(0), atol=1e-4, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- on a GPU, at full size

@@ -88,8 +88,8 @@ class RunConfig:
     precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "Training precision of the student.")
     kernels: Literal["auto", "triton", "torch"] = opt(
         "auto", "Attention / softmax-CE implementations: 'torch' (PyTorch references), 'triton' (Triton kernels "
-                "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (what has been measured "
-                "fastest: the references until the kernels are benchmarked on a GPU).")
+                "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (the kernels on a CUDA GPU "
+                "where a start-up self-check against the references passes, the references elsewhere).")
 
     def validate(self) -> None:
         _require(bool(self.output_dir.strip()), "output_dir", "must not be empty")

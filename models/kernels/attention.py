@@ -55,16 +55,20 @@ VARLEN_IMPLEMENTATIONS: dict[str, VarlenAttentionFn] = {"torch": attention_varle
                                                         "triton": attention_varlen_triton}
 
 
+def _table_entry(table: dict, impl: str):
+    from . import resolve
+
+    name = resolve(impl, 64)[0]
+    if name not in table:
+        raise ValueError(f"attention implementation {impl!r} is not one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
 def get_attention(impl: str = "auto") -> AttentionFn:
-    """The attention function for `impl`: 'torch', 'triton', or 'auto' (the reference until the
-    kernel has been measured faster than SDPA on a GPU: scripts/bench_kernels.py)."""
-    if impl == "auto":
-        return attention_reference
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {impl!r} is not one of {sorted(IMPLEMENTATIONS)} or 'auto'")
-    return IMPLEMENTATIONS[impl]
+    """The attention function for `impl`: 'torch', 'triton', or 'auto' (models.kernels.resolve)."""
+    return _table_entry(IMPLEMENTATIONS, impl)
 
 
 def get_attention_varlen(impl: str = "auto") -> VarlenAttentionFn:
     """The packed (cu_seqlens) attention for `impl`, chosen like `get_attention`."""
-    return attention_varlen_reference if impl == "auto" else VARLEN_IMPLEMENTATIONS[impl]
+    return _table_entry(VARLEN_IMPLEMENTATIONS, impl)

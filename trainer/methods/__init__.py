@@ -8,9 +8,10 @@ and provides `from_config(cfg)`, `forward(batch, values) -> {name: unweighted lo
 
 from __future__ import annotations
 
+from models.kernels import resolve
 from models.kernels.attention import get_attention, get_attention_varlen
 from models.teachers import FrozenTeacher
-from models.vit import VisionTransformer, build_vit
+from models.vit import VIT_ARCHS, VisionTransformer, build_vit
 
 METHODS: dict[str, type] = {}
 
@@ -23,12 +24,18 @@ def register(name: str):
     return deco
 
 
+def kernels(cfg) -> str:
+    """`run.kernels` as 'triton' or 'torch': 'auto' resolved for this model's head dim on this machine."""
+    width, _, heads, *_ = VIT_ARCHS[cfg.model.arch]
+    return resolve(cfg.run.kernels, width // heads)[0]
+
+
 def build_student(cfg, drop_path: float | None = None) -> VisionTransformer:
     """The backbone of `model.*`, with the attention implementations of `run.kernels`."""
-    m = cfg.model
+    m, impl = cfg.model, kernels(cfg)
     return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
                      drop_path_rate=m.drop_path if drop_path is None else drop_path, layer_scale=m.layer_scale,
-                     attn_fn=get_attention(cfg.run.kernels), varlen_fn=get_attention_varlen(cfg.run.kernels))
+                     attn_fn=get_attention(impl), varlen_fn=get_attention_varlen(impl))
 
 
 def build_frozen_teacher(cfg) -> FrozenTeacher:
