@@ -56,6 +56,30 @@ def _segment(CU, b, N, VARLEN: tl.constexpr):
     return 0, N
 
 
+@triton.jit
+def _head(CU, H, N, VARLEN: tl.constexpr):
+    """(sequence, head, first token, length) of this program's (sequence, head) slice."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    start, length = _segment(CU, b, N, VARLEN)
+    return b, pid_bh % H, start, length
+
+
+@triton.jit
+def _tile(base, rows, stride, offs_d, mask):
+    """Rows `rows` (all head dims) of one (sequence, head) slice; 0 outside `mask`."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _recompute(q, k, v, do, lse, delta, valid, scale_log2, UPCAST: tl.constexpr):
+    """The backward's P (from the saved log-sum-exp, no second softmax) and dS = P * (dO V^T - delta)
+    for a [M, N] tile; both backward kernels need them."""
+    p = tl.exp2(_dot(q, tl.trans(k), UPCAST) * scale_log2 - lse[:, None])
+    p = tl.where(valid, p, 0.0)
+    return p, p * (_dot(do, tl.trans(v), UPCAST) - delta[:, None])
+
+
 @triton.autotune(configs=_fwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
@@ -63,10 +87,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
               H, N, D, MAX_LEN, VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, length = _segment(CU, b, N, VARLEN)
+    b, h, start, length = _head(CU, H, N, VARLEN)
     if pid_m * BLOCK_M >= length:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,26 +95,23 @@ def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < length
     mask_d = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _tile(Q + b * sqb + h * sqh + start * sqn, offs_m, sqn, offs_d, mask_m[:, None] & mask_d[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + h * skh + start * skn
+    v_base = V + b * svb + h * svh + start * svn
     for start_n in range(0, length, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < length
-        k = tl.load(k_base + (start + cols)[None, :] * skn + offs_d[:, None],
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         qk = _dot(q, k, UPCAST) * scale_log2
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (start + cols)[:, None] * svn + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = _tile(v_base, cols, svn, offs_d, mask_n[:, None] & mask_d[None, :])
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -107,16 +125,13 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, slb, slh, CU, H, N, D, VARLEN: 
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
     """delta = rowsum(dO * O); O and dO share strides."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, length = _segment(CU, b, N, VARLEN)
+    b, h, start, length = _head(CU, H, N, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < length)[:, None] & (offs_d < D)[None, :]
-    ptr = b * sob + h * soh + (start + offs_m)[:, None] * son + offs_d[None, :]
-    o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    base = b * sob + h * soh + start * son
+    o = _tile(O + base, offs_m, son, offs_d, mask).to(tl.float32)
+    do = _tile(DO + base, offs_m, son, offs_d, mask).to(tl.float32)
     tl.store(DELTA + b * slb + h * slh + start + offs_m, tl.sum(o * do, 1), mask=offs_m < length)
 
 
@@ -128,10 +143,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
     """One key block; dK and dV summed over every query block. dK/dV share K/V's strides; dO O's."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, length = _segment(CU, b, N, VARLEN)
+    b, h, start, length = _head(CU, H, N, VARLEN)
     if pid_n * BLOCK_N >= length:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,31 +152,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
     mask_n = offs_n < length
     mask_d = offs_d < D
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + b * skb + h * skh + (start + offs_n)[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + (start + offs_n)[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_off, v_off = b * skb + h * skh + start * skn, b * svb + h * svh + start * svn
+    q_base, do_base = Q + b * sqb + h * sqh + start * sqn, DO + b * sob + h * soh + start * son
+    k = _tile(K + k_off, offs_n, skn, offs_d, kv_mask)
+    v = _tile(V + v_off, offs_n, svn, offs_d, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, length, BLOCK_M):
         rows = start_m + offs_m
         mask_m = rows < length
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + (start + rows)[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sob + h * soh + (start + rows)[:, None] * son + offs_d[None, :], mask=q_mask,
-                     other=0.0)
+        q = _tile(q_base, rows, sqn, offs_d, mask_m[:, None] & mask_d[None, :])
+        do = _tile(do_base, rows, son, offs_d, mask_m[:, None] & mask_d[None, :])
         lse = tl.load(LSE + b * slb + h * slh + start + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + b * slb + h * slh + start + rows, mask=mask_m, other=0.0)
-        qk = _dot(q, tl.trans(k), UPCAST) * scale_log2  # [M, N]
-        p = tl.exp2(qk - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p, ds = _recompute(q, k, v, do, lse, delta, mask_m[:, None] & mask_n[None, :], scale_log2, UPCAST)
         dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
-        dp = _dot(do, tl.trans(v), UPCAST)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
-    dk = dk * sm_scale
-    tl.store(DK + b * skb + h * skh + (start + offs_n)[:, None] * skn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * svb + h * svh + (start + offs_n)[:, None] * svn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + k_off + offs_n[:, None] * skn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + v_off + offs_n[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
@@ -175,10 +181,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
     """One query block; dQ summed over every key block. dQ shares Q's strides."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, length = _segment(CU, b, N, VARLEN)
+    b, h, start, length = _head(CU, H, N, VARLEN)
     if pid_m * BLOCK_M >= length:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,25 +190,22 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
     mask_m = offs_m < length
     mask_d = offs_d < D
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sob + h * soh + (start + offs_m)[:, None] * son + offs_d[None, :], mask=q_mask, other=0.0)
+    q_off = b * sqb + h * sqh + start * sqn
+    k_base, v_base = K + b * skb + h * skh + start * skn, V + b * svb + h * svh + start * svn
+    q = _tile(Q + q_off, offs_m, sqn, offs_d, q_mask)
+    do = _tile(DO + b * sob + h * soh + start * son, offs_m, son, offs_d, q_mask)
     lse = tl.load(LSE + b * slb + h * slh + start + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + b * slb + h * slh + start + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, length, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < length
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + b * skb + h * skh + (start + cols)[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + (start + cols)[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), UPCAST) * scale_log2
-        p = tl.exp2(qk - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST)
-        ds = p * (dp - delta[:, None])
+        k = _tile(k_base, cols, skn, offs_d, mask_n[:, None] & mask_d[None, :])
+        v = _tile(v_base, cols, svn, offs_d, mask_n[:, None] & mask_d[None, :])
+        _, ds = _recompute(q, k, v, do, lse, delta, mask_n[None, :], scale_log2, UPCAST)
         dq += _dot(ds.to(k.dtype), k, UPCAST)
-    tl.store(DQ + b * sqb + h * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + q_off + offs_m[:, None] * sqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
 
 
 def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
