@@ -374,3 +374,36 @@ def test_softmax_ce_on_gpu(K):
         results.append((loss, x.grad))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(results[0][1].float(), results[1][1].float(), **GRAD_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("K", [8192, 65536])
+def test_fused_linear_softmax_ce_with_pairing_and_sums_on_gpu(K):
+    """iBOT's MIM shape: 4096 masked rows paired into 8192 teacher rows, the center sums over all."""
+    g = torch.Generator().manual_seed(K)
+    h = torch.nn.functional.normalize(torch.randn(4096, 256, generator=g), dim=-1).cuda().bfloat16()
+    w = torch.nn.functional.normalize(torch.randn(K, 256, generator=g), dim=-1).cuda().bfloat16()
+    t = (torch.randn(8192, K, generator=g) * 4).cuda().bfloat16()
+    c = torch.randn(K, device="cuda") * 0.1
+    rows = torch.randperm(8192, generator=g)[:4096].cuda()
+    results = []
+    for fn in (fused_linear_softmax_ce, fused_linear_softmax_ce_reference):
+        x, y, total = h.clone().requires_grad_(), w.clone().requires_grad_(), torch.zeros(K, device="cuda")
+        loss = fn(x, y, t, c, 0.1, 0.04, rows, total)
+        loss.sum().backward()
+        results.append((loss, x.grad.float(), y.grad.float(), total))
+    (loss, gh, gw, total), (ref_loss, ref_gh, ref_gw, ref_total) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(gh, ref_gh, **GRAD_TOL[torch.bfloat16])
+    torch.testing.assert_close(gw, ref_gw, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(total, ref_total, atol=1e-1, rtol=1e-4)  # fp32 sums of 8192 rows, any order
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 88])
+def test_auto_picks_the_kernels_on_this_gpu(head_dim):
+    self_check(head_dim, "cuda")  # raises with the kernel's name if one disagrees or fails to compile
+    resolve.cache_clear()
+    assert resolve("auto", head_dim) == ("triton", "")
