@@ -23,9 +23,11 @@ def triton_available() -> tuple[bool, str]:
 
 
 def self_check(head_dim: int, device: str | torch.device) -> None:
-    """Run every kernel once at a small size on `device`, forward and backward, against its
-    reference; raise AssertionError naming the kernel that disagrees (or whatever Triton raises
-    when it cannot compile one)."""
+    """Run the kernels training uses (attention, fixed and packed; the softmax-CE forward and
+    backward, through its fused-linear form, with pairing and column sums) once at a small size on
+    `device` against their references; raise AssertionError naming the kernel that disagrees (or
+    whatever Triton raises when it cannot compile one). The hard-label CE is not checked: no
+    method uses it yet."""
     from .attention import attention_reference, attention_varlen_reference
     from .attention_triton import flash_attention, flash_attention_varlen
     from .softmax_ce import fused_linear_softmax_ce, fused_linear_softmax_ce_reference

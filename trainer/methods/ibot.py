@@ -104,15 +104,15 @@ class IBOT(nn.Module):
             return IBOTHead(width, i.out_dim, i.patch_out_dim, shared=i.shared_head, hidden_dim=i.head_hidden_dim,
                             bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer)
 
-        student, teacher = build_student(cfg), build_student(cfg, drop_path=0.0)
+        student, teacher, impl = build_student(cfg), build_student(cfg, drop_path=0.0), kernels(cfg)
         return {"student": student, "student_head": head(student.embed_dim), "teacher": teacher,
                 "teacher_head": head(teacher.embed_dim), "out_dim": i.out_dim,
                 "patch_out_dim": i.out_dim if i.shared_head else i.patch_out_dim, "student_temp": i.student_temp,
                 "center_momentum": i.center_momentum,
                 "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight},
-                "loss_fn": get_softmax_ce(kernels(cfg), fused_linear=True),
+                "loss_fn": get_softmax_ce(impl, fused_linear=True),
                 # one packed pass for all crops where a varlen kernel makes it pay
-                "pack_crops": kernels(cfg) == "triton"}
+                "pack_crops": impl == "triton"}
 
     @classmethod
     def from_config(cls, cfg) -> IBOT:
