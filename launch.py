@@ -201,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                 "command to resume")
         return 0
     if env.rank == 0 and summary.get("knn") is not None:
-        before = summary.get("knn_random_init")
+        def pct(key: str) -> str:
+            return f"{summary[key]:.2f}%" if summary.get(key) is not None else "not measured"
+
         which = "student mean patch token" if cfg.method == "maskalign" else "teacher [CLS]"
-        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): "
-              f"{summary['knn']:.2f}%   random init: " + (f"{before:.2f}%" if before is not None else "not measured"))
+        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "
+              f"random init: {pct('knn_random_init')}   raw pixels: {pct('knn_raw_pixels')}")
     return 0
 
 

@@ -3,14 +3,17 @@
 A mask is a boolean [H, W] array over the patch grid of one view (True = masked). Every generator
 takes a `numpy.random.Generator`, so a mask is a pure function of its seed (resume exactness).
 
-- `block_mask`: BEiT's blockwise masking (Algorithm 1): rectangles of at least `min_block_patches`
-  patches with log-uniform aspect ratio in [min_aspect, 1/min_aspect], added until the target is
-  reached; a block may overlap earlier ones but never overshoots the target. If no block fits
-  (tiny grids, tiny remainders), the masked region grows by neighbouring patches until the count
-  is exact.
+- `block_mask`: blockwise masking as iBOT's loader does it (bytedance/ibot loader.py, after BEiT's
+  Algorithm 1): rectangles of area ~ U(min_block, remaining) and log-uniform aspect ratio in
+  [min_aspect, 1/min_aspect], strictly smaller than the grid on both sides, added while some block
+  adds at least one and at most `remaining` new patches (10 attempts per block). The random draws
+  come in the reference's order, so with the same stream of numbers the masks are identical
+  (tests/test_masking.py runs both). Like the reference it can stop short of the target when no
+  block fits; `fill_exact` then grows the masked region patch by patch to the exact count.
+- `ibot_min_block(h, w)`: iBOT's smallest block, (min(h, w) // 3)^2.
 - `random_mask`: exactly `count` patches, uniformly.
 - `MaskSampler`: iBOT's per-view policy: with probability `prob` a view is masked, its ratio drawn
-  uniformly from `ratio`; otherwise it is left whole.
+  uniformly from `ratio`, the target ratio * h * w patches (at most its int()); otherwise it is left whole.
 """
 
 from __future__ import annotations
@@ -27,45 +30,56 @@ def random_mask(height: int, width: int, count: int, rng: np.random.Generator) -
     return mask.reshape(height, width)
 
 
+def ibot_min_block(height: int, width: int) -> int:
+    """iBOT's minimum block area: (min(H, W) // 3)^2 patches (16 on 14 x 14, 25 on 16 x 16, 1 on 4 x 4)."""
+    return (min(height, width) // 3) ** 2
+
+
+def _uniform(rng: np.random.Generator, a: float, b: float) -> float:
+    """Python's random.uniform: a + (b - a) * U[0, 1), also for a > b (numpy's refuses that)."""
+    return a + (b - a) * rng.random()
+
+
 def block_shape(area: float, rng: np.random.Generator, min_aspect: float = 0.3) -> tuple[int, int]:
     """(height, width) of a block of about `area` patches, aspect log-uniform in [a, 1/a]."""
-    aspect = math.exp(rng.uniform(math.log(min_aspect), -math.log(min_aspect)))
+    aspect = math.exp(_uniform(rng, math.log(min_aspect), -math.log(min_aspect)))
     return int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
 
 
-def block_mask(
-    height: int,
-    width: int,
-    count: int,
-    rng: np.random.Generator,
-    min_block_patches: int = 16,
-    min_aspect: float = 0.3,
-    attempts: int = 10,
-) -> np.ndarray:
+def block_mask(height: int, width: int, count: float, rng: np.random.Generator, min_block_patches: int | None = None,
+               min_aspect: float = 0.3, attempts: int = 10, fill_exact: bool = True) -> np.ndarray:
+    """Blocks until `count` patches are masked or no block fits (see the module docstring). `count` may
+    be fractional, as iBOT's ratio * h * w: at most int(count) patches are masked, and the fractional
+    part only widens the range block areas are drawn from, as in the reference."""
+    low = ibot_min_block(height, width) if min_block_patches is None else min_block_patches
     mask = np.zeros((height, width), dtype=bool)
     masked = 0
     while masked < count:
         remaining = count - masked
         added = 0
         for _ in range(attempts):
-            # BEiT: s ~ U(min, remaining). A block may overlap masked patches, which is how
-            # remainders smaller than a block get placed.
-            lo, hi = sorted((min_block_patches, remaining))
-            h, w = block_shape(rng.uniform(lo, hi), rng, min_aspect)
-            if not (1 <= h <= height and 1 <= w <= width):
-                continue
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            block = mask[top : top + h, left : left + w]
-            new = h * w - int(block.sum())
-            if 0 < new <= remaining:
-                block[...] = True
-                added = new
+            h, w = block_shape(_uniform(rng, low, remaining), rng, min_aspect)  # low > remaining is allowed
+            if w < width and h < height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                block = mask[top : top + h, left : left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= remaining:
+                    block[...] = True
+                    added = new
+            if added:
                 break
         if added == 0:
             break
         masked += added
-    while masked < count:  # no block fits: grow the masked region patch by patch
+    if fill_exact:
+        _grow(mask, int(count) - masked, rng)
+    return mask
+
+
+def _grow(mask: np.ndarray, missing: int, rng: np.random.Generator) -> None:
+    """Mask `missing` more patches, each next to the masked region where possible."""
+    while missing > 0:
         grown = mask.copy()
         grown[1:] |= mask[:-1]
         grown[:-1] |= mask[1:]
@@ -74,10 +88,9 @@ def block_mask(
         border = np.flatnonzero((grown & ~mask).reshape(-1))
         if border.size == 0:
             border = np.flatnonzero(~mask.reshape(-1))
-        pick = rng.choice(border, size=min(count - masked, border.size), replace=False)
+        pick = rng.choice(border, size=min(missing, border.size), replace=False)
         mask.reshape(-1)[pick] = True
-        masked += pick.size
-    return mask
+        missing -= pick.size
 
 
 @dataclass(frozen=True)
@@ -88,16 +101,17 @@ class MaskSampler:
     kind: str = "block"
     ratio: tuple[float, float] = (0.1, 0.5)
     prob: float = 0.5
-    min_block_patches: int = 16
+    min_block_patches: int | None = None
     min_aspect: float = 0.3
+    fill_exact: bool = False
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         h, w = self.grid
         if self.ratio[1] <= 0 or rng.random() >= self.prob:
             return np.zeros((h, w), dtype=bool)
-        count = int(round(rng.uniform(*self.ratio) * h * w))
+        high = rng.uniform(*self.ratio) * h * w
         if self.kind == "block":
-            return block_mask(h, w, count, rng, self.min_block_patches, self.min_aspect)
+            return block_mask(h, w, high, rng, self.min_block_patches, self.min_aspect, fill_exact=self.fill_exact)
         if self.kind == "random":
-            return random_mask(h, w, count, rng)
+            return random_mask(h, w, int(high), rng)  # iBOT's 'rand' shape: int(high) patches
         raise ValueError(f"mask kind {self.kind!r} is not one of 'block', 'random'")

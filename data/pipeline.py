@@ -307,7 +307,7 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
     """A `ShardLoader` from a `DataConfig`-shaped object whose `train_shards` is already resolved."""
     grid = data.global_crops.size // patch_size
     m = data.mask
-    sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect)
+    sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect, m.fill_exact)
     return ShardLoader(
         expand_shards(data.train_shards), augment=MultiCrop.from_config(data), mask_sampler=sampler,
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,

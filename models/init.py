@@ -28,7 +28,9 @@ def init_module_(module: nn.Module) -> None:
     def normal02(t):
         trunc_normal_(t, std=0.02)
 
-    if isinstance(module, (nn.Linear, NormedLinear)):
+    if isinstance(module, NormedLinear):
+        module.reset_parameters()  # its own init (nn.Linear's default or std 0.02), drawn in fp32
+    if isinstance(module, nn.Linear):
         _fill(module.weight, normal02)
     if isinstance(module, nn.Conv2d):
         _fill(module.weight, lambda t: nn.init.kaiming_uniform_(t, a=5 ** 0.5))  # torch's default, as timm keeps
@@ -36,10 +38,8 @@ def init_module_(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and module.bias is not None:
         nn.init.zeros_(module.bias)
-    if isinstance(module, NormedLinear) and module.scale is not None:
-        nn.init.ones_(module.scale)
     if isinstance(module, VisionTransformer):
-        _fill(module.pos_embed, normal02)
+        module.init_pos_embed()
         _fill(module.cls_token, lambda t: nn.init.normal_(t, std=1e-6))
         nn.init.zeros_(module.mask_token)
     # timm's LayerScale sets gamma in its own __init__, before it is partitioned: nothing to redo.

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 # The smallest CLIP tower: `scripts/make_tiny_clip.py` saves a random one in open_clip's format for
@@ -83,9 +84,10 @@ def cls_attention(block: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.T
 class FrozenTeacher(nn.Module):
     """A timm ViT that is never trained: per-block patch features and the last block's [CLS] attention."""
 
-    def __init__(self, arch: str, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    def __init__(self, arch: str, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 antialias: bool = False):
         super().__init__()
-        self.arch = arch
+        self.arch, self.antialias = arch, antialias
         self.vit = build_teacher_vit(arch)
         # open_clip names: open_clip's (OpenAI's) statistics; timm names: those of the model's tag.
         cfg = {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD} if arch in TEACHER_ARCHS else self.vit.pretrained_cfg
@@ -110,16 +112,34 @@ class FrozenTeacher(nn.Module):
         x = (x - col(self.mean)) / col(self.std)
         size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
         if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=self.antialias)
         return x.to(self.vit.patch_embed.proj.weight.dtype)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, prefix tokens and position embeddings (resampled with `antialias`), then
+        the pre-norm: the input of the first block. timm's own `_pos_embed` always antialiases."""
+        v = self.vit
+        x = v.patch_embed(x)  # [B, h, w, C]
+        B, h, w, C = x.shape
+        prefix = [t.expand(B, -1, -1) for t in (v.cls_token, v.reg_token) if t is not None]
+        pos = resample_abs_pos_embed(v.pos_embed, (h, w), tuple(v.patch_embed.grid_size),
+                                     num_prefix_tokens=0 if v.no_embed_class else v.num_prefix_tokens,
+                                     antialias=self.antialias)
+        x = x.reshape(B, h * w, C)
+        if v.no_embed_class:
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        return v.norm_pre(x)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: tuple[int, int], mean, std, blocks: list[int],
                 attention: bool = False) -> dict:
         """-> {"blocks": [B, N, C] patch tokens after each block in `blocks` (in that order),
-        "cls_attn": [B, N] (with `attention`)}. `mean`/`std`: how `images` were normalised."""
+        "cls": [B, C] the [CLS] token after each of those blocks, "cls_attn": [B, N] (with
+        `attention`)}. `mean`/`std`: how `images` were normalised."""
         v = self.vit
-        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(self.prepare(images, grid, mean, std)))))
+        x = self.tokens(self.prepare(images, grid, mean, std))
         p = v.num_prefix_tokens
         wanted = {b % self.depth: None for b in blocks}
         out = {}
@@ -128,8 +148,9 @@ class FrozenTeacher(nn.Module):
                 out["cls_attn"] = cls_attention(block, x, p)
             x = block(x)
             if i in wanted:
-                wanted[i] = x[:, p:]
-        out["blocks"] = [wanted[b % self.depth] for b in blocks]
+                wanted[i] = x
+        out["blocks"] = [wanted[b % self.depth][:, p:] for b in blocks]
+        out["cls"] = [wanted[b % self.depth][:, 0] for b in blocks]
         return out
 
 

@@ -3,8 +3,9 @@
 What it adds to timm's `VisionTransformer`: our `Attention` (timm's parameter names, so timm
 weights load; its core is a swappable function, where the Triton kernel plugs in), a learnable
 [MASK] embedding that replaces masked patch tokens before position embeddings are added,
-position embeddings resampled for any crop size (local crops), `forward_features` returning
-[CLS] and patch tokens separately, and activation checkpointing of every k-th block.
+position embeddings resampled for any crop size (local crops) the way DINO/iBOT do it or timm's
+way, optionally fixed 2-D sin-cos position embeddings (MAE, MaskAlign), `forward_features`
+returning [CLS] and patch tokens separately, and activation checkpointing of every k-th block.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import itertools
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch.utils.checkpoint import checkpoint
 
@@ -67,13 +70,54 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def sincos_pos_embed(dim: int, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings [1, num_prefix + h * w, dim] in MAE's layout (what
+    MaskAlign uses): channels [sin(x w), cos(x w), sin(y w), cos(y w)] with x the column, y the row,
+    w = 10000^(-k / (dim / 4)); prefix tokens get zeros. timm's builder orders the channels otherwise."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, not {dim}")
+    h, w = grid
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+
+    def bands(pos):
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    table = np.concatenate([bands(cols), bands(rows)], axis=1)
+    table = np.concatenate([np.zeros((num_prefix, dim)), table], axis=0)
+    return torch.from_numpy(table).float().unsqueeze(0)
+
+
+def dino_resample_pos_embed(pos_embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int],
+                            num_prefix: int = 1) -> torch.Tensor:
+    """DINO/iBOT/DINOv2's resampling: bicubic, no antialias, scale factors (new + 0.1) / old (the
+    offset keeps floor(old * scale) == new against float error; it also shifts the sampling grid
+    slightly, which is why it is kept rather than passing a size)."""
+    prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    dim = patch.shape[-1]
+    patch = patch.float().reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((new[0] + 0.1) / old[0], (new[1] + 0.1) / old[1]), mode="bicubic",
+                          align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patch], dim=1)
+
+
 class VisionTransformer(TimmVisionTransformer):
-    """timm's ViT with a [MASK] token, any input size, and split [CLS] / patch outputs."""
+    """timm's ViT with a [MASK] token, any input size, and split [CLS] / patch outputs.
+
+    `pos_embed`: 'learned' (trunc-normal 0.02, timm/iBOT) or 'sincos' (fixed, MAE's table; listed by
+    `fixed_parameters()` so the optimizer gives it lr 0). `pos_interp`: 'dino' or 'timm', how the
+    table is resampled for another grid (see `dino_resample_pos_embed`).
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
-                 varlen_fn: VarlenAttentionFn = attention_varlen_reference):
+                 varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
+                 pos_interp: str = "dino"):
+        if pos_embed not in ("learned", "sincos") or pos_interp not in ("dino", "timm"):
+            raise ValueError(f"pos_embed {pos_embed!r} / pos_interp {pos_interp!r}: expected learned|sincos, dino|timm")
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path_rate=drop_path_rate,
                          init_values=layer_scale, num_classes=0, global_pool="token", dynamic_img_size=True,
@@ -81,7 +125,36 @@ class VisionTransformer(TimmVisionTransformer):
         for block in self.blocks:
             block.attn.attn_fn, block.attn.varlen_fn = attn_fn, varlen_fn
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))  # iBOT: zero init
+        self.pos_embed_kind, self.pos_interp = pos_embed, pos_interp
+        self.init_pos_embed()
         self.checkpoint_every = 0
+
+    @torch.no_grad()
+    def init_pos_embed(self) -> None:
+        """(Re)initialise the position table: trunc-normal 0.02 (drawn in fp32) or the sin-cos table."""
+        if self.pos_embed_kind == "sincos":
+            table = sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens)
+        else:
+            table = torch.empty(self.pos_embed.shape, dtype=torch.float32, device=self.pos_embed.device)
+            trunc_normal_(table, std=0.02)
+        self.pos_embed.data.copy_(table)
+
+    def fixed_parameters(self) -> set[str]:
+        """Parameters that must never change (trained with lr 0, so checkpoints and exports keep them)."""
+        return {"pos_embed"} if self.pos_embed_kind == "sincos" else set()
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: patch tokens [B, h, w, C] -> [B, 1 + h * w, C] with [CLS] and position embeddings."""
+        B, h, w, C = x.shape
+        old = tuple(self.patch_embed.grid_size)
+        pos = self.pos_embed
+        if (h, w) != old:
+            if self.pos_interp == "dino":
+                pos = dino_resample_pos_embed(pos, old, (h, w), self.num_prefix_tokens)
+            else:
+                pos = resample_abs_pos_embed(pos, (h, w), old, num_prefix_tokens=self.num_prefix_tokens)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x.reshape(B, h * w, C)], dim=1)
+        return self.pos_drop(x + pos.to(x.dtype))
 
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
         """Recompute every `every`-th block in backward (0 or enable=False: none)."""
@@ -186,10 +259,12 @@ VIT_ARCHS: dict[str, tuple[int, int, int, float, int]] = {
 
 def build_vit(arch: str, *, img_size: int, patch_size: int | None = None, drop_path_rate: float = 0.0,
               layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
-              varlen_fn: VarlenAttentionFn = attention_varlen_reference) -> VisionTransformer:
+              varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
+              pos_interp: str = "dino") -> VisionTransformer:
     if arch not in VIT_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(VIT_ARCHS)}")
     width, depth, heads, mlp_ratio, default_patch = VIT_ARCHS[arch]
     return VisionTransformer(img_size=img_size, patch_size=patch_size or default_patch, embed_dim=width,
                              depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
-                             layer_scale=layer_scale, attn_fn=attn_fn, varlen_fn=varlen_fn)
+                             layer_scale=layer_scale, attn_fn=attn_fn, varlen_fn=varlen_fn, pos_embed=pos_embed,
+                             pos_interp=pos_interp)

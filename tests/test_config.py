@@ -108,7 +108,7 @@ def test_bare_ds_config_name_resolves():
 @pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json"])
 def test_yaml_values_flow_into_ds_config(name):
     cfg = load_config(DEFAULT_CONFIG, ["data.batch_size=12", "optim.grad_accum=3", "optim.clip_grad=1.5",
-                                       "optim.lr=2e-4"])
+                                       "optim.lr=2e-4", "optim.clip_mode=global", "run.precision=bf16"])
     ds = build_ds_config(name, cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 12
     assert ds["gradient_accumulation_steps"] == 3
@@ -118,10 +118,17 @@ def test_yaml_values_flow_into_ds_config(name):
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert "auto" not in json.dumps(ds)
     assert ds["zero_optimization"]["stage"] in (2, 3)
+    # per_param clipping is ours: DeepSpeed's global clipping is then off
+    per_param = build_ds_config(name, load_config(DEFAULT_CONFIG, ["optim.clip_grad=1.5", "run.precision=bf16"]),
+                                world_size=4)
+    assert per_param["gradient_clipping"] == 0.0
+    fp32 = build_ds_config(name, load_config(DEFAULT_CONFIG, ["run.precision=fp32"]), 1) if name != "zero2.json" \
+        else None
+    assert fp32 is None or (fp32["bf16"]["enabled"] is False and fp32["fp16"]["enabled"] is False)
 
 
 def test_ds_config_disagreeing_with_yaml_is_refused(tmp_path):
-    cfg = load_config()
+    cfg = load_config(None, ["optim.clip_mode=global", "run.precision=bf16"])
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match=r"gradient_clipping: is 1.0 here but optim.clip_grad gives 3.0"):
@@ -132,6 +139,9 @@ def test_ds_config_disagreeing_with_yaml_is_refused(tmp_path):
     # agreeing values are fine
     path.write_text(json.dumps({"gradient_clipping": 3.0}))
     assert build_ds_config(str(path), cfg, 1)["gradient_clipping"] == 3.0
+    path.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(ConfigError, match=r"gradient_clipping: is 1.0 here but optim.clip_mode per_param gives 0.0"):
+        build_ds_config(str(path), load_config(), 1)
 
 
 def test_ds_config_auto_is_refused(tmp_path):

@@ -52,6 +52,28 @@ def test_ema_without_stage3_reads_whole_parameters(tmp_path):
     assert r["bf16_frozen_fraction"] > 0.5
 
 
+@pytest.mark.parametrize("ds_name", ["zero3.json", "zero2.json"])
+def test_per_parameter_clipping_equals_ibots_on_gathered_gradients(tmp_path, ds_name):
+    """optim.clip_mode per_param on 2 ranks: each rank scales its slices of each gradient by the factor
+    iBOT's clip_gradients computes from the whole gradient (one all-reduce of per-parameter squared norms)."""
+    report = tmp_path / "clip.json"
+    torchrun(str(ROOT / "tests" / "dist" / "clip_check.py"), str(report), ds_name)
+    r = json.loads(report.read_text())
+    assert r["world"] == 2 and r["zero3"] == (ds_name == "zero3.json") and r["applied"]
+    assert 0 < r["clipped"] < r["params"]  # the test separates clipped from untouched parameters
+    assert r["err"] <= 2**-8  # elementwise, relative: the buffers hold bf16 gradients
+    assert r["unclipped_exact"] == r["params"] - r["clipped"]  # gradients under the threshold are not touched
+    assert r["norm_err"] < 1e-4
+    assert r["max_norm_after"] <= r["clip"] * (1 + 2**-8)
+
+
+def test_logged_losses_are_means_over_micro_batches_and_ranks(tmp_path):
+    report = tmp_path / "losses.json"
+    torchrun(str(ROOT / "tests" / "dist" / "loss_log_check.py"), str(report))
+    r = json.loads(report.read_text())
+    assert r == {"loss": 3.0, "loss_cls": 2.5}  # ((1 + 3) / 2 + (2 + 6) / 2) / 2; (0 + 10) / 2 / 2
+
+
 def _run_cmd(out: Path, steps: int, extra=()) -> list[str]:
     return ["launch.py", "--config", str(ROOT / "configs" / "ibot_vit_tiny.yaml"), f"run.output_dir={out}",
             f"schedule.steps={steps}", "checkpoint.every_steps=3", "log.every_steps=1", "eval.knn_at_end=false",
@@ -74,6 +96,10 @@ def test_resume_is_exact_on_two_ranks(tmp_path):
     a, b = _losses(straight), _losses(split)
     assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6] and [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
     assert a == b  # identical losses at every step, before and after the restart
+    for line in (straight / "metrics.jsonl").read_text().splitlines():  # the logged total is the optimised sum
+        record = json.loads(line)
+        if "loss" in record:
+            assert math.isclose(record["loss"], record["loss_cls"] + record["loss_mim"], rel_tol=1e-5)
 
     tag = "step00000006"
     sa = get_fp32_state_dict_from_zero_checkpoint(str(straight / "checkpoints"), tag=tag)

@@ -8,7 +8,7 @@ from models.kernels.softmax_ce import softmax_ce_reference
 from trainer.methods.ibot import ibot_losses
 
 
-def paper_losses(s_cls, s_patch_full, masks, t_cls, t_patch_full, c, c2, ts, tt):
+def paper_losses(s_cls, s_patch_full, masks, t_cls, t_patch_full, c, c2, ts, tt, tt2):
     """L_[CLS] = -P_t(u)^T log P_s(v_hat) over cross-view pairs; L_MIM = -sum_i m_i P_t(u_i)^T log P_s(u_hat_i),
     averaged per image over its masked patches, then over images, then over views."""
     def P(x, center, temp):
@@ -20,8 +20,8 @@ def paper_losses(s_cls, s_patch_full, masks, t_cls, t_patch_full, c, c2, ts, tt)
         lse = m / temp + math.log(sum(math.exp((v - m) / temp) for v in x))
         return [v / temp - lse for v in x]
 
-    def H(t, s, center):
-        p, lq = P(t.tolist(), center.tolist(), tt), logP(s.tolist(), ts)
+    def H(t, s, center, temp):
+        p, lq = P(t.tolist(), center.tolist(), temp), logP(s.tolist(), ts)
         return -sum(a * b for a, b in zip(p, lq))
 
     G, B = len(t_cls), t_cls[0].shape[0]
@@ -29,14 +29,14 @@ def paper_losses(s_cls, s_patch_full, masks, t_cls, t_patch_full, c, c2, ts, tt)
     for q in range(G):
         for v in range(len(s_cls)):
             if v != q:
-                pairs.append(sum(H(t_cls[q][b], s_cls[v][b], c) for b in range(B)) / B)
+                pairs.append(sum(H(t_cls[q][b], s_cls[v][b], c, tt) for b in range(B)) / B)
     l_cls = sum(pairs) / len(pairs)
     views = []
     for v in range(G):
         per_image = []
         for b in range(B):
             idx = [i for i in range(masks.shape[2]) if masks[v, b, i]]
-            total = sum(H(t_patch_full[v][b, i], s_patch_full[v][b, i], c2) for i in idx)
+            total = sum(H(t_patch_full[v][b, i], s_patch_full[v][b, i], c2, tt2) for i in idx)
             per_image.append(total / max(len(idx), 1))
         views.append(sum(per_image) / B)
     return l_cls, sum(views) / G
@@ -63,12 +63,15 @@ def _our_layout(s_cls, t_cls, s_patch, t_patch, masks):
 
 def test_ibot_loss_matches_paper_transcription():
     s_cls, t_cls, s_patch, t_patch, masks, c, c2 = _random_case()
-    ts, tt = 0.1, 0.04
+    ts, tt, tt2 = 0.1, 0.04, 0.065  # iBOT's two teacher temperatures: [CLS] and patches
     sums = (torch.zeros(c.shape), torch.zeros(c2.shape))
-    ours = ibot_losses(*_our_layout(s_cls, t_cls, s_patch, t_patch, masks), c, c2, ts, tt, teacher_sums=sums)
-    ref_cls, ref_mim = paper_losses(s_cls, s_patch, masks, t_cls, t_patch, c, c2, ts, tt)
+    ours = ibot_losses(*_our_layout(s_cls, t_cls, s_patch, t_patch, masks), c, c2, ts, tt, tt2, teacher_sums=sums)
+    ref_cls, ref_mim = paper_losses(s_cls, s_patch, masks, t_cls, t_patch, c, c2, ts, tt, tt2)
     assert math.isclose(ours["cls"].item(), ref_cls, rel_tol=1e-5)
     assert math.isclose(ours["mim"].item(), ref_mim, rel_tol=1e-5)
+    # each term reads its own temperature
+    assert not math.isclose(paper_losses(s_cls, s_patch, masks, t_cls, t_patch, c, c2, ts, tt, tt)[1], ref_mim,
+                            rel_tol=1e-3)
     # The center statistics: column sums over every teacher row, each counted once.
     torch.testing.assert_close(sums[0], torch.cat(t_cls).sum(0))
     torch.testing.assert_close(sums[1], torch.stack(t_patch).sum((0, 1, 2)))
@@ -95,11 +98,11 @@ def test_ibot_loss_with_the_heads_last_layers_in_the_loss():
         layer.zero_grad()
         sums = (torch.zeros(K), torch.zeros(K))
         if fn is None:  # logits first
-            out = ibot_losses(layer(h_cls), layer(h_patch), masks, t_cls, t_patch, center, center, 0.1, 0.04,
+            out = ibot_losses(layer(h_cls), layer(h_patch), masks, t_cls, t_patch, center, center, 0.1, 0.04, 0.07,
                               teacher_sums=sums)
         else:
-            out = ibot_losses(h_cls, h_patch, masks, t_cls, t_patch, center, center, 0.1, 0.04, fn, (layer, layer),
-                              sums)
+            out = ibot_losses(h_cls, h_patch, masks, t_cls, t_patch, center, center, 0.1, 0.04, 0.07, fn,
+                              (layer, layer), sums)
         (out["cls"] + 2 * out["mim"]).backward()
         results.append([out["cls"], out["mim"], *sums, layer.weight.grad.clone(), layer.scale.grad.clone()])
     assert len(results) == 3, "the Triton kernels should run here (GPU or TRITON_INTERPRET=1)"

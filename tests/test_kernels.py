@@ -73,7 +73,8 @@ def test_ibot_with_triton_kernels_trains_like_torch():
             batch = {"global_crops": torch.randn(2, 4, 3, 32, 32, generator=g),
                      "local_crops": torch.randn(2, 4, 3, 16, 16, generator=g),
                      "masks": torch.rand(2, 4, 4, 4, generator=g) < 0.4}
-            terms = method(batch, {"teacher_temp": 0.04, "step": step, "micro_step": step})
+            values = {"teacher_temp": 0.04, "teacher_patch_temp": 0.07, "step": step, "micro_step": step}
+            terms = method(batch, values)
             loss = terms["cls"] + terms["mim"]
             opt.zero_grad()
             loss.backward()

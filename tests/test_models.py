@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import torch
 
 from models.heads import IBOTHead
@@ -51,49 +52,100 @@ def test_registered_sizes_match_the_design_table():
         assert abs(n - params) / params < 0.05, (arch, n)
 
 
-def test_head_shared_or_separate():
-    shared = IBOTHead(32, 64, shared=True, hidden_dim=16, bottleneck_dim=8)
-    separate = IBOTHead(32, 64, patch_out_dim=48, shared=False, hidden_dim=16, bottleneck_dim=8)
+def test_head_layouts():
+    kw = {"hidden_dim": 16, "bottleneck_dim": 8}
+    shared = IBOTHead(32, 64, patch="shared", **kw)
+    ibot_style = IBOTHead(32, 64, patch_out_dim=48, patch="last_layer", **kw)
+    dinov2 = IBOTHead(32, 64, patch_out_dim=48, patch="separate", **kw)
     cls, patch = torch.randn(3, 32), torch.randn(3, 5, 32)
     a, b = shared(cls, patch)
     assert a.shape == (3, 64) and b.shape == (3, 5, 64)
     assert torch.allclose(shared(patch[:, 0], patch)[0], b[:, 0], atol=1e-6)  # one head for both
-    a, b = separate(cls, patch)
+    # iBOT's unshared head (bytedance/ibot models/head.py iBOTHead): the MLP is shared, the patch
+    # tokens get a prototype layer of their own, last_layer2; nothing else is added.
+    names = {n for n, _ in ibot_style.named_parameters()}
+    assert names - {n for n, _ in shared.named_parameters()} == {"last_layer2.weight"}
+    assert tuple(ibot_style.last_layer2.weight.shape) == (48, 8)
+    a, b = ibot_style(cls, patch)
     assert b.shape == (3, 5, 48)
-    assert len(list(separate.parameters())) == 2 * len(list(shared.parameters()))
+    mlp, protos = ibot_style.patch_path()
+    assert mlp == ibot_style.cls.bottleneck and protos is ibot_style.last_layer2
+    # DINOv2's separate head: a whole second head
+    assert len(list(dinov2.parameters())) == 2 * len(list(shared.parameters()))
+    assert dinov2(cls, patch)[1].shape == (3, 5, 48)
     logits = shared.cls(cls)
     assert logits.abs().max() <= 1.0 + 1e-5  # normalised bottleneck x normalised prototypes: cosines
 
 
-def test_method_forward_with_separate_heads():
-    cfg = load_config(None, ["model.arch=vit_test", "ibot.out_dim=32", "ibot.patch_out_dim=24",
-                             "ibot.shared_head=false", "ibot.head_hidden_dim=16", "ibot.head_bottleneck_dim=8"])
-    method = build_method(cfg)
+def test_prototype_init_row_norms():
+    """iBOT's prototypes start from nn.Linear's default init (weight_norm(nn.Linear(256, K))): row norms
+    about sqrt(256 / (3 * 256)) = 0.577; std 0.02 gives about 0.32."""
+    torch.manual_seed(0)
+    linear = IBOTHead(64, 4096, hidden_dim=64, bottleneck_dim=256).cls.last_layer.weight.norm(dim=1)
+    reference = torch.nn.Linear(256, 4096, bias=False).weight.norm(dim=1)
+    assert abs(linear.mean() - reference.mean()) < 0.01 and abs(linear.mean() - 0.577) < 0.01
+    normal = IBOTHead(64, 4096, hidden_dim=64, bottleneck_dim=256, prototype_init="trunc_normal")
+    assert abs(normal.cls.last_layer.weight.norm(dim=1).mean() - 0.32) < 0.01
+
+
+def _tiny_ibot(*overrides):
+    return build_method(load_config(None, ["model.arch=vit_test", "ibot.out_dim=32", "ibot.head_hidden_dim=16",
+                                           "ibot.head_bottleneck_dim=8", *overrides]))
+
+
+def _forward_backward(method):
     batch = {"global_crops": torch.randn(2, 3, 3, 32, 32), "local_crops": torch.randn(4, 3, 3, 16, 16),
              "masks": torch.rand(2, 3, 4, 4) < 0.5}
-    losses = method(batch, {"teacher_temp": 0.04, "step": 0, "micro_step": 0})
+    losses = method(batch, {"teacher_temp": 0.04, "teacher_patch_temp": 0.07, "step": 0, "micro_step": 0})
     (losses["cls"] + losses["mim"]).backward()
-    assert method.center_patch.shape == (24,)
     assert all(p.grad is None for p in method.teacher.parameters())
     assert method.teacher.training is False and method.student.training is True
 
 
+def test_unshared_head_with_ibots_shared_teacher_head():
+    """iBOT's default --shared_head_teacher: the student's patch prototypes have no teacher twin; the
+    teacher scores patches with its [CLS] prototypes, so the patch center has out_dim entries."""
+    method = _tiny_ibot("ibot.shared_head=false")
+    student = {n for n, _ in method.student.named_parameters()}
+    teacher = {n for n, _ in method.teacher.named_parameters()}
+    assert student - teacher == {"head.last_layer2.weight"} and teacher <= student
+    assert method.center_patch.shape == (32,)
+    _forward_backward(method)
+    assert method.student.head.last_layer2.weight.grad.abs().sum() > 0
+
+
+def test_separate_heads_on_both_sides():
+    method = _tiny_ibot("ibot.shared_head=false", "ibot.separate_patch_mlp=true", "ibot.shared_head_teacher=false",
+                        "ibot.patch_out_dim=24")
+    assert {n for n, _ in method.student.named_parameters()} == {n for n, _ in method.teacher.named_parameters()}
+    assert method.center_patch.shape == (24,)
+    _forward_backward(method)
+
+
 def test_param_groups_decay_and_layer_scales():
-    cfg = load_config(None, ["model.arch=vit_test", "ibot.out_dim=32", "ibot.head_hidden_dim=16",
-                             "ibot.head_bottleneck_dim=8"])
-    method = build_method(cfg)
-    groups = param_groups(method, layer_decay=0.5)
-    by_name = {n: g for g in groups for n in g["names"]}
-    for name in ("student.backbone.pos_embed", "student.backbone.cls_token", "student.backbone.mask_token",
-                 "student.backbone.norm.weight", "student.backbone.blocks.0.attn.qkv.bias"):
+    method = _tiny_ibot()
+    # iBOT (bytedance/ibot utils.py get_params_groups): only biases and 1-D parameters are exempt
+    by_name = {n: g for g in param_groups(method, layer_decay=0.5) for n in g["names"]}
+    for name in ("student.backbone.norm.weight", "student.backbone.blocks.0.attn.qkv.bias"):
         assert by_name[name]["wd_scale"] == 0.0, name
-    assert by_name["student.backbone.blocks.0.attn.qkv.weight"]["wd_scale"] == 1.0
+    for name in ("student.backbone.pos_embed", "student.backbone.cls_token", "student.backbone.mask_token",
+                 "student.backbone.blocks.0.attn.qkv.weight"):
+        assert by_name[name]["wd_scale"] == 1.0, name
+    # timm's convention, switchable: the embeddings exempt too
+    groups = param_groups(method, layer_decay=0.5, decay_embeddings=False)
+    by_name = {n: g for g in groups for n in g["names"]}
+    for name in ("student.backbone.pos_embed", "student.backbone.cls_token", "student.backbone.mask_token"):
+        assert by_name[name]["wd_scale"] == 0.0, name
     depth = len(method.student.backbone.blocks)
     assert layer_id("backbone.blocks.1.mlp.fc1.weight", depth) == 2
     assert by_name["student.backbone.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
     assert by_name["student.head.cls.mlp.0.weight"]["lr_scale"] == 1.0
     assert by_name["student.head.cls.last_layer.weight"]["last_layer"]
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in method.student.parameters())
+    # iBOT freezes every prototype layer ("last_layer" in the name), last_layer2 included
+    groups = param_groups(_tiny_ibot("ibot.shared_head=false"))
+    assert {n for g in groups if g["last_layer"] for n in g["names"]} == {
+        "student.head.cls.last_layer.weight", "student.head.last_layer2.weight"}
 
 
 def test_schedules_are_pure_functions_of_the_step():
@@ -104,6 +156,88 @@ def test_schedules_are_pure_functions_of_the_step():
                              "ibot.teacher_temp_warmup_steps=100"])
     s = Schedules.from_config(cfg)
     assert s.at(0)["momentum"] == cfg.ibot.ema_momentum[0] and s.at(1000)["momentum"] == 1.0
-    assert s.at(0)["teacher_temp"] == 0.04 and s.at(100)["teacher_temp"] == 0.07
+    # iBOT's two teacher temperatures with main_ibot.py's defaults: [CLS] 0.04 -> 0.04, patches 0.04 -> 0.07,
+    # both warmed up linearly over the same steps
+    from trainer.config.methods import IBOTConfig
+
+    i = IBOTConfig()
+    assert tuple(i.teacher_temp) == (0.04, 0.04) and tuple(i.teacher_patch_temp) == (0.04, 0.07)
+    cfg = load_config(None, ["ibot.teacher_temp=[0.04,0.04]", "ibot.teacher_patch_temp=[0.04,0.07]",
+                             "ibot.teacher_temp_warmup_steps=100"])
+    s2 = Schedules.from_config(cfg)
+    assert [s2.at(k)["teacher_temp"] for k in (0, 50, 100, 200)] == [0.04] * 4
+    patch = [s2.at(k)["teacher_patch_temp"] for k in (0, 50, 100, 200)]
+    assert patch[0] == 0.04 and math.isclose(patch[1], 0.055) and patch[2] == patch[3] == 0.07
     assert s.at(9)["last_layer_lr_factor"] == 0.0 and s.at(10)["last_layer_lr_factor"] == 1.0
     assert s.at(500) == s.at(500)
+
+
+def ibot_interpolate_pos_encoding(pos_embed, patch_size, w, h, npatch):
+    """A transcription of bytedance/ibot models/vision_transformer.py interpolate_pos_encoding."""
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode='bicubic',
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def test_local_crop_position_embeddings_follow_ibot():
+    """Local crops: iBOT's bicubic resampling at scale (n + 0.1) / N without antialias, not timm's."""
+    torch.manual_seed(0)
+    vit = build_vit("vit_test", img_size=64, patch_size=8).eval()
+    timm_vit = build_vit("vit_test", img_size=64, patch_size=8, pos_interp="timm").eval()
+    timm_vit.load_state_dict(vit.state_dict())
+    for size in (24, 40, 64):
+        x = torch.randn(2, 3, size, size)
+        tokens = vit.patch_embed(x)
+        expected = ibot_interpolate_pos_encoding(vit.pos_embed, 8, size, size, (size // 8) ** 2)
+        ours = vit._pos_embed(tokens) - torch.cat([vit.cls_token.expand(2, -1, -1), tokens.flatten(1, 2)], 1)
+        torch.testing.assert_close(ours, expected.expand(2, -1, -1), atol=1e-6, rtol=1e-6)
+        if size != 64:  # timm's antialiased resize is a different function of the table
+            other = timm_vit._pos_embed(tokens) - torch.cat([vit.cls_token.expand(2, -1, -1),
+                                                              tokens.flatten(1, 2)], 1)
+            assert (other - ours).abs().max() > 1e-3
+
+
+def mae_sincos(embed_dim, grid_size):
+    """A transcription of MAE's util/pos_embed.py get_2d_sincos_pos_embed(cls_token=True), which
+    MaskAlign's models_pretrain.py uses."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64)
+        omega /= dim / 2.
+        omega = 1. / 10000**omega
+        out = np.einsum('m,d->md', pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+
+
+def test_sincos_position_table_is_maes_and_fixed():
+    vit = build_vit("vit_test", img_size=32, patch_size=4, pos_embed="sincos")
+    expected = torch.from_numpy(mae_sincos(32, 8)).float().unsqueeze(0)
+    torch.testing.assert_close(vit.pos_embed.data, expected)
+    assert vit.fixed_parameters() == {"pos_embed"}
+    assert build_vit("vit_test", img_size=32).fixed_parameters() == set()
+    cfg = load_config(None, ["model.arch=vit_test", "ibot.out_dim=32", "ibot.head_hidden_dim=16",
+                             "ibot.head_bottleneck_dim=8"])
+    method = build_method(cfg)
+    method.student.backbone.pos_embed_kind = "sincos"  # as MaskAlign builds it: lr 0, no decay
+    by_name = {n: g for g in param_groups(method) for n in g["names"]}
+    assert by_name["student.backbone.pos_embed"]["lr_scale"] == 0.0
+    assert by_name["student.backbone.pos_embed"]["wd_scale"] == 0.0

@@ -100,13 +100,22 @@ def test_dino_checkpoint_as_frozen_teacher(tmp_path):
     state = {"teacher": {**{f"backbone.{k}": v for k, v in dino.state_dict().items()},
                          "head.mlp.0.weight": torch.zeros(4, 384)}}
     torch.save(state, tmp_path / "dino.pth")
-    teacher = FrozenTeacher("vit_small_patch16_224.dino")
+    teacher = FrozenTeacher("vit_small_patch16_224.dino", antialias=True)  # timm's own resampling
     load_teacher_weights(teacher, tmp_path / "dino.pth")
     assert teacher.mean == MEAN  # the .dino tag's ImageNet statistics
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = dino.forward_intermediates(x, indices=[11], output_fmt="NLC", intermediates_only=True)[0]
         torch.testing.assert_close(teacher(x, (4, 4), MEAN, STD, [-1])["blocks"][0], ref, atol=1e-4, rtol=1e-4)
+        # the default, as MaskAlign's resize_pos_embed: bicubic to the new grid, no antialias
+        plain = FrozenTeacher("vit_small_patch16_224.dino")
+        load_teacher_weights(plain, tmp_path / "dino.pth")
+        pos = dino.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+        pos = torch.nn.functional.interpolate(pos, (4, 4), mode="bicubic", align_corners=False)
+        dino.pos_embed.data = torch.cat([dino.pos_embed[:, :1], pos.permute(0, 2, 3, 1).reshape(1, 16, -1)], 1)
+        dino.patch_embed.img_size, dino.patch_embed.grid_size = (64, 64), (4, 4)
+        ref = dino.forward_intermediates(x, indices=[11], output_fmt="NLC", intermediates_only=True)[0]
+        torch.testing.assert_close(plain(x, (4, 4), MEAN, STD, [-1])["blocks"][0], ref, atol=1e-4, rtol=1e-4)
 
     small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=2, patch_size=8)
     torch.save(small.state_dict(), tmp_path / "small.pth")

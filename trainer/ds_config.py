@@ -40,7 +40,9 @@ def owned_values(cfg: Config, world_size: int) -> dict[str, tuple[str, Any]]:
         "train_micro_batch_size_per_gpu": ("data.batch_size", micro),
         "gradient_accumulation_steps": ("optim.grad_accum", accum),
         "train_batch_size": (f"data.batch_size x optim.grad_accum x {world_size} ranks", micro * accum * world_size),
-        "gradient_clipping": ("optim.clip_grad", o.clip_grad),
+        # per_param clipping is ours (trainer/grad_clip.py): DeepSpeed's global clipping is then off
+        "gradient_clipping": ("optim.clip_grad", o.clip_grad) if o.clip_mode == "global" else
+                             ("optim.clip_mode per_param", 0.0),
         "bf16.enabled": ("run.precision", cfg.run.precision == "bf16"),
         "fp16.enabled": ("run.precision", cfg.run.precision == "fp16"),
         "optimizer.params.lr": ("optim.lr", o.lr),

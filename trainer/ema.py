@@ -9,6 +9,10 @@ gather (writes inside `GatheredParameters` without `modifier_rank` are silently 
 The shadow matters: at momentum 0.9995 an update moves a weight by 0.0005 of its distance to the
 student, far below bf16's resolution (2^-8 relative), so a bf16-only EMA rounds most updates away.
 
+The pairs are the parameters the two have in common, by name. The teacher may lack some of the
+student's (iBOT's --shared_head_teacher: a student with its own patch prototypes, a teacher
+without); it may not have any the student lacks, and a common pair must have the same shape.
+
 Without stage 3 (ZeRO-0/1/2, or no DeepSpeed) every rank holds whole parameters: the shadow is a
 whole fp32 copy, started from the student's fp32 master weights and then updated from the
 student's working weights, which every rank holds identically (under bf16 that adds one bf16
@@ -25,15 +29,24 @@ def _is_zero3(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
 
+def _shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if _is_zero3(p) else p.shape
+
+
 class TeacherEMA:
     """fp32 shadow of the teacher, updated from the student without gathering anything."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
         s_named, t_named = dict(student.named_parameters()), dict(teacher.named_parameters())
-        if s_named.keys() != t_named.keys():
-            diff = sorted(set(s_named) ^ set(t_named))[:5]
-            raise ValueError(f"student and teacher differ in parameters: {diff}")
-        self.names = list(s_named)
+        orphans = sorted(set(t_named) - set(s_named))
+        if orphans:
+            raise ValueError(f"teacher parameters without a student twin: {orphans[:5]}")
+        self.names = [n for n in s_named if n in t_named]
+        self.student_only = [n for n in s_named if n not in t_named]
+        for name in self.names:
+            a, b = _shape(s_named[name]), _shape(t_named[name])
+            if a != b:
+                raise ValueError(f"EMA pair {name}: student {tuple(a)} vs teacher {tuple(b)}")
         self.students = [s_named[n] for n in self.names]
         self.teachers = [t_named[n] for n in self.names]
         for name, s, t in zip(self.names, self.students, self.teachers):

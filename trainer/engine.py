@@ -40,26 +40,32 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(method: nn.Module, layer_decay: float = 1.0) -> list[dict]:
+def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: bool = True) -> list[dict]:
     """The method's trainable parameters (the student and its alignment modules; never a teacher)
     grouped by (weight decay?, lr scale, prototype layer?).
 
-    No weight decay on biases, norms, position / [CLS] / [MASK] embeddings. `lr_scale` is the
-    layer-wise decay factor (modules beside the backbone count as its last layer); `last_layer`
-    marks the prototypes, frozen for the first steps.
+    No weight decay on biases and 1-D parameters (norms, LayerScale), nor on what the method's
+    `no_weight_decay()` names (MaskAlign's W); with `decay_embeddings` false, also none on what the
+    backbone's `no_weight_decay()` names (position / [CLS] / [MASK] embeddings, timm's convention;
+    iBOT, DINO and MAE decay them). `lr_scale` is the layer-wise decay factor (modules beside the
+    backbone count as its last layer), 0 for the backbone's `fixed_parameters()` (a sin-cos table);
+    `last_layer` marks the prototype layers (iBOT: every name with "last_layer"), frozen for the
+    first steps.
     """
     backbone = method.student["backbone"]
-    no_wd = {f"backbone.{n}" for n in backbone.no_weight_decay()}
-    no_wd |= method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
+    no_wd = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
+    if not decay_embeddings:
+        no_wd |= {f"backbone.{n}" for n in backbone.no_weight_decay()}
+    fixed = {f"backbone.{n}" for n in backbone.fixed_parameters()}
     depth = len(backbone.blocks)
     groups: dict[tuple, dict] = {}
     for full_name, p in method.named_parameters():
         if not p.requires_grad:
             continue
         name = full_name.removeprefix("student.")
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_wd)
-        scale = layer_decay ** (depth + 1 - layer_id(name, depth))
-        last = ".last_layer." in name
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_wd or name in fixed)
+        scale = 0.0 if name in fixed else layer_decay ** (depth + 1 - layer_id(name, depth))
+        last = "last_layer" in name
         key = (decay, scale, last)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0, "wd_scale": float(decay), "lr_scale": scale,
@@ -107,7 +113,7 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
         log.info("frozen teacher %s loaded from %s (sha256 %s)", frozen.arch, cfg.teacher.clip.weights, sha[:12])
     if cfg.model.grad_checkpointing:
         method.student.backbone.set_grad_checkpointing(True, every=cfg.model.grad_checkpointing)
-    groups = param_groups(method, cfg.optim.layer_decay)
+    groups = param_groups(method, cfg.optim.layer_decay, cfg.optim.decay_embeddings)
     for g in groups:
         g.pop("names")
     engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=groups, config=ds_config)
@@ -119,6 +125,8 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     if hasattr(engine.module, "teacher"):
         ema = TeacherEMA(engine.module.student, engine.module.teacher)
         ema.copy_student_to_teacher()
+        if ema.student_only:
+            log.info("EMA teacher has no twin of (student only): %s", ", ".join(ema.student_only))
     n_student = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.student.parameters())
     log.info("engine: ZeRO stage %d, student %.1fM parameters, %d parameter groups",
              engine.zero_optimization_stage(), n_student / 1e6, len(groups))

@@ -22,6 +22,7 @@ from .config import Config, dump_yaml, to_dict
 from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
 from .faults import StepGuard
+from .grad_clip import PerParamClip
 from .knn import extract_features, knn_accuracy
 from .metrics import MetricsWriter
 from .schedules import Schedules
@@ -53,6 +54,22 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     return knn_accuracy(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
 
 
+def raw_pixel_knn(cfg: Config, env: DistEnv) -> float | None:
+    """The same kNN on the images themselves (at the global crop size, mean-centred, cosine): what a
+    learned feature has to beat to be worth anything on this data."""
+    if not cfg.data.val_shards:
+        return None
+    feats = {}
+    for name, shards in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+        batches = labelled_batches(expand_shards(shards), cfg.data.global_crops.size, cfg.eval.batch_size, env.rank,
+                                   env.world_size)
+        feats[name] = extract_features(lambda x: x.flatten(1), batches, lambda x: x.float() / 255,
+                                       torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    mean = feats["train"][0].mean(dim=0)
+    return knn_accuracy(feats["train"][0] - mean, feats["train"][1], feats["val"][0] - mean, feats["val"][1],
+                        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
+
+
 def data_failures(counters, device: torch.device) -> dict[str, int]:
     """Loader failures by kind, summed over ranks (a collective: every rank calls it at the same step)."""
     counts = torch.tensor([float(counters.get(k, 0)) for k in FAILURE_KINDS], device=device)
@@ -60,6 +77,16 @@ def data_failures(counters, device: torch.device) -> dict[str, int]:
         dist.all_reduce(counts)
     per_kind = {f"data_{k}": int(v) for k, v in zip(FAILURE_KINDS, counts.tolist())}
     return {"data_failures": sum(per_kind.values()), **per_kind}
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """{name: sum over this rank's micro-batches} -> the mean over micro-batches and ranks (a collective)."""
+    names = sorted(sums)
+    values = torch.stack([sums[k].detach().float() for k in names]) / count
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(names, values.tolist()))
 
 
 def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None) -> dict:
@@ -110,6 +137,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         log.info("resumed from %s at step %d", source, step)
     elif cfg.eval.knn_at_end:
         summary["knn_random_init"] = knn_eval(cfg, engine, device, dtype, env)
+        summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env)
 
     def save() -> None:
         parts = {"data": loader.state_dict(), "buffers": dict(method.named_buffers()), "rng": rng_state(),
@@ -122,6 +150,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         log.info("saved %s", path)
 
     weights = method.loss_weights
+    clipper = None
+    if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
+        clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
     a = cfg.data.augment
     batches = iter(loader)
@@ -133,11 +164,16 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         apply_schedule(engine.optimizer, values)
         # The method's running statistics (iBOT's centers) move in its forward; a skipped step undoes them.
         before = [b.clone() for b in method.buffers() if b.is_floating_point()]
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.optim.grad_accum):
             batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
             losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
             loss = sum(weights[k] * v for k, v in losses.items())
             engine.backward(guard.check(loss))
+            for k, v in {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            if clipper is not None and engine.is_gradient_accumulation_boundary():
+                clipper(getattr(engine.optimizer, "loss_scale", 1.0))
             engine.step()
         step += 1
         window_steps += 1
@@ -149,10 +185,12 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                 b.copy_(saved)
         if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
             elapsed = time.perf_counter() - window_start
-            terms = {k: v.item() for k, v in losses.items()}
-            record = {"loss": loss.item(), **{f"loss_{k}": v for k, v in terms.items()},
-                      "lr": values["lr"], "weight_decay": values["weight_decay"], "momentum": values["momentum"],
-                      "teacher_temp": values["teacher_temp"], "images_per_s": window_steps * global_batch / elapsed,
+            # What was optimised this step: the weighted total and its terms, averaged over the
+            # micro-batches and the ranks.
+            record = {**mean_over_ranks(sums, cfg.optim.grad_accum), "lr": values["lr"],
+                      "weight_decay": values["weight_decay"], "momentum": values["momentum"],
+                      "teacher_temp": values["teacher_temp"], "teacher_patch_temp": values["teacher_patch_temp"],
+                      "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
                       "skipped_steps": guard.skipped, **data_failures(loader.counters, device)}
             if device.type == "cuda":
@@ -160,7 +198,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             else:
                 record["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             metrics.write(step, record)
-            shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+            shown = " ".join(f"{k} {record[f'loss_{k}']:.4f}" for k in losses)
             log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step", step, cfg.schedule.steps,
                      record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"])
             window_start, window_steps = time.perf_counter(), 0

@@ -35,6 +35,7 @@ class Schedules:
     weight_decay: tuple[float, float]
     momentum: tuple[float, float]
     teacher_temp: tuple[float, float]
+    teacher_patch_temp: tuple[float, float]
     teacher_temp_warmup: int
     freeze_last_layer: int
 
@@ -42,7 +43,8 @@ class Schedules:
     def from_config(cls, cfg) -> Schedules:
         o, i = cfg.optim, cfg.ibot
         return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(i.ema_momentum),
-                   tuple(i.teacher_temp), i.teacher_temp_warmup_steps, i.freeze_last_layer_steps)
+                   tuple(i.teacher_temp), tuple(i.teacher_patch_temp), i.teacher_temp_warmup_steps,
+                   i.freeze_last_layer_steps)
 
     def at(self, step: int) -> dict[str, float]:
         """Every scheduled value for optimizer step `step` (0-based)."""
@@ -50,6 +52,8 @@ class Schedules:
             "lr": warmup_cosine(step, self.total, self.lr, self.min_lr, self.warmup),
             "weight_decay": cosine(step, self.total, *self.weight_decay),
             "momentum": cosine(step, self.total, *self.momentum),
+            # iBOT's two teacher temperatures ([CLS], patches), warmed up over the same steps
             "teacher_temp": linear_warmup(step, self.teacher_temp_warmup, *self.teacher_temp),
+            "teacher_patch_temp": linear_warmup(step, self.teacher_temp_warmup, *self.teacher_patch_temp),
             "last_layer_lr_factor": 0.0 if step < self.freeze_last_layer else 1.0,
         }

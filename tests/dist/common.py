@@ -4,7 +4,7 @@ import torch
 
 from trainer.engine import apply_schedule
 
-TINY = ["model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
+TINY = ["run.precision=bf16", "model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
         "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0"]
 
 
@@ -18,7 +18,7 @@ def random_batch(g: torch.Generator) -> dict:
 def train_step(engine, batch: dict, lr: float = 1e-3, weight_decay: float = 0.0, last_layer_lr_factor: float = 1.0):
     apply_schedule(engine.optimizer, {"lr": lr, "weight_decay": weight_decay,
                                       "last_layer_lr_factor": last_layer_lr_factor})
-    losses = engine(batch, {"teacher_temp": 0.04, "step": 0, "micro_step": 0})
+    losses = engine(batch, {"teacher_temp": 0.04, "teacher_patch_temp": 0.07, "step": 0, "micro_step": 0})
     engine.backward(losses["cls"] + losses["mim"])
     engine.step()
     return losses

@@ -49,7 +49,8 @@ def main(report_path, clip_path, ckpt_dir):
     losses = []
     for step in range(3):
         apply_schedule(engine.optimizer, {"lr": 1e-3, "weight_decay": 0.0, "last_layer_lr_factor": 1.0})
-        out = engine(random_batch(g), {"teacher_temp": 0.04, "step": step, "micro_step": step})
+        values = {"teacher_temp": 0.04, "teacher_patch_temp": 0.07, "step": step, "micro_step": step}
+        out = engine(random_batch(g), values)
         loss = sum(method.loss_weights[k] * v for k, v in out.items())
         engine.backward(loss)
         engine.step()

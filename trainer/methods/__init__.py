@@ -30,18 +30,19 @@ def kernels(cfg) -> str:
     return resolve(cfg.run.kernels, width // heads)[0]
 
 
-def build_student(cfg, drop_path: float | None = None) -> VisionTransformer:
+def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned") -> VisionTransformer:
     """The backbone of `model.*`, with the attention implementations of `run.kernels`."""
     m, impl = cfg.model, kernels(cfg)
     return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
                      drop_path_rate=m.drop_path if drop_path is None else drop_path, layer_scale=m.layer_scale,
-                     attn_fn=get_attention(impl), varlen_fn=get_attention_varlen(impl))
+                     attn_fn=get_attention(impl), varlen_fn=get_attention_varlen(impl), pos_embed=pos_embed,
+                     pos_interp=m.pos_embed_interp)
 
 
 def build_frozen_teacher(cfg) -> FrozenTeacher:
     """The frozen teacher's network (weights are loaded by the engine, see models.teachers)."""
     c = cfg.teacher.clip
-    return FrozenTeacher(c.arch, mean=c.mean, std=c.std)
+    return FrozenTeacher(c.arch, mean=c.mean, std=c.std, antialias=c.antialias)
 
 
 from . import ibot, ibot_clip, maskalign  # noqa: E402,F401  (register themselves)

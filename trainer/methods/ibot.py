@@ -11,8 +11,14 @@ crops unmasked; the EMA teacher (same networks) sees the two global views whole.
            then over the two views.
 
 Teacher outputs are centred (separate centers for [CLS] and patches, EMA of the batch mean,
-all-reduced over ranks) and sharpened by the teacher temperature. `forward` returns the two
-unweighted terms; the loop weights them.
+all-reduced over ranks) and sharpened by the teacher temperatures (one schedule for [CLS], one for
+patches). `forward` returns the two unweighted terms; the loop weights them.
+
+The head (models/heads.py) is shared by [CLS] and patches, or gives patches prototypes of their
+own after the same MLP (iBOT), or a whole head (DINOv2). As in iBOT (--shared_head_teacher), the
+EMA teacher may keep a shared head while the student's is not: its patch targets then come from
+its [CLS] prototypes, and the student's patch prototypes have no teacher twin (trainer/ema.py
+pairs the parameters the two have in common).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from . import build_student, kernels, register
 
 def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_masks: torch.Tensor,
                 teacher_cls: torch.Tensor, teacher_patch: torch.Tensor, center: torch.Tensor,
-                center_patch: torch.Tensor, student_temp: float, teacher_temp: float,
+                center_patch: torch.Tensor, student_temp: float, teacher_temp: float, teacher_patch_temp: float,
                 loss_fn: SoftmaxCEFn = softmax_ce_reference, last_layers: tuple = (None, None),
                 teacher_sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The iBOT loss terms.
@@ -53,8 +59,8 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
     G, B, N = patch_masks.shape
     cls_sum, patch_sum = teacher_sums or (None, None)
 
-    def ce(layer, x, teacher, teacher_rows, c, total):
-        args = (teacher, c, student_temp, teacher_temp, teacher_rows, total)
+    def ce(layer, x, teacher, teacher_rows, c, total, temp):
+        args = (teacher, c, student_temp, temp, teacher_rows, total)
         return loss_fn(x, *args) if layer is None else layer(x, lambda h, w: loss_fn(h, w, *args))
 
     # [CLS]: every student crop v against every teacher view q != v. The pairs go in two calls, the
@@ -67,10 +73,11 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
         if group:
             s_rows = torch.cat([v * B + arange for v, _ in group])
             t_rows = torch.cat([q * B + arange for _, q in group])
-            cls_total = cls_total + ce(last_layers[0], student_cls[s_rows], teacher_cls, t_rows, center, total).sum()
+            cls_total = cls_total + ce(last_layers[0], student_cls[s_rows], teacher_cls, t_rows, center, total,
+                                       teacher_temp).sum()
     # MIM: per image over its masked patches, then over images (unmasked images count 0) and views.
     t_rows = patch_masks.flatten().nonzero().squeeze(1)
-    per_patch = ce(last_layers[1], student_patch, teacher_patch, t_rows, center_patch, patch_sum)
+    per_patch = ce(last_layers[1], student_patch, teacher_patch, t_rows, center_patch, patch_sum, teacher_patch_temp)
     per_image = torch.zeros(G * B, device=per_patch.device, dtype=per_patch.dtype).index_add_(0, t_rows // N, per_patch)
     mim = (per_image / patch_masks.flatten(0, 1).sum(dim=1).clamp(min=1)).mean()
     return {"cls": cls_total / (len(pairs) * B), "mim": mim}
@@ -100,15 +107,21 @@ class IBOT(nn.Module):
         """Constructor arguments shared with subclasses: both backbones, both heads, loss settings."""
         i = cfg.ibot
 
-        def head(width: int) -> IBOTHead:
-            return IBOTHead(width, i.out_dim, i.patch_out_dim, shared=i.shared_head, hidden_dim=i.head_hidden_dim,
-                            bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer)
+        patch = "shared" if i.shared_head else "separate" if i.separate_patch_mlp else "last_layer"
+        teacher_patch = "shared" if i.shared_head_teacher else patch
+        patch_out_dim = i.patch_out_dim or i.out_dim
+
+        def head(width: int, patch: str) -> IBOTHead:
+            return IBOTHead(width, i.out_dim, patch_out_dim, patch=patch, hidden_dim=i.head_hidden_dim,
+                            bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer,
+                            prototype_init=i.prototype_init)
 
         student, teacher, impl = build_student(cfg), build_student(cfg, drop_path=0.0), kernels(cfg)
-        return {"student": student, "student_head": head(student.embed_dim), "teacher": teacher,
-                "teacher_head": head(teacher.embed_dim), "out_dim": i.out_dim,
-                "patch_out_dim": i.out_dim if i.shared_head else i.patch_out_dim, "student_temp": i.student_temp,
-                "center_momentum": i.center_momentum,
+        return {"student": student, "student_head": head(student.embed_dim, patch), "teacher": teacher,
+                "teacher_head": head(teacher.embed_dim, teacher_patch), "out_dim": i.out_dim,
+                # the patch center has the size of the teacher's patch outputs
+                "patch_out_dim": i.out_dim if teacher_patch == "shared" else patch_out_dim,
+                "student_temp": i.student_temp, "center_momentum": i.center_momentum,
                 "loss_weights": {"cls": i.cls_weight, "mim": i.mim_weight},
                 "loss_fn": get_softmax_ce(impl, fused_linear=True),
                 # one packed pass for all crops where a varlen kernel makes it pay
@@ -130,10 +143,10 @@ class IBOT(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         """batch: normalised `global_crops` [G, B, 3, H, W], `local_crops` [L, B, 3, h, w], `masks` [G, B, h', w'];
-        values: this step's schedule (teacher_temp)."""
-        return self.ibot_step(batch, values["teacher_temp"])[0]
+        values: this step's schedule (teacher_temp, teacher_patch_temp)."""
+        return self.ibot_step(batch, values)[0]
 
-    def ibot_step(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> tuple[dict, torch.Tensor]:
+    def ibot_step(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> tuple[dict, torch.Tensor]:
         """-> (iBOT loss terms, the student's final tokens at the masked positions [M, C])."""
         g, loc = batch["global_crops"], batch["local_crops"]
         masks = batch["masks"].flatten(2)  # [G, B, N]
@@ -151,17 +164,16 @@ class IBOT(nn.Module):
         else:
             outs = [backbone.forward_features(x, m) for x, m in views]
         s = outs[0]
-        cls_head = self.student.head.cls
-        patch_head = self.student.head.patch or cls_head
+        (cls_mlp, cls_protos), (patch_mlp, patch_protos) = self.student.head.cls_path(), self.student.head.patch_path()
         # The heads' last layers run inside the loss (fused where the kernels are on); the patch head
         # sees the masked tokens only: the rest never enters the loss.
         masked_tokens = s["patch"][flat_masks]
         sums = (self.center.new_zeros(self.center.shape, dtype=torch.float32),
                 self.center_patch.new_zeros(self.center_patch.shape, dtype=torch.float32))
         losses = ibot_losses(
-            cls_head.bottleneck(torch.cat([o["cls"] for o in outs])), patch_head.bottleneck(masked_tokens), masks,
-            t_cls, t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp, teacher_temp,
-            self.loss_fn, (cls_head.last_layer, patch_head.last_layer), sums)
+            cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens), masks, t_cls,
+            t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp, values["teacher_temp"],
+            values["teacher_patch_temp"], self.loss_fn, (cls_protos, patch_protos), sums)
         self.update_centers(sums[0] / t_cls.shape[0], sums[1] / (t_patch.shape[0] * t_patch.shape[1]))
         return losses, masked_tokens
 

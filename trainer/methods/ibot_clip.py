@@ -34,7 +34,7 @@ class IBOTCLIP(IBOT):
                  input_mean=(0.485, 0.456, 0.406), input_std=(0.229, 0.224, 0.225), **ibot):
         super().__init__(**ibot)
         self.clip_teacher = clip_teacher
-        self.clip_head = adapter(self.student.backbone.embed_dim, clip_teacher.width)
+        self.clip_head = adapter(self.student.backbone.embed_dim, clip_teacher.width, hidden_dim=clip_teacher.width)
         self.clip_block, self.clip_loss = clip_block, clip_loss
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
 
@@ -47,7 +47,7 @@ class IBOTCLIP(IBOT):
                    input_mean=cfg.data.augment.mean, input_std=cfg.data.augment.std, **networks)
 
     def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
-        losses, masked_tokens = self.ibot_step(batch, values["teacher_temp"])
+        losses, masked_tokens = self.ibot_step(batch, values)
         images = batch["global_crops"].flatten(0, 1)
         masks = batch["masks"].flatten(0, 1)  # [G*B, h, w]
         t = self.clip_teacher(images, tuple(masks.shape[-2:]), self.input_mean, self.input_std, [self.clip_block])

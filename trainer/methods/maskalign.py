@@ -1,11 +1,15 @@
-"""MaskAlign: masked image modeling without reconstruction (seed 001).
+"""MaskAlign: masked image modeling without reconstruction (seed 001), as OpenDriveLab/MaskAlign runs it.
 
-The student encodes only the visible patches of each image (a fraction 1 - r; no [MASK] tokens,
-no decoder); the frozen teacher (CLIP, or DINO) sees the whole image. The visible set is uniformly
-random, or attentive: the patches the teacher's last-block [CLS] attends to most. Dynamic
-Alignment maps the student's block outputs into the teacher's levels (an adapter per student
-block, a learnable S x T mixing matrix W); the targets are the teacher's block outputs, normalised
-by a LayerNorm without affine, at the visible positions; the loss is smooth-L1.
+The student encodes only the visible patches of each image, int(N * (1 - r)) of them (no [MASK]
+tokens, no decoder); the frozen teacher (CLIP, or DINO) sees the whole image. The visible set is
+uniformly random, or attentive: drawn without replacement with probabilities proportional to the
+teacher's last-block [CLS] attention (the reference's `torch.multinomial`; `topk` keeps the most
+attended instead). Dynamic Alignment (models/align.py) maps the student's block outputs, [CLS]
+included, onto the teacher's chosen levels (by default its last 5, the reference's `top5`); the
+targets are the teacher's block outputs normalised per token by a LayerNorm without affine
+(`--target_norm whiten`) at the [CLS] and visible positions; the term is the mean over levels of
+smooth-L1, which the reference weights by 2 (`maskalign.align_weight`). The student's position
+embeddings are MAE's fixed sin-cos table by default.
 
 Every global crop of a batch is an independent sample (MaskAlign uses one crop per image).
 """
@@ -17,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.align import DynamicAlign
+from models.align import DynamicAlign, layerwise_matrix
 from models.teachers import FrozenTeacher
 from models.vit import VisionTransformer
 
@@ -25,7 +29,8 @@ from . import build_frozen_teacher, build_student, register
 
 
 def visible_count(num_patches: int, mask_ratio: float) -> int:
-    return max(1, round(num_patches * (1.0 - mask_ratio)))
+    """int(N * (1 - r)) as the reference (`len_keep`), at least one."""
+    return max(1, int(num_patches * (1.0 - mask_ratio)))
 
 
 def random_visible(batch: int, num_patches: int, keep: int, generator: torch.Generator,
@@ -35,40 +40,74 @@ def random_visible(batch: int, num_patches: int, keep: int, generator: torch.Gen
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
-def attentive_visible(cls_attn: torch.Tensor, keep: int) -> torch.Tensor:
-    """[B, keep] indices of the patches with the highest teacher [CLS] attention, in increasing order."""
-    return cls_attn.topk(keep, dim=1).indices.sort(dim=1).values
+def attentive_visible(cls_attn: torch.Tensor, keep: int, generator: torch.Generator | None = None,
+                      sampling: str = "multinomial") -> torch.Tensor:
+    """[B, keep] indices, in increasing order, of patches drawn without replacement with probability
+    proportional to the teacher's [CLS] attention (`multinomial`), or of the `keep` most attended (`topk`).
+    The first `keep` of a full multinomial permutation (what the reference keeps) are a `keep`-draw."""
+    if sampling == "topk":
+        return cls_attn.topk(keep, dim=1).indices.sort(dim=1).values
+    weights = cls_attn.detach().float().to(generator.device if generator is not None else cls_attn.device)
+    picked = torch.multinomial(weights, keep, replacement=False, generator=generator)
+    return picked.to(cls_attn.device).sort(dim=1).values
+
+
+def align_targets(cls_tokens: list[torch.Tensor], patches: list[torch.Tensor], visible: torch.Tensor,
+                  align_cls: bool = True) -> list[torch.Tensor]:
+    """Per teacher level: [CLS] (optionally) and the visible patches, each token normalised by a
+    LayerNorm without affine (the reference's --target_norm whiten). cls_tokens: T x [B, C];
+    patches: T x [B, N, C]; visible: [B, K] -> T x [B, (1 +) K, C] in fp32."""
+    index = visible.unsqueeze(-1).expand(-1, -1, patches[0].shape[-1])
+    out = []
+    for cls_tok, level in zip(cls_tokens, patches):
+        y = level.float().gather(1, index)
+        if align_cls:
+            y = torch.cat([cls_tok.float().unsqueeze(1), y], dim=1)
+        out.append(F.layer_norm(y, (y.shape[-1],)))
+    return out
+
+
+def align_loss(pred: torch.Tensor, targets: list[torch.Tensor], beta: float = 1.0) -> torch.Tensor:
+    """Mean over teacher levels of smooth-L1 (each a mean over tokens and channels). pred: [T, B, n, C]."""
+    return torch.stack([F.smooth_l1_loss(x.float(), y, beta=beta) for x, y in zip(pred, targets)]).mean()
 
 
 @register("maskalign")
 class MaskAlign(nn.Module):
     def __init__(self, student: VisionTransformer, clip_teacher: FrozenTeacher, student_blocks: list[int],
                  teacher_blocks: list[int], mask_ratio: float = 0.7, masking: str = "attentive",
-                 dynamic: bool = True, adapter_hidden_dim: int | None = None, loss_beta: float = 1.0,
+                 attentive_sampling: str = "multinomial", adapter_on: str = "teacher_level", adapter: str = "linear",
+                 adapter_hidden_dim: int | None = None, dynamic: bool = True, w_offset: float = 0.01,
+                 align_cls: bool = True, loss_beta: float = 1.0, align_weight: float = 2.0,
                  input_mean=(0.485, 0.456, 0.406), input_std=(0.229, 0.224, 0.225), seed: int = 0):
         super().__init__()
-        student.global_pool = "avg"  # its [CLS] output is never trained (MAE-style pooling)
+        student.global_pool = "avg"  # kNN on the mean patch token, as MAE-style fine-tuning pools
         self.student = nn.ModuleDict({"backbone": student})
         self.clip_teacher = clip_teacher
-        self.align = DynamicAlign(student.embed_dim, clip_teacher.width, len(student_blocks), len(teacher_blocks),
-                                  adapter_hidden_dim, dynamic)
-        self.student_blocks, self.teacher_blocks = list(student_blocks), list(teacher_blocks)
-        self.mask_ratio, self.masking, self.loss_beta = mask_ratio, masking, loss_beta
+        depth = len(student.blocks)
+        self.student_blocks = [b % depth for b in student_blocks]
+        self.teacher_blocks = [b % clip_teacher.depth for b in teacher_blocks]
+        start = layerwise_matrix(self.student_blocks, self.teacher_blocks, depth, clip_teacher.depth)
+        self.align = DynamicAlign(student.embed_dim, clip_teacher.width, start, adapter_on, adapter,
+                                  adapter_hidden_dim, dynamic, w_offset)
+        self.mask_ratio, self.masking, self.attentive_sampling = mask_ratio, masking, attentive_sampling
+        self.align_cls, self.loss_beta = align_cls, loss_beta
         self.input_mean, self.input_std, self.seed = tuple(input_mean), tuple(input_std), seed
-        self.loss_weights = {"align": 1.0}
+        self.loss_weights = {"align": align_weight}
 
     @classmethod
     def from_config(cls, cfg) -> MaskAlign:
         m, t = cfg.maskalign, cfg.teacher.clip
-        student = build_student(cfg)
+        student = build_student(cfg, pos_embed=m.pos_embed)
         teacher = build_frozen_teacher(cfg)
         return cls(student, teacher, m.student_blocks or list(range(len(student.blocks))),
-                   t.blocks or list(range(teacher.depth)), m.mask_ratio, m.masking, m.dynamic,
-                   m.adapter_hidden_dim or None, m.loss_beta, cfg.data.augment.mean, cfg.data.augment.std,
-                   cfg.run.seed)
+                   t.blocks or list(range(max(teacher.depth - 5, 0), teacher.depth)), m.mask_ratio, m.masking,
+                   m.attentive_sampling, m.adapter_on, m.adapter, m.adapter_hidden_dim or None, m.dynamic,
+                   m.w_offset, m.align_cls, m.loss_beta, m.align_weight, cfg.data.augment.mean,
+                   cfg.data.augment.std, cfg.run.seed)
 
     def no_weight_decay(self) -> set[str]:
-        return {"align.weight"}  # a mixing matrix: decay would pull every level's weight to 0
+        return {"align.weight"}  # the reference: skip_list=["distill_weights"]
 
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """What kNN measures: the student's mean patch token (its [CLS] output is never trained)."""
@@ -77,11 +116,11 @@ class MaskAlign(nn.Module):
     def visible(self, cls_attn: torch.Tensor | None, batch: int, num_patches: int, micro_step: int,
                 device: torch.device) -> torch.Tensor:
         keep = visible_count(num_patches, self.mask_ratio)
-        if self.masking == "attentive":
-            return attentive_visible(cls_attn, keep)
         # A pure function of (seed, rank, micro-step): resumes draw the same masks, ranks differ.
         rank = dist.get_rank() if dist.is_initialized() else 0
         generator = torch.Generator().manual_seed(hash((self.seed, rank, micro_step)) & (2**62 - 1))
+        if self.masking == "attentive":
+            return attentive_visible(cls_attn, keep, generator, self.attentive_sampling)
         return random_visible(batch, num_patches, keep, generator, device)
 
     def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -94,7 +133,7 @@ class MaskAlign(nn.Module):
                                images.device)
         s = self.student.backbone.forward_features(images, keep=visible, blocks=self.student_blocks)
         prefix = self.student.backbone.num_prefix_tokens
-        pred = self.align([x[:, prefix:] for x in s["blocks"]])  # [T, B, K, C_t]
-        index = visible.unsqueeze(-1).expand(-1, -1, self.clip_teacher.width)
-        target = torch.stack([F.layer_norm(y.float().gather(1, index), (y.shape[-1],)) for y in t["blocks"]])
-        return {"align": F.smooth_l1_loss(pred.float(), target, beta=self.loss_beta)}
+        # [CLS] first, then the visible patches: the student's tokens are already in this order.
+        pred = self.align([x if self.align_cls else x[:, prefix:] for x in s["blocks"]])  # [T, B, n, C_t]
+        targets = align_targets(t["cls"], t["blocks"], visible, self.align_cls)
+        return {"align": align_loss(pred, targets, self.loss_beta)}

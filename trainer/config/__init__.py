@@ -1,0 +1,16 @@
+"""The run configuration: typed sections, YAML loading, `key.sub=value` overrides, validation.
+
+Every field carries its own help text (`python launch.py --help-config` prints them all).
+- `fields.py`: the error type, `opt(default, help)` and the value checks,
+- `sections.py`: run, model, data, optimizer, schedule, checkpoints, logging, evaluation,
+- `methods.py`: the methods' own sections (iBOT, MaskAlign, the frozen teacher),
+- `schema.py`: the root `Config` and the checks that span sections,
+- `loading.py`: YAML files with `base:`, overrides, coercion, validation.
+"""
+
+from .fields import ConfigError
+from .loading import CONFIG_DIR, DEFAULT_CONFIG, PROJECT_ROOT, build_config, describe, dump_yaml, load_config, to_dict
+from .schema import Config
+
+__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "PROJECT_ROOT", "Config", "ConfigError", "build_config", "describe",
+           "dump_yaml", "load_config", "to_dict"]

@@ -1,0 +1,136 @@
+"""The methods' sections: iBOT (and iBOT + CLIP), MaskAlign, and the frozen teacher they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .fields import _at_least, _check_range, _require, opt
+
+IBOT = "bytedance/ibot"
+
+
+@dataclass
+class IBOTConfig:
+    """Defaults are main_ibot.py's argument defaults unless the help says otherwise."""
+
+    out_dim: int = opt(8192, f"Prototypes K of the [CLS] head ({IBOT} main_ibot.py --out_dim 8192, at every size).")
+    patch_out_dim: int | None = opt(None, "Prototypes of the patch head when it is not shared (--patch_out_dim); "
+                                          "null: out_dim. With shared_head_teacher it must equal out_dim: iBOT "
+                                          "ignores it then.")
+    shared_head: bool = opt(True, "One projection head for [CLS] and patch tokens (--shared_head true, as every "
+                                  "recipe in iBOT's README; main_ibot.py's own default is false).")
+    separate_patch_mlp: bool = opt(
+        False, f"With shared_head false: false = iBOT's iBOTHead, one MLP and a second prototype layer for patches "
+               f"({IBOT} models/head.py, last_layer2); true = DINOv2's separate_head, a whole second head "
+               "(facebookresearch/dinov2 ssl_meta_arch.py).")
+    shared_head_teacher: bool = opt(
+        True, f"With shared_head false: the EMA teacher keeps one shared head, so its patch targets come from its "
+              f"[CLS] prototypes and the student's patch prototypes have no teacher twin ({IBOT} "
+              "--shared_head_teacher, default true). false: the teacher mirrors the student (DINOv2).")
+    head_hidden_dim: int = opt(2048, "Hidden width of the 3-layer head MLP.")
+    head_bottleneck_dim: int = opt(256, "Bottleneck before the prototypes.")
+    norm_last_layer: bool = opt(True, "Fix the prototype norms to 1 (more stable; False for ViT-S in iBOT).")
+    prototype_init: Literal["linear", "trunc_normal"] = opt(
+        "linear", f"Initial prototype directions: 'linear' = nn.Linear's default (kaiming-uniform, row norm about "
+                  f"0.58), as iBOT's and DINO's weight_norm(nn.Linear) ({IBOT} models/head.py); 'trunc_normal': "
+                  "std 0.02 (row norm about 0.32 at 256 inputs).")
+    student_temp: float = opt(0.1, "Student softmax temperature.")
+    teacher_temp: tuple[float, float] = opt(
+        (0.04, 0.04), "[CLS] teacher temperature: warm-up start and final value (--warmup_teacher_temp 0.04, "
+                      "--teacher_temp 0.04; iBOT's README recipes warm it to 0.07).")
+    teacher_patch_temp: tuple[float, float] = opt(
+        (0.04, 0.07), "Patch teacher temperature: warm-up start and final value (--warmup_teacher_patch_temp 0.04, "
+                      "--teacher_patch_temp 0.07).")
+    teacher_temp_warmup_steps: int = opt(37_500, "Steps of linear warm-up of both teacher temperatures "
+                                                 "(--warmup_teacher_temp_epochs 30: 30 epochs of IN-1k at 1024).")
+    center_momentum: float = opt(0.9, "Momentum of the teacher output centers ([CLS] and patch).")
+    ema_momentum: tuple[float, float] = opt((0.996, 1.0), "Teacher EMA momentum: start and end of a cosine.")
+    cls_weight: float = opt(1.0, "Weight of L_CLS in the optimised loss.")
+    mim_weight: float = opt(1.0, "Weight of L_MIM in the optimised loss.")
+    freeze_last_layer_steps: int = opt(1250, "Prototype layer gets lr 0 for these first steps (one epoch).")
+    clip_weight: float = opt(1.0, "method ibot_clip: weight of the frozen-teacher feature distillation term.")
+    clip_loss: Literal["cosine", "smooth_l1"] = opt(
+        "cosine", "method ibot_clip: distance between predicted and (normalised) teacher features.")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "out_dim", "head_hidden_dim", "head_bottleneck_dim")
+        if self.patch_out_dim is not None:
+            _at_least(self, 1, "patch_out_dim")
+        _at_least(self, 0, "student_temp", strict=True)
+        for name in ("teacher_temp", "teacher_patch_temp"):
+            _require(all(t > 0 for t in getattr(self, name)), name, "must be > 0")
+        _require(0 <= self.center_momentum < 1, "center_momentum", f"{self.center_momentum} is outside [0, 1)")
+        _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        _at_least(self, 0, "teacher_temp_warmup_steps", "freeze_last_layer_steps")
+        _require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
+        _at_least(self, 0, "clip_weight")
+        if not self.shared_head and self.shared_head_teacher:
+            _require(self.patch_out_dim in (None, self.out_dim), "patch_out_dim",
+                     f"{self.patch_out_dim}: with shared_head_teacher the teacher scores patches with its [CLS] "
+                     f"prototypes, so it must equal out_dim ({self.out_dim})")
+
+
+@dataclass
+class FrozenTeacherConfig:
+    arch: str = opt("ViT-L-14", "An open_clip image tower (ViT-B-16, ViT-L-14, ViT-H-14, ViT-g-14; add -quickgelu "
+                                "for OpenAI's weights), clip_vit_tiny (CPU tests), or any timm ViT name (a DINO "
+                                "teacher: vit_base_patch16_224.dino).")
+    weights: str | None = opt(None, "Local weights file: open_clip .pt/.bin (whole CLIP or its visual tower), a "
+                                    "timm/DINO state dict, or .safetensors. Never downloaded.")
+    blocks: list[int] = opt([], "Teacher blocks whose outputs are targets (0-based; negative counts from the end). "
+                                "Empty: the method's default (maskalign: the last 5, MaskAlign's --loss_weights top5; "
+                                "ibot_clip: the last).")
+    mean: tuple[float, float, float] | None = opt(None, "Teacher input normalisation mean; null: the arch's own.")
+    std: tuple[float, float, float] | None = opt(None, "Teacher input normalisation std; null: the arch's own.")
+    antialias: bool = opt(False, "Resize the teacher's input and position embeddings with antialiasing (timm's "
+                                 "default). false: bicubic without, as MaskAlign does (OpenDriveLab/MaskAlign "
+                                 "models_pretrain.py: forward_clip, resize_pos_embed).")
+
+
+@dataclass
+class TeacherConfig:
+    clip: FrozenTeacherConfig = opt(FrozenTeacherConfig(), "The frozen teacher of maskalign and ibot_clip.")
+
+
+MASKALIGN = "OpenDriveLab/MaskAlign"
+
+
+@dataclass
+class MaskAlignConfig:
+    """Defaults follow the official code's ViT-B recipe (README: --mask_type attention --mask_ratio 0.7
+    --loss_weights top5 --head_type linear --fusion_type linear --loss_type smoothl1 --target_norm whiten)."""
+
+    mask_ratio: float = opt(0.7, "Fraction r of patches the student never sees; it encodes int(N * (1 - r)) "
+                                 "(int() as the reference).")
+    masking: Literal["attentive", "random"] = opt(
+        "attentive", "attentive: visible patches chosen by the teacher's last-block [CLS] attention; random: uniform.")
+    attentive_sampling: Literal["multinomial", "topk"] = opt(
+        "multinomial", f"How attentive masking picks the visible patches: sampled without replacement with "
+                       f"probabilities proportional to the attention ({MASKALIGN} models_pretrain.py "
+                       "attention_masking: torch.multinomial), or the top-k.")
+    student_blocks: list[int] = opt([], "Student blocks fed to the alignment (0-based, negative from the end); "
+                                        "empty: all.")
+    adapter_on: Literal["teacher_level", "student_level"] = opt(
+        "teacher_level", f"teacher_level: W mixes the student's block outputs, then one adapter per teacher level "
+                         f"maps the mix ({MASKALIGN} models_pretrain.py get_student); student_level: one adapter per "
+                         "student block, then W mixes the adapted features (the paper: y_j = sum_i w_ij A_i(x_i)).")
+    adapter: Literal["linear", "mlp"] = opt(
+        "linear", "Adapter: one linear layer (--head_type linear) or the paper's light 2-layer MLP (GELU).")
+    adapter_hidden_dim: int = opt(0, "Hidden width of the 2-layer adapters; 0: the student's width (as the "
+                                     "reference's --head_type mlp).")
+    dynamic: bool = opt(True, "Learn W (false: fixed at its start value, the paper's layer-wise alignment).")
+    w_offset: float = opt(0.01, f"W starts at the layer-wise mapping (student level at the same relative depth) plus "
+                                f"this constant everywhere ({MASKALIGN}: torch.eye(depth) + 0.01).")
+    align_cls: bool = opt(True, "Align the [CLS] token too (the reference concatenates it with the visible patches).")
+    pos_embed: Literal["sincos", "learned"] = opt(
+        "sincos", "Student position embeddings: fixed 2-D sin-cos in MAE's layout (the reference, built on MAE), "
+                  "or learned.")
+    loss_beta: float = opt(1.0, "Smooth-L1 transition point (the paper's loss: 1).")
+    align_weight: float = opt(2.0, f"Weight of the alignment loss (the mean over levels of smooth-L1); "
+                                   f"{MASKALIGN} forward_loss adds 2 * F.smooth_l1_loss.")
+
+    def validate(self) -> None:
+        _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
+        _at_least(self, 0, "adapter_hidden_dim", "w_offset", "align_weight")
+        _at_least(self, 0, "loss_beta", strict=True)

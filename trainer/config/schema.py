@@ -1,0 +1,93 @@
+"""The root of the run configuration: every section, and the checks that span sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .fields import _Invalid, _require, opt
+from .methods import IBOTConfig, MaskAlignConfig, TeacherConfig
+from .sections import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
+
+
+@dataclass
+class Config:
+    method: Literal["ibot", "maskalign", "ibot_clip"] = opt(
+        "ibot", "Pretraining objective (trainer/methods/<method>.py).")
+    run: RunConfig = opt(RunConfig(), "Run directory, seed, precision, kernels.")
+    model: ModelConfig = opt(ModelConfig(), "Backbone.")
+    data: DataConfig = opt(DataConfig(), "Shards, multi-crop augmentation and masks.")
+    optim: OptimConfig = opt(OptimConfig(), "Optimizer and its schedules.")
+    schedule: ScheduleConfig = opt(ScheduleConfig(), "Length of training.")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpoint cadence and retention.")
+    log: LogConfig = opt(LogConfig(), "Metrics cadence and sinks.")
+    ibot: IBOTConfig = opt(IBOTConfig(), "iBOT objective (methods ibot, ibot_clip).")
+    teacher: TeacherConfig = opt(TeacherConfig(), "Frozen teachers.")
+    maskalign: MaskAlignConfig = opt(MaskAlignConfig(), "MaskAlign objective (method: maskalign).")
+    eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
+
+    def validate(self) -> None:
+        p = self.model.patch_size
+        for name in ("global_crops", "local_crops"):
+            crop = getattr(self.data, name)
+            if crop.number:
+                _require(crop.size % p == 0, f"data.{name}.size",
+                         f"{crop.size} is not a multiple of model.patch_size ({p})")
+        grid = (self.data.global_crops.size // p) ** 2
+        if self.method in ("ibot", "ibot_clip"):
+            _require(self.data.global_crops.number == 2, "data.global_crops.number",
+                     f"{self.data.global_crops.number}: {self.method} needs exactly 2 global crops")
+        for name in ("blur_p", "solarize_p"):
+            _require(len(getattr(self.data.augment, name)) == self.data.global_crops.number, f"data.augment.{name}",
+                     f"needs one probability per global crop ({self.data.global_crops.number})")
+        if self.method == "maskalign":
+            _require(self.data.local_crops.number == 0, "data.local_crops.number",
+                     "maskalign uses no local crops: set it to 0")
+            keep = max(1, int(grid * (1 - self.maskalign.mask_ratio)))
+            _require(keep < grid, "maskalign.mask_ratio",
+                     f"{self.maskalign.mask_ratio} leaves all {grid} patches of a global crop visible")
+            _check_blocks(self.maskalign.student_blocks, _student_depth(self.model.arch), "maskalign.student_blocks")
+        if self.method in ("maskalign", "ibot_clip"):
+            self._validate_frozen_teacher()
+        if self.data.mask.kind == "block" and self.data.mask.ratio[1] > 0:
+            _require((self.data.mask.min_block_patches or 1) <= grid, "data.mask.min_block_patches",
+                     f"{self.data.mask.min_block_patches} exceeds the {grid} patches of a global crop")
+
+
+    def _validate_frozen_teacher(self) -> None:
+        from models.teachers import resolve_arch, teacher_depth
+
+        t = self.teacher.clip
+        try:
+            resolve_arch(t.arch)
+        except ValueError as e:
+            raise _Invalid("teacher.clip.arch", str(e)) from None
+        _require(t.weights is not None, "teacher.clip.weights",
+                 f"{self.method} needs a local weights file for its frozen teacher ({t.arch})")
+        path = Path(t.weights).expanduser()
+        hint = "; make one with: python scripts/make_tiny_clip.py" if t.arch == "clip_vit_tiny" else ""
+        _require(path.is_file(), "teacher.clip.weights", f"{path}: file not found{hint}")
+        _check_blocks(t.blocks, teacher_depth(t.arch), "teacher.clip.blocks")
+
+
+def _student_depth(arch: str) -> int:
+    from models.vit import VIT_ARCHS
+
+    return VIT_ARCHS[arch][1]
+
+
+def _check_blocks(blocks: list[int], depth: int, key: str) -> None:
+    for b in blocks:
+        _require(-depth <= b < depth, key, f"block {b} does not exist (depth {depth})")
+    _require(len({b % depth for b in blocks}) == len(blocks), key, f"{blocks} names a block twice")
+

@@ -1,0 +1,236 @@
+"""The run's sections: run, model, data, optimizer, schedule, checkpoints, logging, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .fields import _at_least, _check_prob, _check_range, _require, opt
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard events, log.")
+    seed: int = opt(0, "Global seed; data order, augmentations and masks are pure functions of it.")
+    precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "Training precision of the student.")
+    kernels: Literal["auto", "triton", "torch"] = opt(
+        "auto", "Attention / softmax-CE implementations: 'torch' (PyTorch references), 'triton' (Triton kernels "
+                "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (the kernels on a CUDA GPU "
+                "where a start-up self-check against the references passes, the references elsewhere).")
+
+    def validate(self) -> None:
+        _require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        if self.kernels == "triton":
+            from models.kernels import triton_available
+
+            ok, why = triton_available()
+            _require(ok, "kernels", f"'triton' cannot run here: {why}; use 'torch' or 'auto'")
+        _at_least(self, 0, "seed")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("vit_small", "Backbone name from the model registry (vit_tiny, vit_small ... vit_giant2).")
+    patch_size: int = opt(16, "Patch size in pixels; crop sizes must be multiples of it.")
+    drop_path: float = opt(0.1, "Stochastic depth rate of the last block (linear over depth).")
+    layer_scale: float | None = opt(None, "LayerScale init value (e.g. 1e-5 for giant models); null: off.")
+    grad_checkpointing: int = opt(0, "Recompute every k-th block in backward (1: every block; 0: off).")
+    sharded_init: bool = opt(False, "Build the model under deepspeed.zero.Init (no rank holds all weights; "
+                                    "use for ViT-H and larger under ZeRO-3).")
+    pos_embed_interp: Literal["dino", "timm"] = opt(
+        "dino", "How position embeddings are resampled for another grid (local crops): 'dino' = bicubic without "
+                "antialias at scale (n + 0.1) / N, as iBOT, DINO and DINOv2 (bytedance/ibot "
+                "models/vision_transformer.py interpolate_pos_encoding; DINOv2 interpolate_offset 0.1, "
+                "interpolate_antialias false); 'timm' = timm's resample_abs_pos_embed (bicubic, antialias, to size).")
+
+    def validate(self) -> None:
+        from models.vit import VIT_ARCHS
+
+        _require(self.arch in VIT_ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(VIT_ARCHS)}")
+        _at_least(self, 0, "patch_size", strict=True)
+        _require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
+        _at_least(self, 0, "grad_checkpointing")
+
+
+@dataclass
+class CropConfig:
+    number: int = opt(2, "How many crops of this kind per image.")
+    size: int = opt(224, "Output side in pixels (square).")
+    scale: tuple[float, float] = opt((0.32, 1.0), "RandomResizedCrop area range, as fractions of the image.")
+
+    def validate(self) -> None:
+        _at_least(self, 0, "number")
+        _at_least(self, 0, "size", strict=True)
+        _check_range(self.scale, "scale", 0.0, 1.0)
+        _require(self.scale[1] > 0, "scale", "upper bound must be > 0")
+
+
+@dataclass
+class AugmentConfig:
+    flip_p: float = opt(0.5, "Horizontal flip probability.")
+    color_jitter_p: float = opt(0.8, "Probability of applying colour jitter.")
+    color_jitter: tuple[float, float, float, float] = opt(
+        (0.4, 0.4, 0.2, 0.1), "Colour jitter strengths: brightness, contrast, saturation, hue."
+    )
+    grayscale_p: float = opt(0.2, "Random grayscale probability.")
+    blur_p: list[float] = opt([1.0, 0.1], "Gaussian blur probability of each global crop (iBOT: 1.0, 0.1).")
+    local_blur_p: float = opt(0.5, "Gaussian blur probability of each local crop.")
+    blur_sigma: tuple[float, float] = opt((0.1, 2.0), "Gaussian blur radius range.")
+    solarize_p: list[float] = opt([0.0, 0.2], "Solarisation probability of each global crop (iBOT: 0.0, 0.2).")
+    mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "Normalisation mean (RGB).")
+    std: tuple[float, float, float] = opt(IMAGENET_STD, "Normalisation std (RGB).")
+
+    def validate(self) -> None:
+        for name in ("flip_p", "color_jitter_p", "grayscale_p", "local_blur_p"):
+            _check_prob(getattr(self, name), name)
+        for name in ("blur_p", "solarize_p"):
+            for v in getattr(self, name):
+                _check_prob(v, name)
+        b, c, s, h = self.color_jitter
+        _require(min(b, c, s) >= 0, "color_jitter", "brightness, contrast, saturation must be >= 0")
+        _require(0 <= h <= 0.5, "color_jitter", f"hue {h} is outside [0, 0.5]")
+        _check_range(self.blur_sigma, "blur_sigma", 0.0, 100.0)
+        _require(all(s > 0 for s in self.std), "std", "every entry must be > 0")
+
+
+@dataclass
+class MaskConfig:
+    kind: Literal["block", "random"] = opt("block", "BEiT blockwise masks or uniformly random patches.")
+    ratio: tuple[float, float] = opt(
+        (0.1, 0.5), "Masked fraction of a global view's patches, drawn uniformly per view from this range."
+    )
+    prob: float = opt(0.5, "Probability that a global view is masked at all (iBOT: 0.5).")
+    min_block_patches: int | None = opt(
+        None, "Smallest block, in patches. null: iBOT's (min(h, w) // 3)^2, 16 on a 14 x 14 grid and 25 on 16 x 16 "
+              "(bytedance/ibot loader.py); BEiT: 16.")
+    min_aspect: float = opt(0.3, "Block aspect ratios are drawn log-uniformly from [min_aspect, 1/min_aspect].")
+    fill_exact: bool = opt(
+        False, "When no block fits the remaining count, grow the mask patch by patch to exactly int(ratio * h * w). "
+               "false: stop short, as iBOT's and BEiT's generators do (bytedance/ibot loader.py, "
+               "microsoft/unilm beit/masking_generator.py).")
+
+    def validate(self) -> None:
+        _check_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
+        _check_prob(self.prob, "prob")
+        if self.min_block_patches is not None:
+            _at_least(self, 1, "min_block_patches")
+        _require(0 < self.min_aspect <= 1, "min_aspect", f"{self.min_aspect} is outside (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = opt(
+        "builtin:digits",
+        "WebDataset shards: a brace pattern, a directory of .tar files, a list file (.txt), a pipe: or "
+        "s3:// URL, or builtin:digits (the embedded data set, written to cache_dir on first use).",
+    )
+    val_shards: str | None = opt(None, "Labelled shards for kNN evaluation; builtin:digits has its own split.")
+    batch_size: int = opt(64, "Images per rank per micro-step.")
+    num_workers: int = opt(8, "Loader processes per rank; 0 reads in the training process.")
+    shuffle_buffer: int = opt(2000, "Samples held per loader process for shuffling (raw bytes, not decoded).")
+    shard_retries: int = opt(2, "Extra attempts to open a shard before it is skipped and counted.")
+    max_failed_fraction: float = opt(
+        0.05, "Stop the run when more than this fraction of the samples read on a rank cannot be used (corrupt or "
+              "missing images; judged after 200 samples). Each failure is skipped, counted and logged either way.")
+    global_crops: CropConfig = opt(CropConfig(2, 224, (0.32, 1.0)), "Global crops (teacher and student).")
+    local_crops: CropConfig = opt(CropConfig(10, 96, (0.05, 0.32)), "Local crops (student only, never masked).")
+    augment: AugmentConfig = opt(AugmentConfig(), "Photometric augmentations (DINO/iBOT recipe).")
+    mask: MaskConfig = opt(MaskConfig(), "Patch masks of the global crops.")
+    s3_command: str = opt("aws s3 cp --quiet {url} -", "Shell command streaming an s3:// URL to stdout.")
+    cache_dir: str = opt("~/.cache/mimscale", "Where builtin data sets are written.")
+
+    def validate(self) -> None:
+        _require(bool(self.train_shards.strip()), "train_shards", "must not be empty")
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "num_workers")
+        _at_least(self, 1, "shuffle_buffer")
+        _at_least(self, 0, "shard_retries")
+        _check_prob(self.max_failed_fraction, "max_failed_fraction")
+        _require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
+        _require("{url}" in self.s3_command, "s3_command", "must contain {url}")
+        if self.local_crops.number > 0:
+            _require(self.local_crops.size < self.global_crops.size, "local_crops.size",
+                     f"{self.local_crops.size} must be smaller than global_crops.size "
+                     f"({self.global_crops.size})")
+
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(5e-4, "Peak learning rate for the whole global batch (no implicit scaling).")
+    min_lr: float = opt(1e-6, "Learning rate at the end of the cosine.")
+    warmup_steps: int = opt(1000, "Linear learning-rate warm-up, in optimizer steps.")
+    weight_decay: tuple[float, float] = opt((0.04, 0.4), "Weight decay at the start and end (cosine).")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    clip_grad: float = opt(3.0, "Gradient-norm clipping threshold (see clip_mode); 0 disables clipping.")
+    clip_mode: Literal["per_param", "global"] = opt(
+        "per_param", "per_param: each parameter's gradient is scaled to norm <= clip_grad on its own, as iBOT and "
+                     "DINO do (bytedance/ibot utils.py clip_gradients, clip 3.0); global: DeepSpeed's clipping of "
+                     "the norm of all gradients together.")
+    decay_embeddings: bool = opt(
+        True, "Weight decay on pos_embed, cls_token and mask_token: only biases and 1-D parameters are exempt, as in "
+              "iBOT, DINO and MAE/MaskAlign (bytedance/ibot utils.py get_params_groups). false: also exempt what "
+              "the backbone's no_weight_decay() names (timm's convention).")
+    grad_accum: int = opt(1, "Micro-steps per optimizer step.")
+    layer_decay: float = opt(1.0, "Layer-wise lr decay factor (1.0: off).")
+    max_consecutive_skips: int = opt(
+        10, "Optimizer steps skipped for a non-finite loss or gradient norm (on any rank) are counted; this many "
+            "in a row stop the run, naming the step and the newest checkpoint. fp16 loss-scale overflows count too.")
+
+    def validate(self) -> None:
+        _at_least(self, 0, "lr", strict=True)
+        _require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is outside [0, lr={self.lr}]")
+        _at_least(self, 0, "warmup_steps")
+        _require(all(w >= 0 for w in self.weight_decay), "weight_decay", "must be >= 0")
+        _check_range(self.betas, "betas", 0.0, 1.0, hi_open=True)
+        _at_least(self, 0, "eps", strict=True)
+        _at_least(self, 0, "clip_grad")
+        _at_least(self, 1, "grad_accum")
+        _require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
+        _at_least(self, 1, "max_consecutive_skips")
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = opt(100_000, "Optimizer steps to train for.")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "steps")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(1000, "Save every N optimizer steps (and at the end).")
+    keep: int = opt(3, "Newest checkpoints kept; older ones are deleted after a successful save.")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "every_steps")
+        _at_least(self, 1, "keep")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = opt(20, "Print and record metrics every N optimizer steps.")
+    tensorboard: bool = opt(True, "Write TensorBoard event files into the run directory.")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "every_steps")
+
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = opt(20, "Neighbours of the weighted kNN (DINO: 20).")
+    knn_temp: float = opt(0.07, "Temperature of the kNN vote weights.")
+    knn_at_end: bool = opt(True, "Run kNN on val_shards after training (and on the untrained network first).")
+    batch_size: int = opt(128, "Images per rank per feature-extraction batch.")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "knn_k")
+        _at_least(self, 0, "knn_temp", strict=True)
+        _at_least(self, 1, "batch_size")
+
