@@ -21,7 +21,7 @@ from trainer.ds_config import build_ds_config
 from trainer.engine import apply_schedule, build_engine, init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
+TINY = ["run.precision=bf16", "model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
         "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0", "model.sharded_init=true"]
 
 

@@ -60,7 +60,9 @@ def optimizer_state(ckpt: Path, rank: int) -> dict:
     from trainer.checkpoint import _deepspeed_safe_globals
 
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        sd = torch.load(ckpt / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=True)
+        # bf16_zero_pp_rank_* under bf16, zero_pp_rank_* under fp32 (run.precision picks)
+        (path,) = ckpt.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        sd = torch.load(path, weights_only=True)
     return sd["optimizer_state_dict"]
 
 
