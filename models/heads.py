@@ -52,17 +52,56 @@ class NormedLinear(nn.Module):
         return F.linear(x, w) if loss_fn is None else loss_fn(x, w)
 
 
+class TokenBatchNorm(nn.Module):
+    """Batch normalisation over every token of a forward ([..., C], all leading dimensions), with the
+    batch's statistics only: iBOT's head norm 'bn' (its teacher runs in train mode, so it normalises
+    with batch statistics too; running averages are never used, since the head is never evaluated).
+
+    `all_reduce` (a differentiable sum over ranks, given by the caller: models hold no process
+    groups) makes it a SyncBatchNorm, as main_ibot.py converts it on several GPUs.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps, self.all_reduce = eps, all_reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        stats = torch.cat([rows.sum(0), rows.pow(2).sum(0), rows.new_full((1,), rows.shape[0])])
+        if self.all_reduce is not None:
+            stats = self.all_reduce(stats)
+        C = rows.shape[1]
+        mean = stats[:C] / stats[-1]
+        var = (stats[C:2 * C] / stats[-1] - mean.pow(2)).clamp(min=0)
+        y = (rows - mean) * torch.rsqrt(var + self.eps) * self.weight.float() + self.bias.float()
+        return y.to(x.dtype).view(x.shape)
+
+
+HEAD_NORMS = ("none", "bn", "ln")
+
+
 class DINOHead(nn.Module):
-    """MLP (n layers, GELU) -> bottleneck -> L2 normalise -> K weight-normalised prototypes."""
+    """MLP (n layers, optional norm after each hidden layer, GELU) -> bottleneck -> L2 normalise ->
+    K weight-normalised prototypes. `norm`: none, bn (`TokenBatchNorm`) or ln, as iBOT's --norm_in_head."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True, prototype_init: str = "linear"):
+                 nlayers: int = 3, norm_last_layer: bool = True, prototype_init: str = "linear", norm: str = "none",
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"head norm {norm!r} is not one of {', '.join(HEAD_NORMS)}")
+        self.batch_norm = norm == "bn"
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:
+                if norm == "bn":
+                    layers.append(TokenBatchNorm(dims[i + 1], all_reduce=all_reduce))
+                elif norm == "ln":
+                    layers.append(nn.LayerNorm(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -93,6 +132,7 @@ class IBOTHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, patch_out_dim: int | None = None, patch: str = "shared",
                  norm_last_layer: bool = True, prototype_init: str = "linear", **kw):
+        """kw: DINOHead's hidden_dim, bottleneck_dim, nlayers, norm, all_reduce."""
         super().__init__()
         if patch not in PATCH_HEADS:
             raise ValueError(f"patch head {patch!r} is not one of {', '.join(PATCH_HEADS)}")
@@ -115,7 +155,21 @@ class IBOTHead(nn.Module):
             return self.patch.bottleneck, self.patch.last_layer
         return self.cls.bottleneck, self.cls.last_layer if self.last_layer2 is None else self.last_layer2
 
+    @property
+    def batch_norm(self) -> bool:
+        """Whether rows interact (batch norm): then which tokens go through the MLP together matters."""
+        return self.cls.batch_norm
+
+    def bottlenecks(self, cls: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cls: [B, C], patch: [B, N, C] -> their bottleneck features. A shared MLP sees all the tokens of
+        a forward at once, as iBOT runs its head on the backbone's whole output (with batch norm, one set
+        of statistics for [CLS] and patches)."""
+        if self.patch is not None:
+            return self.cls.bottleneck(cls), self.patch.bottleneck(patch)
+        h = self.cls.bottleneck(torch.cat([cls.unsqueeze(1), patch], dim=1))
+        return h[:, 0], h[:, 1:]
+
     def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cls: [B, C], patch: [B, N, C] -> logits [B, K], [B, N, K']."""
-        (cls_mlp, cls_protos), (patch_mlp, patch_protos) = self.cls_path(), self.patch_path()
-        return cls_protos(cls_mlp(cls)), patch_protos(patch_mlp(patch))
+        h_cls, h_patch = self.bottlenecks(cls, patch)
+        return self.cls_path()[1](h_cls), self.patch_path()[1](h_patch)

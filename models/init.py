@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .heads import NormedLinear
+from .heads import NormedLinear, TokenBatchNorm
 from .vit import VisionTransformer
 
 
@@ -34,9 +34,9 @@ def init_module_(module: nn.Module) -> None:
         _fill(module.weight, normal02)
     if isinstance(module, nn.Conv2d):
         _fill(module.weight, lambda t: nn.init.kaiming_uniform_(t, a=5 ** 0.5))  # torch's default, as timm keeps
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, (nn.LayerNorm, TokenBatchNorm)):
         nn.init.ones_(module.weight)
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and module.bias is not None:
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, TokenBatchNorm)) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, VisionTransformer):
         module.init_pos_embed()

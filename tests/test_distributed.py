@@ -74,6 +74,14 @@ def test_logged_losses_are_means_over_micro_batches_and_ranks(tmp_path):
     assert r == {"loss": 3.0, "loss_cls": 2.5}  # ((1 + 3) / 2 + (2 + 6) / 2) / 2; (0 + 10) / 2 / 2
 
 
+def test_head_batch_norm_uses_every_ranks_statistics(tmp_path):
+    """ibot.head_norm bn on 2 ranks equals nn.BatchNorm1d over both ranks' tokens: iBOT's SyncBatchNorm."""
+    report = tmp_path / "bn.json"
+    torchrun(str(ROOT / "tests" / "dist" / "sync_bn_check.py"), str(report))
+    for r in json.loads(report.read_text()):
+        assert r["world"] == 2 and max(r["y"], r["dx"], r["dw"]) < 1e-4, r
+
+
 def _run_cmd(out: Path, steps: int, extra=()) -> list[str]:
     return ["launch.py", "--config", str(ROOT / "configs" / "ibot_vit_tiny.yaml"), f"run.output_dir={out}",
             f"schedule.steps={steps}", "checkpoint.every_steps=3", "log.every_steps=1", "eval.knn_at_end=false",

@@ -241,3 +241,88 @@ def test_sincos_position_table_is_maes_and_fixed():
     by_name = {n: g for g in param_groups(method) for n in g["names"]}
     assert by_name["student.backbone.pos_embed"]["lr_scale"] == 0.0
     assert by_name["student.backbone.pos_embed"]["wd_scale"] == 0.0
+
+
+class IBOTCustomSequential(torch.nn.Sequential):
+    """bytedance/ibot models/head.py CustomSequential: BatchNorm1d over the channels of [B, N, C]."""
+    bn_types = (torch.nn.BatchNorm1d,)
+
+    def forward(self, input):
+        for module in self:
+            dim = len(input.shape)
+            if isinstance(module, self.bn_types) and dim > 2:
+                perm = list(range(dim - 1))
+                perm.insert(1, dim - 1)
+                inv_perm = list(range(dim)) + [1]
+                inv_perm.pop(1)
+                input = module(input.permute(*perm)).permute(*inv_perm)
+            else:
+                input = module(input)
+        return input
+
+
+def test_head_batch_norm_is_ibots():
+    """ibot.head_norm bn: iBOT's --norm_in_head bn (BatchNorm1d in train mode, CustomSequential over all
+    tokens), for forward and backward, on [CLS] and patch tokens together."""
+    torch.manual_seed(0)
+    head = IBOTHead(24, 40, hidden_dim=16, bottleneck_dim=8, norm="bn")
+    ours = head.cls.mlp
+    layers = []
+    for m in ours:
+        if isinstance(m, torch.nn.Linear):
+            lin = torch.nn.Linear(m.in_features, m.out_features)
+            lin.load_state_dict(m.state_dict())
+            layers.append(lin)
+        elif isinstance(m, torch.nn.GELU):
+            layers.append(torch.nn.GELU())
+        else:
+            bn = torch.nn.BatchNorm1d(m.weight.numel())
+            with torch.no_grad():
+                bn.weight.copy_(torch.randn(bn.weight.shape))
+                bn.bias.copy_(torch.randn(bn.bias.shape))
+                m.weight.copy_(bn.weight)
+                m.bias.copy_(bn.bias)
+            layers.append(bn)
+    ref = IBOTCustomSequential(*layers).train()
+    cls, patch = torch.randn(6, 24, requires_grad=True), torch.randn(6, 5, 24, requires_grad=True)
+    h_cls, h_patch = head.bottlenecks(cls, patch)
+    expected = torch.nn.functional.normalize(ref(torch.cat([cls.unsqueeze(1), patch], 1)), dim=-1)
+    torch.testing.assert_close(torch.cat([h_cls.unsqueeze(1), h_patch], 1), expected, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(expected)
+    (torch.cat([h_cls.unsqueeze(1), h_patch], 1) * g).sum().backward()
+    ours_grads = [cls.grad.clone(), patch.grad.clone()]
+    cls.grad = patch.grad = None
+    (expected * g).sum().backward()
+    for a, b in zip(ours_grads, [cls.grad, patch.grad]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_norm_head_sees_tokens_grouped_as_ibot():
+    """With batch norm the student's head runs on all tokens of the global crops, then on all tokens of the
+    local crops, as iBOT's MultiCropWrapper does; the losses equal that computation done by hand."""
+    from trainer.methods.ibot import ibot_losses
+
+    method = _tiny_ibot("ibot.head_norm=bn")
+    g = torch.Generator().manual_seed(0)
+    batch = {"global_crops": torch.randn(2, 3, 3, 32, 32, generator=g), "local_crops": torch.randn(4, 3, 3, 16, 16,
+                                                                                                     generator=g),
+             "masks": torch.rand(2, 3, 4, 4, generator=g) < 0.5}
+    values = {"teacher_temp": 0.04, "teacher_patch_temp": 0.07}
+    center = (method.center.clone(), method.center_patch.clone())
+    ours = method(batch, values)
+    method.center.copy_(center[0])
+    method.center_patch.copy_(center[1])
+    with torch.no_grad():
+        s_g = method.student.backbone.forward_features(batch["global_crops"].flatten(0, 1),
+                                                       batch["masks"].flatten(0, 1))
+        s_l = method.student.backbone.forward_features(batch["local_crops"].flatten(0, 1))
+        t = method.teacher.backbone.forward_features(batch["global_crops"].flatten(0, 1))
+        head = method.student.head
+        g_cls, g_patch = head(s_g["cls"], s_g["patch"])  # all tokens of the global crops at once
+        l_cls, _ = head(s_l["cls"], s_l["patch"])  # all tokens of the local crops at once
+        t_cls, t_patch = method.teacher.head(t["cls"], t["patch"])
+        masks = batch["masks"].flatten(2)
+        expected = ibot_losses(torch.cat([g_cls, l_cls]), g_patch[masks.flatten(0, 1)], masks, t_cls,
+                               t_patch.flatten(0, 1), *center, 0.1, 0.04, 0.07)
+    torch.testing.assert_close(ours["cls"].detach(), expected["cls"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours["mim"].detach(), expected["mim"], atol=1e-5, rtol=1e-4)

@@ -29,6 +29,10 @@ class IBOTConfig:
               f"[CLS] prototypes and the student's patch prototypes have no teacher twin ({IBOT} "
               "--shared_head_teacher, default true). false: the teacher mirrors the student (DINOv2).")
     head_hidden_dim: int = opt(2048, "Hidden width of the 3-layer head MLP.")
+    head_norm: Literal["none", "bn", "ln"] = opt(
+        "none", f"Norm after each hidden layer of the head MLP ({IBOT} main_ibot.py --norm_in_head, default none). "
+                "bn: batch statistics over every token of a forward on every rank (iBOT's SyncBatchNorm; its "
+                "teacher uses batch statistics too), the head run on all tokens as iBOT runs it.")
     head_bottleneck_dim: int = opt(256, "Bottleneck before the prototypes.")
     norm_last_layer: bool = opt(True, "Fix the prototype norms to 1 (more stable; False for ViT-S in iBOT).")
     prototype_init: Literal["linear", "trunc_normal"] = opt(

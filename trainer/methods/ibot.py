@@ -83,6 +83,15 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
     return {"cls": cls_total / (len(pairs) * B), "mim": mim}
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """A differentiable all-reduce (sum) over the data-parallel ranks; identity on one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x)
+    return x
+
+
 @register("ibot")
 class IBOT(nn.Module):
     """Student and EMA teacher (backbone + iBOT head each) on one module tree."""
@@ -114,7 +123,7 @@ class IBOT(nn.Module):
         def head(width: int, patch: str) -> IBOTHead:
             return IBOTHead(width, i.out_dim, patch_out_dim, patch=patch, hidden_dim=i.head_hidden_dim,
                             bottleneck_dim=i.head_bottleneck_dim, norm_last_layer=i.norm_last_layer,
-                            prototype_init=i.prototype_init)
+                            prototype_init=i.prototype_init, norm=i.head_norm, all_reduce=sum_over_ranks)
 
         student, teacher, impl = build_student(cfg), build_student(cfg, drop_path=0.0), kernels(cfg)
         return {"student": student, "student_head": head(student.embed_dim, patch), "teacher": teacher,
@@ -164,16 +173,21 @@ class IBOT(nn.Module):
         else:
             outs = [backbone.forward_features(x, m) for x, m in views]
         s = outs[0]
-        (cls_mlp, cls_protos), (patch_mlp, patch_protos) = self.student.head.cls_path(), self.student.head.patch_path()
-        # The heads' last layers run inside the loss (fused where the kernels are on); the patch head
-        # sees the masked tokens only: the rest never enters the loss.
+        head = self.student.head
+        (cls_mlp, cls_protos), (patch_mlp, patch_protos) = head.cls_path(), head.patch_path()
+        # The heads' last layers run inside the loss (fused where the kernels are on).
         masked_tokens = s["patch"][flat_masks]
+        if head.batch_norm:  # statistics per forward, grouped as iBOT's: global crops, then local crops
+            h_cls, h_patch = head.bottlenecks(s["cls"], s["patch"])
+            h_cls = torch.cat([h_cls] + [head.bottlenecks(o["cls"], o["patch"])[0] for o in outs[1:]])
+            h_patch = h_patch[flat_masks]
+        else:  # rows are independent: the patch MLP sees the masked tokens only, the rest never enters the loss
+            h_cls, h_patch = cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens)
         sums = (self.center.new_zeros(self.center.shape, dtype=torch.float32),
                 self.center_patch.new_zeros(self.center_patch.shape, dtype=torch.float32))
         losses = ibot_losses(
-            cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens), masks, t_cls,
-            t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp, values["teacher_temp"],
-            values["teacher_patch_temp"], self.loss_fn, (cls_protos, patch_protos), sums)
+            h_cls, h_patch, masks, t_cls, t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp,
+            values["teacher_temp"], values["teacher_patch_temp"], self.loss_fn, (cls_protos, patch_protos), sums)
         self.update_centers(sums[0] / t_cls.shape[0], sums[1] / (t_patch.shape[0] * t_patch.shape[1]))
         return losses, masked_tokens
 
