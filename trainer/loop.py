@@ -157,6 +157,10 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     a = cfg.data.augment
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
+    # Loss sums over the applied steps since the last log line: one step's loss on a small batch
+    # is too noisy to compare across lines (a skipped step's non-finite loss stays out).
+    window_sums: dict[str, torch.Tensor] = {}
+    window_count = 0
     last = min(cfg.schedule.steps, stop_at) if stop_at else cfg.schedule.steps
     stopped_by = None
     while step < last:
@@ -180,14 +184,19 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         if guard.record(engine.was_step_applied(), step, losses, ckpt.latest):
             if ema is not None:
                 ema.update(values["momentum"])
+            for k, v in sums.items():
+                window_sums[k] = window_sums.get(k, 0.0) + v
+            window_count += cfg.optim.grad_accum
         else:
             for b, saved in zip((b for b in method.buffers() if b.is_floating_point()), before):
                 b.copy_(saved)
         if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
             elapsed = time.perf_counter() - window_start
-            # What was optimised this step: the weighted total and its terms, averaged over the
-            # micro-batches and the ranks.
-            record = {**mean_over_ranks(sums, cfg.optim.grad_accum), "lr": values["lr"],
+            # What was optimised: the weighted total and its terms, averaged over the micro-batches,
+            # the ranks and the applied steps since the last line (NaN when every one was skipped).
+            losses_mean = (mean_over_ranks(window_sums, window_count) if window_count else
+                           {k: float("nan") for k in sums})
+            record = {**losses_mean, "lr": values["lr"],
                       "weight_decay": values["weight_decay"], "momentum": values["momentum"],
                       "teacher_temp": values["teacher_temp"], "teacher_patch_temp": values["teacher_patch_temp"],
                       "images_per_s": window_steps * global_batch / elapsed,
@@ -202,6 +211,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step", step, cfg.schedule.steps,
                      record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"])
             window_start, window_steps = time.perf_counter(), 0
+            window_sums, window_count = {}, 0
         if guard.stop_requested:
             log.warning("%s received: saving step %d and stopping; the same command resumes", guard.signal_name or
                         "a stop signal (on another rank)", step)

@@ -20,7 +20,9 @@ def _same(a, b) -> bool:
 
 def test_nan_on_one_rank_skips_the_step_on_both(tmp_path):
     run = tmp_path / "run"
-    result = ok(launch(tiny_args(run, 4), faults=("nan:3@1",), ranks=2))
+    # Without batch norm in the head: its statistics, summed over ranks, would carry rank 1's NaN
+    # into rank 0's loss too (as iBOT's SyncBatchNorm would).
+    result = ok(launch(tiny_args(run, 4, "ibot.head_norm=none"), faults=("nan:3@1",), ranks=2))
     assert "step 3 skipped on every rank (non-finite loss on rank(s) 1" in result.stderr
     ckpt = run / "checkpoints"
     for rank in (0, 1):
@@ -52,3 +54,15 @@ def test_consecutive_skips_stop_the_run_naming_step_and_checkpoint(tmp_path):
     log = (run / "logs" / "rank0.log").read_text()
     assert "Traceback" in log and "NumericalFault" in log
     assert sorted(losses(run)) == [1, 2, 3]  # step 4 raised before its metrics line
+
+
+def test_logged_losses_are_means_over_the_applied_steps_since_the_last_line(tmp_path):
+    each, pairs = tmp_path / "each", tmp_path / "pairs"
+    ok(launch(tiny_args(each, 4), faults=("nan:3",)))
+    ok(launch(tiny_args(pairs, 4, "log.every_steps=2"), faults=("nan:3",)))
+    by_step = {r["step"]: r for r in metrics(each) if "loss" in r}
+    logged = {r["step"]: r for r in metrics(pairs) if "loss" in r}
+    assert sorted(logged) == [2, 4]
+    for key in ("loss", "loss_cls", "loss_mim"):
+        assert logged[2][key] == pytest.approx((by_step[1][key] + by_step[2][key]) / 2, rel=1e-6)
+        assert logged[4][key] == pytest.approx(by_step[4][key], rel=1e-6)  # step 3 was skipped
