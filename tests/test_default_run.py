@@ -1,5 +1,7 @@
 """`python launch.py` with no arguments: the embedded default, end to end, on the CPU."""
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -19,9 +21,18 @@ def test_default_run_learns_features(tmp_path):
                              f"data.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
-    match = re.search(r"kNN top-1 .*: ([\d.]+)%\s+random init: ([\d.]+)%", result.stdout)
+    match = re.search(r"kNN top-1 .*: ([\d.]+)%\s+random init: ([\d.]+)%\s+raw pixels: ([\d.]+)%", result.stdout)
     assert match, result.stdout[-2000:]
-    trained, random_init = float(match.group(1)), float(match.group(2))
-    assert trained >= random_init + 5.0, (trained, random_init)
+    trained, random_init, raw_pixels = map(float, match.groups())
+    # Seen here: 69.0% against 41.3% (README, "The embedded default"); raw pixels 98.3%.
+    assert trained >= random_init + 20.0, (trained, random_init)
+    assert raw_pixels > 90.0, raw_pixels
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records if "loss" in r}
+    first, end = by_step[50], by_step[max(by_step)]
+    # Both terms fall (each line is the mean of the 25 steps before it), and the [CLS] teacher is
+    # not uniform: the loss of a collapsed run sits at ln K.
+    assert end["loss_cls"] < first["loss_cls"] - 1.0, (first, end)  # seen: 5.10 -> 3.18
+    assert end["loss_mim"] < first["loss_mim"] - 0.15, (first, end)  # seen: 2.95 -> 2.62
+    assert end["loss_cls"] < math.log(1024) - 2.0, end

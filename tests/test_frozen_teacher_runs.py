@@ -27,6 +27,7 @@ def test_tiny_config_learns_features(tmp_path, config):
     match = re.search(r"kNN top-1 .*: ([\d.]+)%\s+random init: ([\d.]+)%", result.stdout)
     assert match, result.stdout[-2000:]
     trained, random_init = float(match.group(1)), float(match.group(2))
-    assert trained >= random_init + 5.0, (trained, random_init)
+    # Seen here: MaskAlign 58.7% against 41.7%, iBOT + CLIP 59.3% against 41.3% (README)
+    assert trained >= random_init + 10.0, (trained, random_init)
     # the checkpoint holds no frozen teacher: it is reloaded from the file on resume
     assert "frozen teacher clip_vit_tiny loaded" in result.stderr
