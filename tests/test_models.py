@@ -89,8 +89,11 @@ def test_prototype_init_row_norms():
 
 
 def _tiny_ibot(*overrides):
+    # iBOT's own head (the embedded default's differs, see configs/defaults.yaml)
+    reference_head = ["ibot.shared_head=true", "ibot.separate_patch_mlp=false", "ibot.shared_head_teacher=true",
+                      "ibot.head_norm=none"]
     return build_method(load_config(None, ["model.arch=vit_test", "ibot.out_dim=32", "ibot.head_hidden_dim=16",
-                                           "ibot.head_bottleneck_dim=8", *overrides]))
+                                           "ibot.head_bottleneck_dim=8", *reference_head, *overrides]))
 
 
 def _forward_backward(method):
