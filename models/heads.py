@@ -58,7 +58,8 @@ class TokenBatchNorm(nn.Module):
     with batch statistics too; running averages are never used, since the head is never evaluated).
 
     `all_reduce` (a differentiable sum over ranks, given by the caller: models hold no process
-    groups) makes it a SyncBatchNorm, as main_ibot.py converts it on several GPUs.
+    groups) makes it a SyncBatchNorm, as main_ibot.py converts it on several GPUs. Not torch's
+    nn.SyncBatchNorm: it refuses CPU tensors, so the CPU ranks of CI could not run it.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
