@@ -43,19 +43,21 @@ class UntrustedFileError(ValueError):
     """A checkpoint or weights file holds objects other than tensors and plain containers."""
 
 
-def _deepspeed_safe_globals() -> list:
-    # What DeepSpeed pickles into its optimizer states besides tensors and plain containers.
+def deepspeed_safe_globals() -> list:
+    # What DeepSpeed pickles into its optimizer states besides tensors and plain containers
+    # (fragment_address: a two-int dataclass in ZeRO-1/2's bf16 optimizer files).
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def check_weights_only(path: str | Path) -> None:
     """Unpickle `path` with `weights_only=True` (memory-mapped: the tensors are not read), allowing
     DeepSpeed's bookkeeping classes; raise `UntrustedFileError` naming the file otherwise."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:

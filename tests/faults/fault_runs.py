@@ -57,9 +57,9 @@ def metrics(run: Path) -> list[dict]:
 
 
 def optimizer_state(ckpt: Path, rank: int) -> dict:
-    from trainer.checkpoint import _deepspeed_safe_globals
+    from trainer.checkpoint import deepspeed_safe_globals
 
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         # bf16_zero_pp_rank_* under bf16, zero_pp_rank_* under fp32 (run.precision picks)
         (path,) = ckpt.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         sd = torch.load(path, weights_only=True)
