@@ -43,3 +43,36 @@ def digits_dirs(tmp_path_factory):
     from data.digits import digits_shards
 
     return digits_shards(tmp_path_factory.mktemp("cache"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args: str, timeout: int = 600):
+    """Two CPU ranks (gloo) of `args` (a script and its arguments), from the repository root."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + (os.getpid() + len(args)) % 1000), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def tiny_ibot_cmd(out: Path, steps: int, extra=()) -> list[str]:
+    return ["launch.py", "--config", str(ROOT / "configs" / "ibot_vit_tiny.yaml"), f"run.output_dir={out}",
+            f"schedule.steps={steps}", "checkpoint.every_steps=3", "log.every_steps=1", "eval.knn_at_end=false",
+            "model.arch=vit_test", "ibot.out_dim=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
+            "data.batch_size=8", "data.num_workers=2", "log.tensorboard=false", "model.drop_path=0.1",
+            "log.pictures=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def ibot_two_rank_run(tmp_path_factory) -> Path:
+    """A tiny iBOT run, 6 steps on 2 CPU ranks under ZeRO-3 (the resume test's reference run, and
+    what the export and evaluation tests convert)."""
+    run = tmp_path_factory.mktemp("ibot2") / "run"
+    torchrun(*tiny_ibot_cmd(run, 6))
+    return run

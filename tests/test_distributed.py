@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_ibot_cmd, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def torchrun(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 1000), script, *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def test_shard_local_ema_matches_dense_fp32_ema(tmp_path):
@@ -82,25 +74,17 @@ def test_head_batch_norm_uses_every_ranks_statistics(tmp_path):
         assert r["world"] == 2 and max(r["y"], r["dx"], r["dw"]) < 1e-4, r
 
 
-def _run_cmd(out: Path, steps: int, extra=()) -> list[str]:
-    return ["launch.py", "--config", str(ROOT / "configs" / "ibot_vit_tiny.yaml"), f"run.output_dir={out}",
-            f"schedule.steps={steps}", "checkpoint.every_steps=3", "log.every_steps=1", "eval.knn_at_end=false",
-            "model.arch=vit_test", "ibot.out_dim=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
-            "data.batch_size=8", "data.num_workers=2", "log.tensorboard=false", "model.drop_path=0.1", *extra]
-
-
 def _losses(run: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_resume_is_exact_on_two_ranks(tmp_path):
+def test_resume_is_exact_on_two_ranks(tmp_path, ibot_two_rank_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    torchrun(*_run_cmd(straight, 6))
-    torchrun(*_run_cmd(split, 6, ["--stop-at", "3"]))  # a job slot that ends at step 3
-    torchrun(*_run_cmd(split, 6))  # a fresh process: resumes from split's newest checkpoint
+    straight, split = ibot_two_rank_run, tmp_path / "split"  # straight: 6 steps in one go
+    torchrun(*tiny_ibot_cmd(split, 6, ["--stop-at", "3"]))  # a job slot that ends at step 3
+    torchrun(*tiny_ibot_cmd(split, 6))  # a fresh process: resumes from split's newest checkpoint
     a, b = _losses(straight), _losses(split)
     assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6] and [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
     assert a == b  # identical losses at every step, before and after the restart
@@ -137,7 +121,7 @@ def test_resume_after_changing_loader_workers_keeps_the_model(tmp_path):
     engine, EMA and step still resume."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    cmd = [sys.executable, *_run_cmd(run, 4)]
+    cmd = [sys.executable, *tiny_ibot_cmd(run, 4)]
     first = subprocess.run(cmd + ["--stop-at", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(cmd + ["data.num_workers=0"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -194,13 +178,13 @@ def test_clip_teacher_is_partitioned_frozen_and_not_checkpointed(tmp_path):
     assert any(k.startswith("clip_head.") for k in trainable) and not any("teacher" in k for k in trainable)
 
     # The EMA teacher backbone, reassembled from the two ranks' shadow slices, is the trained teacher.
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from export_backbone import export
-
+    from export.weights import read_backbone
     from models.vit import build_vit
 
-    exported, config = export(step)
-    assert config["method"] == "ibot_clip"
+    backbone = read_backbone(step)
+    exported = backbone.state
+    assert backbone.config["method"] == "ibot_clip" and backbone.which == "teacher"
+    assert any("clip_teacher" in entry for entry in backbone.left_out)
     expected = torch.load(tmp_path / "teacher_backbone.pt", weights_only=True)
     assert exported.keys() == expected.keys()
     for k in expected:  # the live teacher is the bf16 cast of the shadow
@@ -234,14 +218,30 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
     assert "is not the file" in result.stderr and [s for s, _ in _losses(split)] == [1, 2, 3, 4]
 
     # The exported student backbone carries none of MaskAlign's alignment modules.
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from export_backbone import export
-
+    from export.weights import read_backbone
     from models.vit import build_vit
 
-    state, _ = export(split / "checkpoints" / "latest")
+    backbone = read_backbone(split / "checkpoints" / "latest")
+    state = backbone.state
+    assert backbone.which == "student" and any(e.startswith("align") for e in backbone.left_out), backbone.left_out
     assert not [k for k in state if "align" in k or "adapter" in k or "teacher" in k]
     build_vit("vit_test", img_size=32, patch_size=8).load_state_dict(state, strict=True)
+
+    # Converted (student: MaskAlign has no EMA teacher), checked against ours on two photos by the
+    # script itself, and loadable for classification without a [MASK] embedding (MaskAlign never uses one).
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import convert_to_hf
+    from safetensors import safe_open
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / "hf"
+    assert convert_to_hf.main([str(split), str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "mask_token" in k] and "embeddings.cls_token" in f.keys()
+    assert json.loads((out / "config.json").read_text())["mimscale"]["weights"] == "student"
+    _, info = AutoModelForImageClassification.from_pretrained(out, num_labels=10, output_loading_info=True)
+    assert info["missing_keys"] and all(k.startswith("classifier.") for k in info["missing_keys"]), info
+    assert not info["unexpected_keys"], info
 
 
 def test_triton_kernels_and_packed_crops_match_torch_on_two_ranks(tmp_path):
@@ -255,7 +255,7 @@ def test_triton_kernels_and_packed_crops_match_torch_on_two_ranks(tmp_path):
         old = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            torchrun(*_run_cmd(out, 2, env_extra))
+            torchrun(*tiny_ibot_cmd(out, 2, env_extra))
         finally:
             if old is None:
                 os.environ.pop("TRITON_INTERPRET")

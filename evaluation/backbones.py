@@ -1,0 +1,93 @@
+"""Any backbone we can evaluate, behind one call: [CLS] and patch features of normalised images.
+
+Sources: a run directory, a checkpoint (tag directory or `checkpoints/latest`), an exported
+`transformers` directory (config.json), or an exported timm file (`*.safetensors` whose metadata
+names its timm model). Each comes with the resolution and normalisation it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class LoadedBackbone:
+    model: nn.Module
+    kind: str  # "mimscale" | "transformers" | "timm"
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+    results_file: Path  # where evaluation results are appended
+    num_prefix_tokens: int = 1
+    run_config: dict | None = None  # the training run's config, when loaded from a run or checkpoint
+    step: int | None = None
+    method: str | None = None  # the pretraining method, where known (picks the pooled feature)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: normalised images [B, 3, S, S] -> {"cls": [B, C], "patch": [B, N, C]}, after the final norm."""
+        x = x.to(next(self.model.parameters()).dtype)
+        if self.kind == "mimscale":
+            out = self.model.forward_features(x)
+            return {"cls": out["cls"], "patch": out["patch"]}
+        tokens = self.model(pixel_values=x).last_hidden_state if self.kind == "transformers" \
+            else self.model.forward_features(x)
+        return {"cls": tokens[:, 0], "patch": tokens[:, self.num_prefix_tokens:]}
+
+
+def from_backbone(backbone) -> LoadedBackbone:
+    """An `export.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`."""
+    from export.hf import shapes
+    from models.vit import build_vit
+
+    d = shapes(backbone)
+    with torch.device("meta"):
+        model = build_vit(d["arch"], img_size=d["image_size"], patch_size=d["patch"],
+                          layer_scale=1.0 if backbone.layer_scale else None,
+                          pos_interp=backbone.config["model"].get("pos_embed_interp", "dino"))
+    model.load_state_dict(backbone.state, strict=True, assign=True)
+    aug = backbone.config["data"]["augment"]
+    return LoadedBackbone(model.eval(), "mimscale", d["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
+                          f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
+                          run_config=backbone.config, step=backbone.step, method=backbone.config["method"])
+
+
+def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedBackbone:
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoImageProcessor, AutoModel
+
+        config = json.loads((path / "config.json").read_text())
+        # ViTModel's pooler is a tanh layer pretraining never had: leave it out rather than initialise it
+        extra = {"add_pooling_layer": False} if config.get("model_type") == "vit" else {}
+        model = AutoModel.from_pretrained(path, dtype=dtype, **extra).eval()
+        proc = AutoImageProcessor.from_pretrained(path)
+        size = proc.crop_size["height"] if getattr(proc, "do_center_crop", False) else proc.size["height"]
+        info = config.get("mimscale", {})
+        return LoadedBackbone(model, "transformers", size, tuple(proc.image_mean), tuple(proc.image_std), str(path),
+                              path / "eval_results.jsonl", step=info.get("step"), method=info.get("method"))
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        from export.hf import load_timm
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "timm_name" not in meta:
+            raise ValueError(f"{path} has no timm_name in its metadata: not a file written by convert_to_hf.py")
+        model = load_timm(path, meta["timm_name"], json.loads(meta["timm_kwargs"])).to(dtype).eval()
+        return LoadedBackbone(model, "timm", int(meta["image_size"]), tuple(json.loads(meta["mean"])),
+                              tuple(json.loads(meta["std"])), str(path), path.parent / "eval_results.jsonl",
+                              model.num_prefix_tokens, step=int(meta["step"]) if "step" in meta else None,
+                              method=meta.get("method"))
+    from export.weights import read_backbone
+
+    loaded = from_backbone(read_backbone(path, which))
+    loaded.model.to(dtype)
+    return loaded

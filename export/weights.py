@@ -1,0 +1,175 @@
+"""A pretrained backbone out of a training checkpoint, on one CPU process, without a process group.
+
+The student comes from DeepSpeed's fp32 master weights, read through `zero_to_fp32` in its lazy
+mode: the optimizer files are memory-mapped, Adam's moments are never read, and each parameter is
+assembled from its per-rank slices only when it is asked for, so only the backbone's tensors are
+ever materialised (one fp32 copy). The EMA teacher comes from our fp32 shadow slices in the
+per-rank files (`rankNNNNN.pt`, also memory-mapped), put back together in ZeRO-3's partition order
+(whole tensors under ZeRO-0/1/2). Shapes come from DeepSpeed's model-states file, so exporting the
+teacher never reads the student.
+
+Everything that exists only for pretraining (projection heads, MaskAlign's adapters and W, the
+distillation adapter, iBOT's centers, the EMA teacher's head, a frozen CLIP teacher) is left out
+and named in `Backbone.left_out`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import Checkpointer, UntrustedFileError, check_weights_only, deepspeed_safe_globals
+
+BACKBONE = "backbone."
+# Methods whose backbone is trained with a [MASK] embedding in its input (MaskAlign drops the
+# masked patches instead, so its mask_token is never used and stays at its zero init).
+MASK_TOKEN_METHODS = {"ibot", "ibot_clip"}
+
+
+class ExportError(ValueError):
+    """The input cannot be exported; the message names it and says why, in one line."""
+
+
+@dataclass
+class Backbone:
+    state: dict[str, torch.Tensor]  # our VisionTransformer's (= timm's) keys, fp32
+    config: dict  # the run's resolved config
+    which: str  # "teacher" | "student"
+    checkpoint: Path
+    step: int
+    world_size: int  # ranks that wrote the checkpoint
+    summary: dict = field(default_factory=dict)  # kNN accuracies etc. recorded by the run
+    command: str | None = None
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def uses_mask_token(self) -> bool:
+        return self.config["method"] in MASK_TOKEN_METHODS
+
+    @property
+    def layer_scale(self) -> bool:
+        return "blocks.0.ls1.gamma" in self.state
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its newest complete checkpoint), a `checkpoints/latest` file, or a checkpoint
+    tag directory -> the tag directory, after vetting every pickle in it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ExportError(f"{path} does not exist")
+    if path.is_file() and path.name == "latest":
+        path = path.parent / path.read_text().strip()
+    elif path.is_dir() and (path / "checkpoints").is_dir():  # a run directory
+        newest = Checkpointer(path / "checkpoints", keep=1).latest()
+        if newest is None:
+            raise ExportError(f"{path} is a run directory without a complete checkpoint")
+        path = newest
+    elif path.is_dir() and (path / "latest").is_file():  # a run's checkpoints/ directory
+        newest = Checkpointer(path, keep=1).latest()
+        if newest is None:
+            raise ExportError(f"{path} holds no complete checkpoint")
+        path = newest
+    if not path.is_dir() or not any(path.glob("*model_states.pt")):
+        raise ExportError(f"{path} is not a mimscale checkpoint (no DeepSpeed model states in it); give a run "
+                          "directory, a checkpoint directory (stepNNNNNNNN) or checkpoints/latest")
+    if not (path / "COMPLETE").is_file():
+        raise ExportError(f"{path} is an incomplete checkpoint (no COMPLETE marker: its save did not finish); "
+                          "export an older one, or the run directory for its newest complete one")
+    try:  # DeepSpeed's zero_to_fp32 unpickles with weights_only=False: vet every file first
+        for f in sorted(path.glob("*.pt")):
+            check_weights_only(f)
+    except UntrustedFileError as e:
+        raise ExportError(str(e)) from None
+    return path
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _param_shapes(ckpt: Path) -> tuple[dict[str, torch.Size], list[str]]:
+    """Every trainable parameter's full shape, and the buffer names, from DeepSpeed's model states."""
+    files = sorted(ckpt.glob("*model_states.pt"))
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        states = _load(files[0])
+    shapes = {k: v for group in states["param_shapes"] for k, v in group.items()}
+    return shapes, list(states.get("buffer_names", []))
+
+
+def _summarise_left_out(names: dict[str, int], frozen: str | None) -> list[str]:
+    """{full name: numel} -> one entry per module ('student.head: 22 tensors, 0.03M')."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for name, n in names.items():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        groups[key].append(n)
+    out = [f"{k} ({len(v)} tensors, {sum(v) / 1e6:.2f}M)" for k, v in sorted(groups.items())]
+    if frozen:
+        out.append(f"clip_teacher (frozen, not in the checkpoint: {frozen})")
+    return out
+
+
+def student_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; the files were vetted before
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
+                                                        exclude_frozen_parameters=True)
+    prefix = "student." + BACKBONE
+    # .contiguous() assembles one parameter from its slices (ZeRO-3's GatheredTensor); clone() so
+    # the result owns its memory rather than viewing a memory-mapped or merged flat buffer.
+    return {k[len(prefix):]: v.contiguous().clone() for k, v in lazy.items() if k.startswith(prefix)}
+
+
+def teacher_state(ckpt: Path, shapes: dict[str, torch.Size], parts: list[dict]) -> dict[str, torch.Tensor]:
+    """The EMA teacher's fp32 shadow: per-rank flat slices (ZeRO-3) or whole tensors (ZeRO-0/1/2)."""
+    names = parts[0]["ema"]["names"]
+    out = {}
+    for i, name in enumerate(names):
+        if not name.startswith(BACKBONE):
+            continue
+        key = name[len(BACKBONE):]
+        shape = shapes["student." + name]
+        n = math.prod(shape)
+        slices = [p["ema"]["shadow"][i].reshape(-1) for p in parts]
+        whole = slices[0] if slices[0].numel() == n else torch.cat(slices)[:n]  # ZeRO-3 pads the last slice
+        out[key] = whole.reshape(shape).clone()
+    return out
+
+
+def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
+    """which: 'teacher', 'student', or 'auto' (the EMA teacher where the method has one, as the
+    iBOT/DINO papers release, else the student)."""
+    ckpt = resolve_checkpoint(path)
+    parts = [_load(p) for p in sorted(ckpt.glob("rank*.pt"))]
+    if not parts:
+        raise ExportError(f"{ckpt} has no rankNNNNN.pt files: it was not written by mimscale")
+    config = json.loads(parts[0]["config"])
+    has_teacher = "ema" in parts[0]
+    if which == "auto":
+        which = "teacher" if has_teacher else "student"
+    if which == "teacher" and not has_teacher:
+        raise ExportError(f"{ckpt}: method {config['method']} has no EMA teacher; export --weights student")
+    shapes, buffers = _param_shapes(ckpt)
+    state = teacher_state(ckpt, shapes, parts) if which == "teacher" else student_state(ckpt)
+    if not state:
+        raise ExportError(f"{ckpt} holds no backbone parameters (student.backbone.*)")
+    exported = "student." + BACKBONE if which == "student" else None
+    left = {k: math.prod(v) for k, v in shapes.items() if not (exported and k.startswith(exported))}
+    left.update({b: 0 for b in buffers})
+    if has_teacher:  # the EMA shadow: the teacher's head, and its backbone unless that is exported
+        for name, t in zip(parts[0]["ema"]["names"], parts[0]["ema"]["shadow"]):
+            if which != "teacher" or not name.startswith(BACKBONE):
+                left["teacher." + name] = math.prod(shapes.get("student." + name, t.shape))
+    frozen = config.get("teacher", {}).get("clip", {}).get("weights") if config["method"] != "ibot" else None
+    summary = parts[0].get("summary", {})
+    return Backbone(state=state, config=config, which=which, checkpoint=ckpt, step=int(parts[0]["step"]),
+                    world_size=len(parts), summary=summary, command=parts[0].get("command"),
+                    left_out=_summarise_left_out(left, frozen))

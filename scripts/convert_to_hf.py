@@ -1,0 +1,229 @@
+"""Convert a training checkpoint to a Hugging Face `transformers` model directory and a timm file.
+
+    python scripts/convert_to_hf.py runs/x out/vit-l16-ibot                 # newest checkpoint, EMA teacher
+    python scripts/convert_to_hf.py runs/x/checkpoints/step00100000 out/s --weights student --dtype bf16
+
+Input: a run directory (its newest complete checkpoint), a checkpoint directory, or
+`checkpoints/latest`, written by ZeRO-3 or ZeRO-2 on any number of ranks. One CPU process, no
+process group; it holds about one fp32 copy of the backbone (see export/weights.py).
+
+Output directory: config.json + model.safetensors (`ViTModel`, or `Dinov2Model` for a backbone
+with layer-scale), preprocessor_config.json (the run's resolution and normalisation),
+timm_model.safetensors (timm's layout; the command that loads it is printed and in the card) and
+README.md (the model card). Before it exits, the script loads what it wrote with `AutoModel` and
+timm and compares their [CLS] and patch features on two real photos with ours (`--no-check`
+skips this). Errors (not a checkpoint, incomplete, untrusted pickle, unknown architecture, an
+existing output) are one line on stderr and exit 2; nothing is left at the output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from evaluation.backbones import LoadedBackbone, from_backbone, load_backbone  # noqa: E402
+from export.hf import TIMM_FILE, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state  # noqa: E402
+from export.weights import Backbone, ExportError, read_backbone  # noqa: E402
+
+log = logging.getLogger("convert_to_hf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Relative error ||ours - theirs|| / ||ours|| of [CLS] and patch features allowed by the check.
+# fp32: the same weights and the same arithmetic up to operation order (seen: 0, all on the CPU).
+# bf16: the weights are rounded to 8 mantissa bits (relative 2^-9 each), features computed in fp32;
+# seen 0.2-0.3% on a 2-step test model and on the trained default, so 2% passes rounding and still
+# catches a wrong mapping (swapped q/k gives errors of order 1, tests/test_export.py).
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+
+
+def anonymous_gib() -> float:
+    """This process's anonymous resident memory (Linux), which unlike RSS leaves out memory-mapped
+    file pages: what reading a checkpoint really allocates. NaN where /proc is missing."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return float("nan")
+    line = next((x for x in status.splitlines() if x.startswith("RssAnon:")), None)
+    return int(line.split()[1]) / 2**20 if line else float("nan")
+
+
+def sample_photos(size: int, processor_dir: Path) -> torch.Tensor:
+    """scikit-learn's two sample photos through the written image processor -> [2, 3, size, size]."""
+    from sklearn.datasets import load_sample_images
+    from transformers import AutoImageProcessor
+
+    images = load_sample_images().images
+    pixels = AutoImageProcessor.from_pretrained(processor_dir)(images=images, return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (size, size), pixels.shape
+    return pixels.float()
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours.float() - theirs.float()).norm() / ours.float().norm().clamp_min(1e-12)).item()
+
+
+def check(ours: LoadedBackbone, out: Path, dtype: str) -> dict[str, float]:
+    """Features of what was written against ours; raises ExportError past the tolerance."""
+    x = sample_photos(ours.image_size, out)
+    reference = ours.features(x)
+    errors = {}
+    for label, path in (("transformers", out), ("timm", out / TIMM_FILE)):
+        other = load_backbone(path)
+        got = other.features(x)
+        del other
+        for part in ("cls", "patch"):
+            if got[part].shape != reference[part].shape:
+                raise ExportError(f"check: {label} {part} features have shape {tuple(got[part].shape)}, ours "
+                                  f"{tuple(reference[part].shape)}")
+            errors[f"{label}_{part}"] = relative_error(reference[part], got[part])
+    bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[dtype]}
+    if bad:
+        raise ExportError(f"check failed: the exported features differ from ours by {bad} (relative; "
+                          f"tolerance {TOLERANCE[dtype]} for {dtype}); nothing was written")
+    return errors
+
+
+def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, args: argparse.Namespace, errors: dict) -> str:
+    c = b.config
+    global_batch = c["data"]["batch_size"] * c["optim"]["grad_accum"] * b.world_size
+    s = b.summary
+
+    def pct(key):
+        return f"{s[key]:.2f}%" if s.get(key) is not None else "not measured"
+
+    knn = (f"{pct('knn')} (weighted kNN, k={c['eval']['knn_k']}, T={c['eval']['knn_temp']}, on "
+           f"{c['data'].get('val_shards') or 'no val split'}); random init {pct('knn_random_init')}, "
+           f"raw pixels {pct('knn_raw_pixels')}")
+    check_line = ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "skipped (--no-check)"
+    return f"""---
+library_name: transformers
+tags: [vision, self-supervised, mimscale, {c['method']}]
+pipeline_tag: image-feature-extraction
+---
+
+# {c['model']['arch']}/{d['patch']} pretrained with {c['method']} (mimscale)
+
+- **Method**: {c['method']}; the exported weights are the **{b.which}** backbone
+  ({'EMA teacher, as iBOT/DINO release' if b.which == 'teacher' else 'the trained student'}).
+- **Architecture**: ViT, width {d['width']}, depth {d['depth']}, {d['heads']} heads, MLP {d['mlp']},
+  patch {d['patch']}, image size {d['image_size']}{', layer-scale' if b.layer_scale else ''}; `transformers`
+  class `{hf_class}`{' with the [MASK] embedding' if b.uses_mask_token else ''}.
+- **Training**: {b.step} steps x global batch {global_batch} ({b.world_size} ranks) = {b.step * global_batch:,}
+  images seen (of {c['schedule']['steps']} scheduled steps); checkpoint `{b.checkpoint}`.
+- **Data**: `{c['data']['train_shards']}`, normalised with mean {c['data']['augment']['mean']},
+  std {c['data']['augment']['std']}.
+- **kNN top-1**: {knn}.
+- **Produced by**: `{b.command or 'not recorded (checkpoint older than this field)'}`
+- **Converted by**: `{' '.join(['python', 'scripts/convert_to_hf.py', *sys.argv[1:]]) if args.argv is None else
+                     ' '.join(['python', 'scripts/convert_to_hf.py', *args.argv])}`
+- **Export check** (relative feature error against mimscale's model on two photos): {check_line}.
+- **Left out** (pretraining only): {'; '.join(b.left_out)}.
+
+## Use
+
+```python
+from transformers import AutoImageProcessor, AutoModel
+processor = AutoImageProcessor.from_pretrained("{args.out}")
+model = AutoModel.from_pretrained("{args.out}")
+features = model(**processor(images=image, return_tensors="pt")).last_hidden_state[:, 0]  # [CLS]
+```
+
+`AutoModel` adds ViT's pooler (a tanh layer pretraining never had) with random weights; use the
+[CLS] token of `last_hidden_state` as above. With timm:
+
+```python
+import timm
+model = {timm_line}
+```
+"""
+
+
+def convert(args: argparse.Namespace) -> Path:
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    start_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the imports' share
+    anon = anonymous_gib()
+    b = read_backbone(args.checkpoint, args.weights)
+    read_gib = anonymous_gib() - anon
+    dims = shapes(b)  # an unknown architecture stops here, before anything is written
+    backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30
+    log.info("read the %s backbone of %s (step %d, %d ranks): %d tensors, %.1fM parameters", b.which, b.checkpoint,
+             b.step, b.world_size, len(b.state), sum(v.numel() for v in b.state.values()) / 1e6)
+    log.info("left out (pretraining only): %s", "; ".join(b.left_out))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        dtype = DTYPES[args.dtype]
+        name, kwargs = timm_call(b)
+        c = b.config
+        meta = {"timm_name": name, "timm_kwargs": json.dumps(kwargs), "image_size": str(dims["image_size"]),
+                "mean": json.dumps(list(c["data"]["augment"]["mean"])),
+                "std": json.dumps(list(c["data"]["augment"]["std"])), "method": c["method"], "weights": b.which,
+                "step": str(b.step), "format": "pt"}
+        from safetensors.torch import save_file
+
+        save_file(timm_state(b, dtype), str(tmp / TIMM_FILE), metadata=meta)
+        hf_class = save_hf(b, tmp, dtype).__name__
+        save_processor(b, tmp)
+        ours = from_backbone(b)  # assigned from b.state: no copy
+        b.state = {}
+        errors = {} if args.no_check else check(ours, tmp, args.dtype)
+        del ours  # the last reference to the backbone's tensors
+        timm_line = timm_snippet(name, kwargs, str(out / TIMM_FILE))
+        (tmp / "README.md").write_text(model_card(b, dims, hf_class, timm_line, args, errors))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (%s, %s)%s in %.0f s", out, hf_class, args.dtype,
+             "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "",
+             time.perf_counter() - t0)
+    log.info("memory: %.2f GiB allocated by reading the backbone (fp32 backbone: %.2f GiB); peak resident %.2f GiB, "
+             "%.2f GiB of it before reading (imports), the rest the backbone and memory-mapped checkpoint pages",
+             read_gib, backbone_gib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, start_gib)
+    print(f"transformers: AutoModel.from_pretrained({str(out)!r})  [{hf_class}]")
+    print(f"timm ({name}): {timm_line}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a run directory, a checkpoint directory (stepNNNNNNNN) or "
+                                           "<run>/checkpoints/latest")
+    parser.add_argument("out", help="output directory (must not exist, unless --overwrite)")
+    parser.add_argument("--weights", choices=["auto", "teacher", "student"], default="auto",
+                        help="the EMA teacher (what iBOT/DINO release and evaluate), the student, or auto: the "
+                             "teacher where the method has one (ibot, ibot_clip), else the student (maskalign)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-check", action="store_true", help="skip loading and comparing what was written")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        convert(args)
+    except ExportError as e:
+        print(f"convert_to_hf: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

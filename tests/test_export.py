@@ -1,0 +1,213 @@
+"""scripts/convert_to_hf.py and scripts/evaluate.py on real checkpoints of 2-rank runs (ZeRO-3 and ZeRO-2)."""
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_ibot_cmd, torchrun
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import convert_to_hf  # noqa: E402
+import evaluate  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def layer_scale_run(tmp_path_factory) -> Path:
+    """Layer-scale ViT (large gammas, so the blocks matter to the check), ZeRO-2, bf16, 2 ranks."""
+    run = tmp_path_factory.mktemp("ls") / "run"
+    torchrun(*tiny_ibot_cmd(run, 3, ["--ds_config", "zero2.json", "run.precision=bf16", "model.layer_scale=0.5"]))
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog):
+    caplog.set_level(logging.INFO)
+
+
+def convert(capsys, *args: str) -> tuple[int, str, str]:
+    code = convert_to_hf.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("weights", ["teacher", "student"])
+def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_run, tmp_path, capsys, caplog,
+                                                                 weights):
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    from evaluation.backbones import from_backbone, load_backbone
+    from export.weights import read_backbone
+
+    out = tmp_path / "hf"
+    code, stdout, err = convert(capsys, ibot_two_rank_run, out, "--weights", weights)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                    "preprocessor_config.json", "timm_model.safetensors"]
+    assert "timm.create_model('vit_small_patch16_224', pretrained=True" in stdout  # the timm name, printed
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["ViTModel"] and config["mimscale"]["method"] == "ibot"
+    assert config["layer_norm_eps"] == 1e-6 and config["image_size"] == 32 and config["patch_size"] == 8
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["image_mean"] == [0.485, 0.456, 0.406] and pre["crop_size"] == {"height": 32, "width": 32}
+
+    ours = from_backbone(read_backbone(ibot_two_rank_run, weights))
+    model, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "ViTModel"
+    # ViTModel builds no [MASK] embedding unless asked: the file's is then unused, and the pooler new.
+    assert set(info["unexpected_keys"]) == {"embeddings.mask_token"}, info
+    assert sorted(info["missing_keys"]) == ["pooler.dense.bias", "pooler.dense.weight"], info
+    model = AutoModel.from_pretrained(out, use_mask_token=True)
+    hf = {k: v for k, v in model.state_dict().items()}
+    torch.testing.assert_close(hf["embeddings.mask_token"].flatten(), ours.model.mask_token.flatten())
+    qkv = ours.model.blocks[1].attn.qkv.weight
+    q = next(v for k, v in hf.items() if k.endswith("1.attention.q_proj.weight") or k.endswith("1.attention.attention"
+                                                                                             ".query.weight"))
+    assert torch.equal(q, qkv[:32])
+
+    classifier, info = AutoModelForImageClassification.from_pretrained(out, num_labels=7, output_loading_info=True)
+    assert classifier.config.num_labels == 7
+    assert info["missing_keys"] and all(k.startswith("classifier.") for k in info["missing_keys"]), info
+    assert [k for k in info["unexpected_keys"] if "mask_token" not in k] == [], info
+
+    from safetensors import safe_open
+
+    with safe_open(str(out / "timm_model.safetensors"), "pt") as f:
+        assert "mask_token" not in f.keys() and "pos_embed" in f.keys()
+
+    # Features on real photos: ours, transformers, timm (the script's own check, repeated here).
+    x = convert_to_hf.sample_photos(32, out)
+    ref = ours.features(x)
+    for path in (out, out / "timm_model.safetensors"):
+        got = load_backbone(path).features(x)
+        for part in ("cls", "patch"):
+            assert convert_to_hf.relative_error(ref[part], got[part]) <= 1e-4, (path, part)
+
+    card = (out / "README.md").read_text()
+    assert f"**{weights}** backbone" in card and "6 steps x global batch 16 (2 ranks) = 96" in card
+    assert "launch.py --config" in card and "kNN top-1" in card and "student.head" in card
+    left = [line for line in caplog.messages if "left out (pretraining only)" in line]
+    assert len(left) == 1 and "student.head" in left[0] and "center" in left[0]
+
+
+def test_teacher_is_the_default_and_differs_from_the_student(ibot_two_rank_run):
+    from export.weights import read_backbone
+
+    teacher, student = read_backbone(ibot_two_rank_run), read_backbone(ibot_two_rank_run, "student")
+    assert teacher.which == "teacher" and teacher.state.keys() == student.state.keys()
+    assert not torch.equal(teacher.state["blocks.0.attn.qkv.weight"], student.state["blocks.0.attn.qkv.weight"])
+
+
+def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tmp_path, capsys, caplog):
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    from export.weights import read_backbone
+
+    out = tmp_path / "hf"
+    code, _, err = convert(capsys, layer_scale_run, out, "--dtype", "bf16")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Dinov2Model"] and config["dtype"] == "bfloat16"
+    assert config["image_size"] == 32 and config["patch_size"] == 8
+    model = AutoModel.from_pretrained(out)
+    state = model.state_dict()
+    gamma = read_backbone(layer_scale_run).state["blocks.1.ls2.gamma"]
+    assert torch.equal(state["encoder.layer.1.layer_scale2.lambda1"].float(), gamma.bfloat16().float())
+    _, info = AutoModelForImageClassification.from_pretrained(out, num_labels=3, output_loading_info=True)
+    assert all(k.startswith("classifier.") for k in info["missing_keys"]) and not info["unexpected_keys"]
+    check = next(line for line in caplog.messages if "check:" in line)
+    errors = [float(v) for v in check.split("check: ")[1].split(" in ")[0].replace(",", "").split()[1::2]]
+    assert len(errors) == 4 and max(errors) <= convert_to_hf.TOLERANCE["bf16"], check
+
+
+def test_check_fails_on_a_wrong_mapping(ibot_two_rank_run, tmp_path, capsys, monkeypatch):
+    import export.hf
+
+    real = export.hf.to_hf_state
+
+    def swapped(*args, **kwargs):  # q and k of every block exchanged: loads strictly, computes wrong
+        out = real(*args, **kwargs)
+        for k in [k for k in out if k.endswith("q_proj.weight") or k.endswith("query.weight")]:
+            other = k.replace("q_proj", "k_proj").replace("query", "key")
+            out[k], out[other] = out[other], out[k]
+        return out
+
+    monkeypatch.setattr(export.hf, "to_hf_state", swapped)
+    code, _, err = convert(capsys, ibot_two_rank_run, tmp_path / "hf")
+    assert code == 2 and "check failed" in err.strip().splitlines()[-1] and "transformers_cls" in err
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_bad_inputs_stop_with_one_line_and_write_nothing(ibot_two_rank_run, tmp_path, capsys):
+    tag = ibot_two_rank_run / "checkpoints" / "step00000006"
+    out = tmp_path / "out"
+
+    def fails(source, expect: str, *extra: str) -> None:
+        code, _, err = convert(capsys, source, out, *extra)
+        lines = err.strip().splitlines()
+        assert code == 2 and lines and lines[-1].startswith("convert_to_hf: ") and expect in lines[-1], err[-2000:]
+        assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(empty, "is not a mimscale checkpoint")
+    incomplete = tmp_path / "ckpts" / "step00000006"
+    shutil.copytree(tag, incomplete)
+    (incomplete / "COMPLETE").unlink()
+    fails(incomplete, "incomplete checkpoint")
+    poisoned = tmp_path / "poisoned" / "step00000006"
+    shutil.copytree(tag, poisoned)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("payload ran",))
+
+    torch.save({"x": Payload()}, poisoned / "rank00001.pt")
+    fails(poisoned, "not a plain tensor file")
+    unknown = tmp_path / "unknown" / "step00000006"
+    shutil.copytree(tag, unknown)
+    parts = torch.load(unknown / "rank00000.pt", weights_only=True)
+    config = json.loads(parts["config"])
+    config["model"]["arch"] = "vit_colossal"
+    parts["config"] = json.dumps(config)
+    torch.save(parts, unknown / "rank00000.pt")
+    fails(unknown, "unknown architecture 'vit_colossal'")
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = convert(capsys, tag, out)
+    assert code == 2 and "exists; pass --overwrite" in err.strip().splitlines()[-1]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_evaluating_the_export_gives_the_run_directorys_numbers(ibot_two_rank_run, tmp_path, capsys, digits_dirs):
+    out = tmp_path / "hf"
+    assert convert(capsys, ibot_two_rank_run, out, "--no-check")[0] == 0
+    data = ["--train", str(digits_dirs["train"]), "--val", str(digits_dirs["val"])]
+    results = []
+    for source, sink in ((ibot_two_rank_run, ibot_two_rank_run / "metrics.jsonl"),
+                         (out, out / "eval_results.jsonl"), (out / "timm_model.safetensors", out /
+                                                             "eval_results.jsonl")):
+        assert evaluate.main(["knn", str(source), *data]) == 0
+        printed = capsys.readouterr().out
+        assert "kNN k=20 T=0.07" in printed and f"appended to {sink}" in printed
+        record = json.loads(sink.read_text().splitlines()[-1])
+        results.append({k: v for k, v in record.items() if k.startswith("knn_")})
+        assert record["step"] == 6
+    assert results[0] == results[1] == results[2] and len(results[0]) == 8  # 4 ks x top-1/top-5
+
+
+def test_two_rank_evaluation_equals_one_rank(ibot_two_rank_run, tmp_path, digits_dirs):
+    data = ["--train", str(digits_dirs["train"]), "--val", str(digits_dirs["val"])]
+    torchrun(str(ROOT / "scripts" / "evaluate.py"), "knn", str(ibot_two_rank_run), *data, "--pool", "cls+avg")
+    two = json.loads((ibot_two_rank_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert evaluate.main(["knn", str(ibot_two_rank_run), *data, "--pool", "cls+avg"]) == 0
+    one = json.loads((ibot_two_rank_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert two["features"] == one["features"] == "[CLS] + mean patch token"
+    knn = [{k: v for k, v in r.items() if k.startswith("knn")} for r in (two, one)]
+    assert knn[0] == knn[1] and len(knn[0]) == 8
