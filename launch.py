@@ -207,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         which = "student mean patch token" if cfg.method == "maskalign" else "teacher [CLS]"
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "
               f"random init: {pct('knn_random_init')}   raw pixels: {pct('knn_raw_pixels')}")
+    if env.rank == 0 and cfg.log.pictures:
+        from evaluation.pictures import write_run_pictures
+
+        try:  # the run itself is saved and complete: a picture that fails is a warning, not a failed run
+            paths = write_run_pictures(Path(cfg.run.output_dir).expanduser())
+            print("pictures: " + "  ".join(str(p) for p in paths))
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger("mimscale").warning("could not draw the run's pictures: %s", e, exc_info=True)
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from data.digits import resolve_builtin
 from data.pipeline import FAILURE_KINDS, PositionMismatch, build_train_loader, labelled_batches
 from data.shards import expand_shards
 from data.transforms import normalize, normalize_batch
+from evaluation.features import extract_features
+from evaluation.knn import knn_classify
 from models.teachers import TeacherWeightsError
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
@@ -23,7 +27,6 @@ from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
 from .faults import StepGuard
 from .grad_clip import PerParamClip
-from .knn import extract_features, knn_accuracy
 from .metrics import MetricsWriter
 from .schedules import Schedules
 
@@ -49,12 +52,13 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     method.eval()
     for name, urls in (("train", train_urls), ("val", val_urls)):
         batches = labelled_batches(urls, size, cfg.eval.batch_size, env.rank, env.world_size)
-        feats[name] = extract_features(method.eval_features, batches, prepare, dummy)
+        feats[name] = extract_features(method.eval_features, batches, prepare, dummy, device=device)
     method.train()
-    return knn_accuracy(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
+    k = cfg.eval.knn_k
+    return knn_classify(*feats["train"], *feats["val"], ks=(k,), temperature=cfg.eval.knn_temp)[k]["top1"]
 
 
-def raw_pixel_knn(cfg: Config, env: DistEnv) -> float | None:
+def raw_pixel_knn(cfg: Config, env: DistEnv, device: torch.device) -> float | None:
     """The same kNN on the images themselves (at the global crop size, mean-centred, cosine): what a
     learned feature has to beat to be worth anything on this data."""
     if not cfg.data.val_shards:
@@ -63,11 +67,12 @@ def raw_pixel_knn(cfg: Config, env: DistEnv) -> float | None:
     for name, shards in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
         batches = labelled_batches(expand_shards(shards), cfg.data.global_crops.size, cfg.eval.batch_size, env.rank,
                                    env.world_size)
-        feats[name] = extract_features(lambda x: x.flatten(1), batches, lambda x: x.float() / 255,
-                                       torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+        feats[name] = extract_features(lambda x: x.flatten(1), batches, lambda x: x.to(device).float() / 255,
+                                       torch.zeros(1, 3, 1, 1, dtype=torch.uint8), device=device)
     mean = feats["train"][0].mean(dim=0)
-    return knn_accuracy(feats["train"][0] - mean, feats["train"][1], feats["val"][0] - mean, feats["val"][1],
-                        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temp)
+    k = cfg.eval.knn_k
+    return knn_classify(feats["train"][0] - mean, feats["train"][1], feats["val"][0] - mean, feats["val"][1],
+                        ks=(k,), temperature=cfg.eval.knn_temp)[k]["top1"]
 
 
 def data_failures(counters, device: torch.device) -> dict[str, int]:
@@ -137,11 +142,12 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         log.info("resumed from %s at step %d", source, step)
     elif cfg.eval.knn_at_end:
         summary["knn_random_init"] = knn_eval(cfg, engine, device, dtype, env)
-        summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env)
+        summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env, device)
 
     def save() -> None:
         parts = {"data": loader.state_dict(), "buffers": dict(method.named_buffers()), "rng": rng_state(),
-                 "summary": summary, "config": json.dumps(to_dict(cfg)), "skipped_steps": guard.skipped}
+                 "summary": summary, "config": json.dumps(to_dict(cfg)), "skipped_steps": guard.skipped,
+                 "command": command}
         if ema is not None:
             parts["ema"] = ema.state_dict()
         if frozen is not None:  # the frozen teacher is not saved: it is reloaded from this file
@@ -149,6 +155,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         path = ckpt.save(engine, step, parts)
         log.info("saved %s", path)
 
+    # What produced this run, for the exported model card (this rank's own argv; the launcher is not visible).
+    command = shlex.join(["python", *sys.argv]) + (f"  # on {env.world_size} ranks" if env.world_size > 1 else "")
     weights = method.loss_weights
     clipper = None
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
@@ -212,6 +220,14 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                      record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"])
             window_start, window_steps = time.perf_counter(), 0
             window_sums, window_count = {}, 0
+        every = cfg.eval.knn_every_steps
+        if every and step % every == 0 and step < cfg.schedule.steps and cfg.data.val_shards:
+            t0 = time.perf_counter()
+            knn = knn_eval(cfg, engine, device, dtype, env)
+            metrics.write(step, {"knn": knn})
+            log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; %.0f s)", step, knn, cfg.eval.knn_k,
+                     time.perf_counter() - t0)
+            window_start += time.perf_counter() - t0  # keep the evaluation out of the step time
         if guard.stop_requested:
             log.warning("%s received: saving step %d and stopping; the same command resumes", guard.signal_name or
                         "a stop signal (on another rank)", step)

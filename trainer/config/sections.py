@@ -216,6 +216,8 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = opt(20, "Print and record metrics every N optimizer steps.")
     tensorboard: bool = opt(True, "Write TensorBoard event files into the run directory.")
+    pictures: bool = opt(True, "When a run finishes, write curves.png (metrics.jsonl) and attention.png (the "
+                               "backbone's [CLS] attention on held-out images) into the run directory.")
 
     def validate(self) -> None:
         _at_least(self, 1, "every_steps")
@@ -227,10 +229,13 @@ class EvalConfig:
     knn_k: int = opt(20, "Neighbours of the weighted kNN (DINO: 20).")
     knn_temp: float = opt(0.07, "Temperature of the kNN vote weights.")
     knn_at_end: bool = opt(True, "Run kNN on val_shards after training (and on the untrained network first).")
+    knn_every_steps: int = opt(0, "Also run kNN on val_shards every this many steps and log it as `knn` "
+                                  "(metrics.jsonl, TensorBoard): representation quality seen rising; 0: off.")
     batch_size: int = opt(128, "Images per rank per feature-extraction batch.")
 
     def validate(self) -> None:
         _at_least(self, 1, "knn_k")
         _at_least(self, 0, "knn_temp", strict=True)
         _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "knn_every_steps")
 

@@ -1,0 +1,135 @@
+"""Pictures of a backbone and of a run.
+
+    python scripts/visualize.py attention runs/x                 # last block's [CLS] attention per head
+    python scripts/visualize.py clusters out/vit-hf --k 5        # k-means of patch features (any backbone)
+    python scripts/visualize.py masks --config configs/ibot_vit_tiny.yaml   # training views and their masks
+    python scripts/visualize.py curves runs/x                    # metrics.jsonl as one PNG
+
+Images: `--images a.jpg b.png ...`, else scikit-learn's two sample photos (or, for a run trained
+on digits, its first held-out images), resized and centre-cropped to the backbone's resolution.
+Each command prints the path of the PNG it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from evaluation import pictures  # noqa: E402
+
+
+def load_images(paths: list[str] | None, backbone) -> torch.Tensor:
+    """Normalised [B, 3, S, S] for `backbone`: the given files, the run's held-out images, or two photos."""
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    from data.transforms import normalize
+
+    size = backbone.image_size
+    if paths:
+        pil = [Image.open(p).convert("RGB") for p in paths]
+    elif backbone.run_config and backbone.run_config["data"].get("val_shards") and size < 64:
+        return normalize(pictures.first_images(backbone.run_config["data"]["val_shards"], size, 6), backbone.mean,
+                         backbone.std)
+    else:
+        from sklearn.datasets import load_sample_images
+
+        pil = [Image.fromarray(a) for a in load_sample_images().images]
+    x = torch.stack([F.pil_to_tensor(F.center_crop(F.resize(p, size, F.InterpolationMode.BICUBIC), size))
+                     for p in pil])
+    return normalize(x, backbone.mean, backbone.std)
+
+
+def training_views(config: str | None, overrides: list[str], n: int):
+    """(views [n, 3, H, W] normalised, masks [n, h, w] or None, mean, std, title) from the config's loader
+    and, for MaskAlign, its teacher's attentive choice of visible patches."""
+    from data.digits import resolve_builtin
+    from data.pipeline import build_train_loader
+    from data.transforms import normalize_batch
+    from trainer.config import load_config
+
+    cfg = load_config(config, overrides)
+    d = cfg.data
+    d.train_shards, d.val_shards = resolve_builtin(d.train_shards, d.val_shards, d.cache_dir)
+    d.num_workers, d.batch_size = 0, n
+    batch = normalize_batch(next(iter(build_train_loader(d, patch_size=cfg.model.patch_size, seed=cfg.run.seed))),
+                            d.augment.mean, d.augment.std)
+    views = batch["global_crops"][0]
+    if cfg.method != "maskalign":
+        return views, batch["masks"][0], d.augment.mean, d.augment.std, f"{cfg.method}: block masks of the loader"
+    from models.teachers import load_teacher_weights
+    from trainer.methods import METHODS
+
+    method = METHODS["maskalign"].from_config(cfg).eval()
+    load_teacher_weights(method.clip_teacher, cfg.teacher.clip.weights)
+    p = cfg.model.patch_size
+    grid = (views.shape[-2] // p, views.shape[-1] // p)
+    with torch.no_grad():
+        t = method.clip_teacher(views, grid, d.augment.mean, d.augment.std, method.teacher_blocks,
+                                attention=method.masking == "attentive")
+    visible = method.visible(t.get("cls_attn"), n, grid[0] * grid[1], 0, views.device)
+    masks = torch.ones(n, grid[0] * grid[1], dtype=torch.bool).scatter_(1, visible, False).view(n, *grid)
+    return views, masks, d.augment.mean, d.augment.std, f"maskalign: {method.masking} masking, visible patches kept"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name in ("attention", "clusters"):
+        p = sub.add_parser(name)
+        p.add_argument("backbone", help="run directory, checkpoint" + (", exported transformers dir or timm file"
+                                                                       if name == "clusters" else ""))
+        p.add_argument("--images", nargs="+")
+        p.add_argument("--weights", choices=["auto", "teacher", "student"], default="auto")
+        p.add_argument("--out")
+        if name == "clusters":
+            p.add_argument("--k", type=int, default=5)
+    p = sub.add_parser("masks")
+    p.add_argument("--config")
+    p.add_argument("--views", type=int, default=6)
+    p.add_argument("--out", default="masks.png")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("curves")
+    p.add_argument("run")
+    p.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    if args.what == "curves":
+        path, panels = pictures.curves_figure(Path(args.run) / "metrics.jsonl", Path(args.out or
+                                                                                    Path(args.run) / "curves.png"))
+        print(f"{path} ({', '.join(panels)})")
+        return 0
+    if args.what == "masks":
+        views, masks, mean, std, title = training_views(args.config, args.overrides, args.views)
+        print(pictures.masks_figure(views, masks, mean, std, title, Path(args.out)))
+        return 0
+    from evaluation.backbones import load_backbone
+
+    try:
+        backbone = load_backbone(args.backbone, args.weights)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"visualize: {e}", file=sys.stderr)
+        return 2
+    x = load_images(args.images, backbone)
+    if args.what == "attention":
+        if backbone.kind != "mimscale":
+            print("visualize: attention maps need a run directory or checkpoint (the exported files are the same "
+                  "weights)", file=sys.stderr)
+            return 2
+        path = pictures.attention_figure(backbone.model, x, backbone.mean, backbone.std,
+                                         Path(args.out or "attention.png"))
+    else:
+        path = pictures.clusters_figure(backbone.features(x)["patch"], x, backbone.mean, backbone.std, args.k,
+                                        Path(args.out or "clusters.png"))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
