@@ -63,7 +63,7 @@ def sample_photos(size: int, processor_dir: Path) -> torch.Tensor:
     from sklearn.datasets import load_sample_images
     from transformers import AutoImageProcessor
 
-    images = load_sample_images().images
+    images = [image.copy() for image in load_sample_images().images]  # writable: torch warns on read-only arrays
     pixels = AutoImageProcessor.from_pretrained(processor_dir)(images=images, return_tensors="pt")["pixel_values"]
     assert pixels.shape[-2:] == (size, size), pixels.shape
     return pixels.float()
@@ -97,6 +97,7 @@ def check(ours: LoadedBackbone, out: Path, dtype: str) -> dict[str, float]:
 def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, args: argparse.Namespace, errors: dict) -> str:
     c = b.config
     global_batch = c["data"]["batch_size"] * c["optim"]["grad_accum"] * b.world_size
+    ranks = f"{b.world_size} rank" + ("s" if b.world_size > 1 else "")
     s = b.summary
 
     def pct(key):
@@ -119,7 +120,7 @@ pipeline_tag: image-feature-extraction
 - **Architecture**: ViT, width {d['width']}, depth {d['depth']}, {d['heads']} heads, MLP {d['mlp']},
   patch {d['patch']}, image size {d['image_size']}{', layer-scale' if b.layer_scale else ''}; `transformers`
   class `{hf_class}`{' with the [MASK] embedding' if b.uses_mask_token else ''}.
-- **Training**: {b.step} steps x global batch {global_batch} ({b.world_size} ranks) = {b.step * global_batch:,}
+- **Training**: {b.step} steps x global batch {global_batch} ({ranks}) = {b.step * global_batch:,}
   images seen (of {c['schedule']['steps']} scheduled steps); checkpoint `{b.checkpoint}`.
 - **Data**: `{c['data']['train_shards']}`, normalised with mean {c['data']['augment']['mean']},
   std {c['data']['augment']['std']}.

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                              "MaskAlign, whose final [CLS] is not trained; cls otherwise)")
     parser.add_argument("--epochs", type=int, default=100, help="linear: epochs over the cached features")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward during extraction")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -2,7 +2,8 @@
 
     python scripts/visualize.py attention runs/x                 # last block's [CLS] attention per head
     python scripts/visualize.py clusters out/vit-hf --k 5        # k-means of patch features (any backbone)
-    python scripts/visualize.py masks --config configs/ibot_vit_tiny.yaml   # training views and their masks
+    python scripts/visualize.py masks --out m.png --config configs/ibot_vit_tiny.yaml data.batch_size=8
+                                                                 # training views and their masks (overrides last)
     python scripts/visualize.py curves runs/x                    # metrics.jsonl as one PNG
 
 Images: `--images a.jpg b.png ...`, else scikit-learn's two sample photos (or, for a run trained

@@ -117,17 +117,27 @@ def _cls_self_attention(vit, x):
 
 
 @pytest.mark.slow
-def test_masks_picture_of_a_config(tmp_path):
+@pytest.mark.parametrize("method", ["ibot", "maskalign"])
+def test_masks_picture_of_a_config(tmp_path, method):
     import subprocess
     import sys
 
     from conftest import ROOT
 
+    args = ["--config", "configs/ibot_vit_tiny.yaml"]
+    title = "ibot: block masks of the loader"
+    if method == "maskalign":  # the masks come from the frozen teacher's attention, inside the method
+        clip = tmp_path / "clip.pt"
+        made = subprocess.run([sys.executable, "scripts/make_tiny_clip.py", str(clip)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert made.returncode == 0, made.stderr[-2000:]
+        args = ["--config", "configs/maskalign_vit_tiny.yaml", f"teacher.clip.weights={clip}",
+                "maskalign.masking=attentive"]
+        title = "maskalign: attentive masking, visible patches kept"
     out = tmp_path / "masks.png"
-    result = subprocess.run([sys.executable, "scripts/visualize.py", "masks", "--config", "configs/ibot_vit_tiny.yaml",
-                             "--out", str(out), "--views", "4", f"data.cache_dir={tmp_path}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "scripts/visualize.py", "masks", "--out", str(out), "--views", "4", *args,
+                             f"data.cache_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith(str(out))
     img = _png(out)
-    assert img.info["Description"] == "4 views with masks: ibot: block masks of the loader"
+    assert img.info["Description"] == f"4 views with masks: {title}"
