@@ -317,14 +317,17 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
 
 def labelled_batches(urls: list[str], size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                      counters: Counter | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every `world_size`-th sample from `rank`, in shard order, as (uint8 [B, 3, size, size], labels [B]):
-    resized (shorter side, bicubic) and centre-cropped. For evaluation: no shuffle, no augmentation."""
+    """This rank's share, in shard order, as (uint8 [B, 3, size, size], labels [B]): resized (shorter
+    side, bicubic) and centre-cropped. For evaluation: no shuffle, no augmentation. With at least as
+    many shards as ranks each rank reads every `world_size`-th shard (no shard is read twice);
+    with fewer, every rank reads them all and keeps every `world_size`-th sample."""
     from torchvision.transforms import functional as F
 
     counters = Counter() if counters is None else counters
     images, labels = [], []
-    raw = itertools.chain.from_iterable(read_shard(u, counters) for u in urls)
-    for raw_sample in itertools.islice(raw, rank, None, world_size):
+    by_shard = len(urls) >= world_size
+    raw = itertools.chain.from_iterable(read_shard(u, counters) for u in (urls[rank::world_size] if by_shard else urls))
+    for raw_sample in raw if by_shard else itertools.islice(raw, rank, None, world_size):
         decoded = decode(raw_sample, counters)
         if decoded is None:
             continue

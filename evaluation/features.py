@@ -27,12 +27,15 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: Iterator,
                      prepare: Callable[[torch.Tensor], torch.Tensor], dummy: torch.Tensor,
-                     device: torch.device | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device | None = None, progress: bool = False,
+                     everywhere: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, C], labels [N]) of every sample over all ranks, on every rank.
 
     Ranks step in lockstep (under ZeRO-3 every forward is collective): a rank whose share is
     exhausted runs a one-image dummy forward until all are done, which also tells a rank without
     samples the feature width. `device`: where the collectives' tensors live (the GPU under NCCL).
+    `everywhere=False`: only rank 0 keeps the gathered result (the others return empty tensors), so
+    a node with 8 ranks holds one copy in host memory, not 8.
     """
     distributed = dist.is_available() and dist.is_initialized()
     device = device or dummy.device
@@ -65,4 +68,7 @@ def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: 
         width = features(prepare(dummy)).shape[1]
     f = torch.cat(out_f) if out_f else torch.zeros(0, width, device=device)
     y = torch.cat(out_y) if out_y else torch.zeros(0, dtype=torch.long, device=device)
-    return gather_rows(f).cpu(), gather_rows(y).cpu()
+    f, y = gather_rows(f), gather_rows(y)
+    if not everywhere and distributed and dist.get_rank() != 0:
+        return f[:0].cpu(), y[:0].cpu()
+    return f.cpu(), y.cpu()

@@ -1,6 +1,8 @@
 """Linear probe on cached frozen features, as iBOT/DINO evaluate (a linear layer on the [CLS]
 token, optionally concatenated with the average patch token), but trained on features computed
-once rather than re-extracted every epoch: seconds on digits, minutes on ImageNet-1k.
+once rather than re-extracted every epoch: seconds on digits (CPU). It runs where the features are
+(the GPU in scripts/evaluate.py); its cost at ImageNet scale (7 learning rates x epochs passes over
+the cached features) has not been measured here.
 
 The learning rate is picked by accuracy on a held-out part of the train split (never on val),
 from a small sweep; each candidate is SGD with momentum 0.9, no weight decay and a cosine

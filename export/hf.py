@@ -46,7 +46,8 @@ def shapes(backbone: Backbone) -> dict:
     grid = math.isqrt(s["pos_embed"].shape[1] - 1)
     depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
     return {"arch": arch, "width": width, "depth": depth, "heads": VIT_ARCHS[arch][2], "patch": patch,
-            "mlp": s["blocks.0.mlp.fc1.weight"].shape[0], "image_size": grid * patch}
+            "mlp": s["blocks.0.mlp.fc1.weight"].shape[0], "image_size": grid * patch,
+            "layer_scale": backbone.layer_scale}
 
 
 # ---------------------------------------------------------------- transformers
@@ -59,10 +60,10 @@ def hf_model_and_config(backbone: Backbone):
     common = dict(hidden_size=d["width"], num_hidden_layers=d["depth"], num_attention_heads=d["heads"],
                   hidden_act="gelu", layer_norm_eps=1e-6, image_size=d["image_size"], patch_size=d["patch"],
                   num_channels=3, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    if backbone.layer_scale:
-        if d["mlp"] % d["width"]:  # Dinov2MLP's width is int(hidden_size * mlp_ratio), and 5.x wants an int ratio
-            raise ExportError(f"{backbone.checkpoint}: a layer-scale backbone becomes Dinov2Model, whose MLP width is "
-                              f"an integer multiple of the width; {d['arch']} has {d['mlp']} / {d['width']}")
+    # Dinov2MLP's width is int(hidden_size * mlp_ratio) and transformers 5.x wants an integer ratio:
+    # a layer-scale backbone whose MLP is not a whole multiple of its width (ViT-g/14, ViT-G/14)
+    # becomes a ViTModel with the gammas folded into the layers before them (see fold_layer_scale).
+    if backbone.layer_scale and d["mlp"] % d["width"] == 0:
         config = Dinov2Config(mlp_ratio=d["mlp"] // d["width"], layerscale_value=1.0, use_swiglu_ffn=False,
                               use_mask_token=backbone.uses_mask_token, **common)
         return Dinov2Model, config, {}
@@ -71,6 +72,19 @@ def hf_model_and_config(backbone: Backbone):
     # ViTForMaskedImageModeling load the [MASK] embedding.
     return ViTModel, ViTConfig(intermediate_size=d["mlp"], encoder_stride=d["patch"], **common), \
         {"add_pooling_layer": False, "use_mask_token": backbone.uses_mask_token}
+
+
+def fold_layer_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """x + g * (W a + b) = x + (g W) a + g b: each block's gammas multiplied into `attn.proj` and
+    `mlp.fc2`, so a model without layer-scale computes the same (up to rounding)."""
+    out = {k: v for k, v in state.items() if ".ls1." not in k and ".ls2." not in k}
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for i in range(depth):
+        for ls, layer in (("ls1", "attn.proj"), ("ls2", "mlp.fc2")):
+            gamma = state[f"blocks.{i}.{ls}.gamma"]
+            out[f"blocks.{i}.{layer}.weight"] = gamma[:, None] * state[f"blocks.{i}.{layer}.weight"]
+            out[f"blocks.{i}.{layer}.bias"] = gamma * state[f"blocks.{i}.{layer}.bias"]
+    return out
 
 
 def _layouts(depth: int, dinov2: bool):
@@ -104,8 +118,8 @@ def _layouts(depth: int, dinov2: bool):
 def to_hf_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], dinov2: bool,
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Rename (and split qkv) for the HF model whose state dict has `expected` names and shapes. In
-    fp32 the results are views of our tensors (q, k and v are row blocks of qkv: contiguous), so no
-    copy is made; in bf16, one half-size copy."""
+    fp32 the results are views of our tensors (q, k and v are row blocks of qkv), in bf16 a
+    half-size copy; `save_pretrained` copies q, k and v again, as they share qkv's storage."""
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     for names in _layouts(depth, dinov2):
         wanted = {n for k, targets in names.items() if k in state for n in targets}
@@ -139,7 +153,10 @@ def save_hf(backbone: Backbone, out: Path, dtype: torch.dtype) -> type:
     with torch.device("meta"):
         model = cls(config, **kwargs)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    mapped = to_hf_state(dict(backbone.state), expected, cls.__name__.startswith("Dinov2"), dtype)
+    dinov2 = cls.__name__.startswith("Dinov2")
+    state = fold_layer_scale(backbone.state) if backbone.layer_scale and not dinov2 else dict(backbone.state)
+    mapped = to_hf_state(state, expected, dinov2, dtype)
+    del state
     result = model.load_state_dict(mapped, strict=True, assign=True)  # raises on a missing or unexpected key
     assert not result.missing_keys and not result.unexpected_keys
     del mapped

@@ -1,10 +1,12 @@
 """A pretrained backbone out of a training checkpoint, on one CPU process, without a process group.
 
 The student comes from DeepSpeed's fp32 master weights, read through `zero_to_fp32` in its lazy
-mode: the optimizer files are memory-mapped, Adam's moments are never read, and each parameter is
-assembled from its per-rank slices only when it is asked for, so only the backbone's tensors are
-ever materialised (one fp32 copy). The EMA teacher comes from our fp32 shadow slices in the
-per-rank files (`rankNNNNN.pt`, also memory-mapped), put back together in ZeRO-3's partition order
+mode: the optimizer files are memory-mapped and Adam's moments are never read. Under ZeRO-3 each
+parameter is assembled from its per-rank slices only when it is asked for, so only the backbone's
+tensors are materialised (one fp32 copy); under ZeRO-2 DeepSpeed concatenates all trainable fp32
+parameters (the heads too) into one buffer, so the student costs one fp32 copy of backbone and
+heads (and DeepSpeed reads the bf16 model-states file whole). The EMA teacher comes from our fp32
+shadow slices in the per-rank files (`rankNNNNN.pt`, also memory-mapped), put back together in ZeRO-3's partition order
 (whole tensors under ZeRO-0/1/2). Shapes come from DeepSpeed's model-states file, so exporting the
 teacher never reads the student.
 
@@ -123,9 +125,11 @@ def student_state(ckpt: Path) -> dict[str, torch.Tensor]:
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
                                                         exclude_frozen_parameters=True)
     prefix = "student." + BACKBONE
-    # .contiguous() assembles one parameter from its slices (ZeRO-3's GatheredTensor); clone() so
-    # the result owns its memory rather than viewing a memory-mapped or merged flat buffer.
-    return {k[len(prefix):]: v.contiguous().clone() for k, v in lazy.items() if k.startswith(prefix)}
+    # ZeRO-3: .contiguous() assembles one parameter from its memory-mapped per-rank slices into new
+    # memory. ZeRO-2: DeepSpeed has already concatenated every trainable fp32 parameter (heads too)
+    # into one buffer (its lazy mode does not cover stage 2); the backbone's tensors are views of it,
+    # so the heads' share of it stays allocated with them, but nothing is copied twice.
+    return {k[len(prefix):]: v.contiguous() for k, v in lazy.items() if k.startswith(prefix)}
 
 
 def teacher_state(ckpt: Path, shapes: dict[str, torch.Size], parts: list[dict]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,8 @@ def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, args: argpar
     c = b.config
     global_batch = c["data"]["batch_size"] * c["optim"]["grad_accum"] * b.world_size
     ranks = f"{b.world_size} rank" + ("s" if b.world_size > 1 else "")
+    layer_scale = ("" if not d["layer_scale"] else ", layer-scale" if hf_class == "Dinov2Model" else
+                   ", layer-scale (folded into attn.proj and mlp.fc2 for ViTModel)")
     s = b.summary
 
     def pct(key):
@@ -118,7 +120,7 @@ pipeline_tag: image-feature-extraction
 - **Method**: {c['method']}; the exported weights are the **{b.which}** backbone
   ({'EMA teacher, as iBOT/DINO release' if b.which == 'teacher' else 'the trained student'}).
 - **Architecture**: ViT, width {d['width']}, depth {d['depth']}, {d['heads']} heads, MLP {d['mlp']},
-  patch {d['patch']}, image size {d['image_size']}{', layer-scale' if b.layer_scale else ''}; `transformers`
+  patch {d['patch']}, image size {d['image_size']}{layer_scale}; `transformers`
   class `{hf_class}`{' with the [MASK] embedding' if b.uses_mask_token else ''}.
 - **Training**: {b.step} steps x global batch {global_batch} ({ranks}) = {b.step * global_batch:,}
   images seen (of {c['schedule']['steps']} scheduled steps); checkpoint `{b.checkpoint}`.
@@ -152,12 +154,20 @@ model = {timm_line}
 
 def convert(args: argparse.Namespace) -> Path:
     out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
     if out.exists() and not args.overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     start_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the imports' share
     anon = anonymous_gib()
-    b = read_backbone(args.checkpoint, args.weights)
+    try:
+        b = read_backbone(args.checkpoint, args.weights)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # e.g. DeepSpeed on a missing optimizer shard
+        if isinstance(e, ExportError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"cannot read {args.checkpoint}: {type(e).__name__}: {first}") from None
     read_gib = anonymous_gib() - anon
     dims = shapes(b)  # an unknown architecture stops here, before anything is written
     backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30

@@ -8,7 +8,8 @@
 The backbone: a run directory, a checkpoint, an exported `transformers` directory or timm file
 (scripts/convert_to_hf.py). Data: WebDataset shards with labels (`cls`), or `builtin:digits`.
 Images are resized (shorter side, bicubic) and centre-cropped to the backbone's resolution and
-normalised with its training normalisation. Results are printed as one table and appended to the
+normalised with its training normalisation; each rank reads every world-size-th shard, and the
+features are gathered once, to rank 0, which runs the protocol. Results are printed as one table and appended to the
 run's metrics.jsonl (or to eval_results.jsonl beside an exported model).
 """
 
@@ -69,7 +70,8 @@ def features(backbone: LoadedBackbone, urls: list[str], pool: str, batch_size: i
 
     size = backbone.image_size
     return extract_features(feats, labelled_batches(urls, size, batch_size, rank, world), prepare,
-                            torch.zeros(1, 3, size, size, dtype=torch.uint8), device=device, progress=True)
+                            torch.zeros(1, 3, size, size, dtype=torch.uint8), device=device, progress=True,
+                            everywhere=False)
 
 
 def table(rows: list[tuple[str, str, str]]) -> str:
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"knn_k{k}_top5": r["top5"] for k, r in result.items()}
         else:
             t1 = time.perf_counter()
-            result = linear_probe(f_train, y_train, f_val, y_val, epochs=args.epochs)
+            result = linear_probe(f_train.to(device), y_train.to(device), f_val.to(device), y_val.to(device),
+                                  epochs=args.epochs)
             rows.append((f"linear (lr {result['lr']}, picked on 10% of train)", f"{result['top1']:.2f}",
                          f"{result['top5']:.2f}"))
             record = {"linear_top1": result["top1"], "linear_top5": result["top5"], "linear_lr": result["lr"],

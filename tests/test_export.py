@@ -124,6 +124,43 @@ def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tm
     check = next(line for line in caplog.messages if "check:" in line)
     errors = [float(v) for v in check.split("check: ")[1].split(" in ")[0].replace(",", "").split()[1::2]]
     assert len(errors) == 4 and max(errors) <= convert_to_hf.TOLERANCE["bf16"], check
+    assert "layer-scale" in (out / "README.md").read_text()
+
+    # The student of a ZeRO-2 checkpoint (DeepSpeed's stage-2 layout, both ranks' partitions), fp32, checked.
+    code, _, err = convert(capsys, layer_scale_run, tmp_path / "student", "--weights", "student")
+    assert code == 0, err
+    student = read_backbone(layer_scale_run, "student").state["blocks.1.ls2.gamma"]
+    got = AutoModel.from_pretrained(tmp_path / "student").state_dict()["encoder.layer.1.layer_scale2.lambda1"]
+    assert torch.equal(got, student) and not torch.equal(student, gamma)
+
+
+def test_layer_scale_with_an_mlp_dinov2_cannot_hold_is_folded_into_a_vit(tmp_path):
+    # ViT-g/14's MLP is 6144 / 1408 of its width; transformers' Dinov2Config takes whole ratios only.
+    from transformers import AutoModel
+
+    from export.hf import save_hf, save_processor
+    from export.weights import Backbone
+    from models.vit import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.5,
+                            layer_scale=0.5).eval()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.2, 2.0)
+    config = {"method": "ibot", "model": {"arch": "vit_test"}, "data": {"augment": {"mean": [0.5] * 3,
+                                                                                   "std": [0.25] * 3}}}
+    b = Backbone(state=dict(vit.state_dict()), config=config, which="teacher", checkpoint=tmp_path, step=1,
+                 world_size=1)
+    assert save_hf(b, tmp_path / "hf", torch.float32).__name__ == "ViTModel"
+    save_processor(b, tmp_path / "hf")
+    x = convert_to_hf.sample_photos(32, tmp_path / "hf")
+    hf = AutoModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False)
+    with torch.no_grad():
+        ours = vit.forward_features(x)
+        theirs = hf(pixel_values=x).last_hidden_state
+    assert convert_to_hf.relative_error(ours["cls"], theirs[:, 0]) < 1e-5
+    assert convert_to_hf.relative_error(ours["patch"], theirs[:, 1:]) < 1e-5
 
 
 def test_check_fails_on_a_wrong_mapping(ibot_two_rank_run, tmp_path, capsys, monkeypatch):
@@ -183,6 +220,14 @@ def test_bad_inputs_stop_with_one_line_and_write_nothing(ibot_two_rank_run, tmp_
     code, _, err = convert(capsys, tag, out)
     assert code == 2 and "exists; pass --overwrite" in err.strip().splitlines()[-1]
     assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = convert(capsys, tag, out / "keep.txt", "--overwrite")
+    assert code == 2 and "exists and is not a directory" in err.strip().splitlines()[-1]
+    missing = tmp_path / "missing" / "step00000006"  # complete-looking, but one rank's optimizer shard is gone
+    shutil.copytree(tag, missing)
+    next(missing.glob("*rank_1*optim_states.pt")).unlink()
+    code, _, err = convert(capsys, missing, tmp_path / "out2", "--weights", "student")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"convert_to_hf: cannot read {missing}"), err[-2000:]
+    assert not (tmp_path / "out2").exists()
 
 
 def test_evaluating_the_export_gives_the_run_directorys_numbers(ibot_two_rank_run, tmp_path, capsys, digits_dirs):
