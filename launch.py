@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 "command to resume")
         return 0
     if env.rank == 0 and summary.get("knn") is not None:
+        from evaluation.knn import percent
+
         def pct(key: str) -> str:
-            return f"{summary[key]:.2f}%" if summary.get(key) is not None else "not measured"
+            return percent(summary.get(key))
 
         which = "student mean patch token" if cfg.method == "maskalign" else "teacher [CLS]"
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "

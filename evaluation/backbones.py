@@ -28,6 +28,7 @@ class LoadedBackbone:
     run_config: dict | None = None  # the training run's config, when loaded from a run or checkpoint
     step: int | None = None
     method: str | None = None  # the pretraining method, where known (picks the pooled feature)
+    run_knn: dict | None = None  # the run's own kNN: trained, random init, raw pixels (what to compare with)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,7 +56,8 @@ def from_backbone(backbone) -> LoadedBackbone:
     aug = backbone.config["data"]["augment"]
     return LoadedBackbone(model.eval(), "mimscale", d["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
                           f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
-                          run_config=backbone.config, step=backbone.step, method=backbone.config["method"])
+                          run_config=backbone.config, step=backbone.step, method=backbone.config["method"],
+                          run_knn={k: v for k, v in backbone.summary.items() if k.startswith("knn")})
 
 
 def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedBackbone:
@@ -71,7 +73,8 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
         size = proc.crop_size["height"] if getattr(proc, "do_center_crop", False) else proc.size["height"]
         info = config.get("mimscale", {})
         return LoadedBackbone(model, "transformers", size, tuple(proc.image_mean), tuple(proc.image_std), str(path),
-                              path / "eval_results.jsonl", step=info.get("step"), method=info.get("method"))
+                              path / "eval_results.jsonl", step=info.get("step"), method=info.get("method"),
+                              run_knn=info.get("knn"))
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -85,7 +88,7 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
         return LoadedBackbone(model, "timm", int(meta["image_size"]), tuple(json.loads(meta["mean"])),
                               tuple(json.loads(meta["std"])), str(path), path.parent / "eval_results.jsonl",
                               model.num_prefix_tokens, step=int(meta["step"]) if "step" in meta else None,
-                              method=meta.get("method"))
+                              method=meta.get("method"), run_knn=json.loads(meta.get("knn", "{}")))
     from export.weights import read_backbone
 
     loaded = from_backbone(read_backbone(path, which))

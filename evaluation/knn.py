@@ -9,6 +9,11 @@ import torch.nn.functional as F
 DINO_KS = (10, 20, 100, 200)
 
 
+def percent(value: float | None) -> str:
+    """An accuracy for people: '69.00%', or 'not measured'."""
+    return f"{value:.2f}%" if value is not None else "not measured"
+
+
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, ks: tuple[int, ...] = DINO_KS, temperature: float = 0.07,
                  chunk: int = 1024) -> dict[int, dict[str, float]]:

@@ -149,7 +149,8 @@ def save_hf(backbone: Backbone, out: Path, dtype: torch.dtype) -> type:
     cls, config, kwargs = hf_model_and_config(backbone)
     # Provenance, kept in config.json (transformers keeps unknown attributes): evaluate.py reads it.
     config.mimscale = {"method": backbone.config["method"], "weights": backbone.which, "step": backbone.step,
-                       "checkpoint": str(backbone.checkpoint)}
+                       "checkpoint": str(backbone.checkpoint),
+                       "knn": {k: v for k, v in backbone.summary.items() if k.startswith("knn")}}
     with torch.device("meta"):
         model = cls(config, **kwargs)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from evaluation.backbones import LoadedBackbone, from_backbone, load_backbone  # noqa: E402
+from evaluation.knn import percent  # noqa: E402
 from export.hf import TIMM_FILE, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state  # noqa: E402
 from export.weights import Backbone, ExportError, read_backbone  # noqa: E402
 
@@ -103,7 +105,7 @@ def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, args: argpar
     s = b.summary
 
     def pct(key):
-        return f"{s[key]:.2f}%" if s.get(key) is not None else "not measured"
+        return percent(s.get(key))
 
     knn = (f"{pct('knn')} (weighted kNN, k={c['eval']['knn_k']}, T={c['eval']['knn_temp']}, on "
            f"{c['data'].get('val_shards') or 'no val split'}); random init {pct('knn_random_init')}, "
@@ -128,8 +130,7 @@ pipeline_tag: image-feature-extraction
   std {c['data']['augment']['std']}.
 - **kNN top-1**: {knn}.
 - **Produced by**: `{b.command or 'not recorded (checkpoint older than this field)'}`
-- **Converted by**: `{' '.join(['python', 'scripts/convert_to_hf.py', *sys.argv[1:]]) if args.argv is None else
-                     ' '.join(['python', 'scripts/convert_to_hf.py', *args.argv])}`
+- **Converted by**: `{shlex.join(['python', 'scripts/convert_to_hf.py', *args.argv])}`
 - **Export check** (relative feature error against mimscale's model on two photos): {check_line}.
 - **Left out** (pretraining only): {'; '.join(b.left_out)}.
 
@@ -184,7 +185,8 @@ def convert(args: argparse.Namespace) -> Path:
         meta = {"timm_name": name, "timm_kwargs": json.dumps(kwargs), "image_size": str(dims["image_size"]),
                 "mean": json.dumps(list(c["data"]["augment"]["mean"])),
                 "std": json.dumps(list(c["data"]["augment"]["std"])), "method": c["method"], "weights": b.which,
-                "step": str(b.step), "format": "pt"}
+                "step": str(b.step), "format": "pt",
+                "knn": json.dumps({k: v for k, v in b.summary.items() if k.startswith("knn")})}
         from safetensors.torch import save_file
 
         save_file(timm_state(b, dtype), str(tmp / TIMM_FILE), metadata=meta)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-check", action="store_true", help="skip loading and comparing what was written")
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.argv = sys.argv[1:] if argv is None else argv  # for the model card
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:

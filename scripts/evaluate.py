@@ -35,7 +35,7 @@ from data.shards import expand_shards  # noqa: E402
 from data.transforms import normalize  # noqa: E402
 from evaluation.backbones import LoadedBackbone, load_backbone  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
-from evaluation.knn import DINO_KS, knn_classify  # noqa: E402
+from evaluation.knn import DINO_KS, knn_classify, percent  # noqa: E402
 from evaluation.linear import linear_probe  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{backbone.source}: {what} features, {len(y_train)} train / {len(y_val)} val images, "
               f"extracted in {extract_s:.0f} s on {world} rank(s)")
         print(table(rows))
+        r = backbone.run_knn or {}
+        if r:
+            print(f"compare with the run's own kNN on its held-out split: trained {percent(r.get('knn'))}, random "
+                  f"init {percent(r.get('knn_random_init'))}, raw pixels {percent(r.get('knn_raw_pixels'))}")
+        else:
+            print("no kNN of an untrained network or of raw pixels was recorded with this backbone to compare with")
         record = {"eval": args.protocol, "features": what, "train": train, "val": val, **record}
         if backbone.step is not None:
             record = {"step": backbone.step, **record}

@@ -18,7 +18,7 @@ from data.pipeline import FAILURE_KINDS, PositionMismatch, build_train_loader, l
 from data.shards import expand_shards
 from data.transforms import normalize, normalize_batch
 from evaluation.features import extract_features
-from evaluation.knn import knn_classify
+from evaluation.knn import knn_classify, percent
 from models.teachers import TeacherWeightsError
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
@@ -225,8 +225,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             t0 = time.perf_counter()
             knn = knn_eval(cfg, engine, device, dtype, env)
             metrics.write(step, {"knn": knn})
-            log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; %.0f s)", step, knn, cfg.eval.knn_k,
-                     time.perf_counter() - t0)
+            log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; random init %s, raw pixels %s; %.0f s)",
+                     step, knn, cfg.eval.knn_k, percent(summary.get("knn_random_init")),
+                     percent(summary.get("knn_raw_pixels")), time.perf_counter() - t0)
             window_start += time.perf_counter() - t0  # keep the evaluation out of the step time
         if guard.stop_requested:
             log.warning("%s received: saving step %d and stopping; the same command resumes", guard.signal_name or
