@@ -9,10 +9,11 @@ Everything is checked (YAML, overrides, the DeepSpeed JSON against the YAML, the
 directory, the shard list against ranks x workers) before any process group starts; a problem
 is reported as one line naming the file, the key and what is allowed, and the exit code is 2.
 
-Exit codes: 0 done (or stopped by --stop-at / SIGTERM / SIGUSR1 after saving: the same command
-resumes); 2 bad input (config, paths, teacher weights, an untrusted file), nothing trained; 3 the
-run stopped on a fault (a failed save, too many skipped steps, too many unreadable samples) with
-its newest complete checkpoint intact. Every rank logs to <run>/logs/rank<N>.log, tracebacks
+Exit codes: 0 done, or stopped after saving (--stop-at, --stop-after, SIGTERM, SIGUSR1, the Slurm
+job's time limit; <run>/status.json says which, and the same command resumes); 2 bad input
+(config, paths, teacher weights, an untrusted file), nothing trained; 3 the run stopped on a
+fault (a failed save, too many skipped steps, too many unreadable samples) with its newest
+complete checkpoint intact. Every rank logs to <run>/logs/rank<N>.log, tracebacks
 included; the terminal gets one line per error.
 """
 
@@ -26,9 +27,13 @@ import time
 import warnings
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, describe, dump_yaml, load_config
-from trainer.distributed import DistEnv, dist_env
-from trainer.ds_config import build_ds_config
+from trainer import stop_signals
+
+stop_signals.catch()  # before the 2 s of importing torch: a pre-emption signal then must not kill a rank
+
+from trainer.config import Config, ConfigError, describe, dump_yaml, load_config  # noqa: E402
+from trainer.distributed import DistEnv, dist_env  # noqa: E402
+from trainer.ds_config import build_ds_config  # noqa: E402
 
 log = logging.getLogger("mimscale")
 TRACEBACKS = logging.getLogger("mimscale.tracebacks")  # the log file only: the terminal gets one line
@@ -47,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="save and exit at this optimizer step (time-limited job slots; schedules still span "
                         "schedule.steps, and the next launch resumes)")
+    p.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="save and exit after this many optimizer steps of this launch (one job of a chain)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("--dry-run", type=int, nargs="?", const=20, metavar="BATCHES", default=None,
                    help="check everything, stream this many batches (default 20), report, and exit")
@@ -58,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup_logging(rank: int, log_dir: Path | None = None) -> None:
     # torch.distributed warns on every ZeRO-3 reduce-scatter that DeepSpeed still calls the old name.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    # Same for all_gather_into_tensor (ZeRO-3 gathers) and the autograd all_reduce (iBOT's SyncBatchNorm-style
+    # head norm): one line each per step on every rank, about a rename we cannot act on.
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor", "torch.distributed.nn.functional.all_reduce"):
+        warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     terminal = logging.StreamHandler()
     terminal.setFormatter(fmt)
@@ -153,12 +163,31 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+def say_ranks(env: DistEnv) -> None:
+    """Rank 0 says how many ranks train, and from which launcher: `accelerate launch --cpu
+    --num_processes 2` starts ONE process without RANK, which would otherwise train alone, silently."""
+    launcher = env.launcher
+    if launcher == "torch":
+        launcher = ("accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else
+                    "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else
+                    "deepspeed" if "CROSS_RANK" in os.environ else "RANK/WORLD_SIZE")
+    log.info("training on %d rank%s (%s; rendezvous %s:%d)", env.world_size, "s" * (env.world_size > 1),
+             "a single process" if launcher == "none" else f"from {launcher}", env.master_addr, env.master_port)
+    if env.world_size == 1 and any(k.startswith("ACCELERATE_") for k in os.environ):
+        log.warning("accelerate launch started a single process (it does with --cpu, whatever --num_processes "
+                    "says): for N ranks on CPUs use `accelerate launch --multi_gpu --num_processes N launch.py ...`")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
         for key, help_text, default in describe():
             print(f"{key:34} {default!r:>24}  {help_text}")
         return 0
+    for flag in ("stop_at", "stop_after"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            say(f"mimscale: config error: command line: --{flag.replace('_', '-')}: must be at least 1")
+            return 2
     try:
         cfg, env, ds = prepare(args)
     except ConfigError as e:
@@ -169,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    if args.dry_run is None and env.rank == 0:
+        say_ranks(env)
     if args.dry_run is not None:
         try:
             dry_run(cfg, env, args.dry_run)
@@ -186,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
               CheckpointError: ("checkpoint error", 3), NumericalFault: ("numerical fault", 3),
               DataFailureError: ("data error", 3)}
     try:
-        summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at)
+        summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at, stop_after=args.stop_after)
+        stop_signals.ignore()  # saved: a late signal must not turn this into a killed process
     except tuple(errors) as e:
         what, code = next(v for k, v in errors.items() if isinstance(e, k))
         TRACEBACKS.error("%s", what, exc_info=True)

@@ -1,5 +1,6 @@
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(*args: str, timeout: int = 600):
     """Two CPU ranks (gloo) of `args` (a script and its arguments), from the repository root."""
-    import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -76,3 +76,36 @@ def ibot_two_rank_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ibot2") / "run"
     torchrun(*tiny_ibot_cmd(run, 6))
     return run
+
+
+# A one-node Slurm for the tests in tests/slurm/ that submit jobs (scripts/ci/slurm_up.sh; .ci/run starts it
+# first). Jobs always go to this test cluster (its own SLURM_CONF under /tmp/mimscale-slurm), never to a Slurm
+# the machine may already belong to. Without root, slurm_up.sh cannot install Slurm: those tests then fail and
+# say so; deselect them with `-m "not slurm"`.
+SLURM_DIR = Path(os.environ.get("MIMSCALE_SLURM_DIR", "/tmp/mimscale-slurm"))
+
+
+def _up(env: dict) -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True,
+                              timeout=10).stdout.strip() in ("idle", "mixed", "allocated")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm() -> dict:
+    """The environment that reaches the test cluster, bringing it up if it is not."""
+    env = {**os.environ, "SLURM_CONF": str(SLURM_DIR / "slurm.conf"), "MIMSCALE_SLURM_DIR": str(SLURM_DIR),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    started = False
+    if not _up(env):
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "ci" / "slurm_up.sh")], env=env,
+                                capture_output=True, text=True, timeout=900)
+        if result.returncode != 0 or not _up(env):
+            pytest.fail("no local Slurm: scripts/ci/slurm_up.sh failed (it installs slurm-wlm and munge as root):\n"
+                        + result.stdout[-2000:] + result.stderr[-3000:])
+        started = True
+    yield env
+    if started:
+        subprocess.run(["bash", str(ROOT / "scripts" / "ci" / "slurm_down.sh")], env=env, timeout=120)

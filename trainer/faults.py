@@ -1,4 +1,4 @@
-"""Faults the train loop survives: non-finite steps, and pre-emption signals.
+"""Faults the train loop survives: non-finite steps, pre-emption signals and the job's time limit.
 
 Both need every rank to agree, so both are decided by one small all-reduce per micro-step:
 `[this rank's loss is non-finite (one slot per rank)..., a stop signal arrived]`.
@@ -10,15 +10,24 @@ non-finite *loss* on one rank is turned into that same event: every rank multipl
 NaN, which makes every gradient NaN, so the step is skipped on all ranks. `engine.was_step_applied()`
 then says whether the step happened; a skipped step updates neither the weights, the optimizer
 state nor the EMA teacher.
+
+Stopping. SIGTERM / SIGUSR1 on any rank, or rank 0 seeing the job's time limit close
+(`JobDeadline`), sets the stop slot; the all-reduce makes every rank stop after the same step
+and save together.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
+import os
+import re
+import subprocess
+import time
 
 import torch
 import torch.distributed as dist
+
+from . import stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +39,15 @@ class NumericalFault(RuntimeError):
 class StepGuard:
     """Agrees on non-finite losses and stop signals across ranks; counts skipped steps."""
 
-    def __init__(self, max_consecutive_skips: int, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, max_consecutive_skips: int, deadline: JobDeadline | None = None):
         self.max_consecutive = max_consecutive_skips
+        self.deadline = deadline
         self.skipped = 0  # steps skipped over the whole run (restored on resume)
         self.consecutive = 0
         self._flags: torch.Tensor | None = None  # summed check() flags of the current step
         self.stop_requested = False
         self.signal_name: str | None = None
-        self._signal_seen = False
-        for sig in signals:  # Slurm sends SIGTERM (or --signal=USR1@t) ahead of pre-emption / the time limit
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        # Only a flag: saving from inside a handler would interrupt a collective half-way.
-        self._signal_seen = True
-        self.signal_name = signal.Signals(signum).name
+        stop_signals.catch()  # launch.py already does, before its imports; train() may be called without it
 
     def check(self, loss: torch.Tensor) -> torch.Tensor:
         """Agree with every rank on this micro-step's loss; -> the loss to back-propagate: NaN times the
@@ -54,7 +57,11 @@ class StepGuard:
         rank = dist.get_rank() if dist.is_initialized() else 0
         flags = torch.zeros(world + 1, dtype=torch.float32, device=loss.device)
         flags[rank] = (~torch.isfinite(loss.detach())).float()
-        flags[world] = float(self._signal_seen)
+        if self.signal_name is None and stop_signals.received:
+            self.signal_name = stop_signals.received
+        if self.signal_name is None and self.deadline is not None and self.deadline.due():
+            self.signal_name = "time limit"
+        flags[world] = float(self.signal_name is not None)
         if world > 1:
             dist.all_reduce(flags)
         self._flags = flags if self._flags is None else self._flags + flags
@@ -83,3 +90,57 @@ class StepGuard:
                 f"({what}; loss terms: {shown}); the newest complete checkpoint is {newest or 'none'}: "
                 "resume from it with a lower optim.lr or a larger optim.warmup_steps")
         return False
+
+
+def _seconds(left: str) -> float | None:
+    """squeue's %L: `MM:SS`, `HH:MM:SS` or `D-HH:MM:SS`; None for UNLIMITED / NOT_SET / INVALID."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", left.strip())
+    if m is None:
+        return None
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+def job_end_time(environ=None, squeue: str = "squeue") -> float | None:
+    """When this Slurm job's time limit ends (a UNIX time), or None outside a time-limited job.
+    SLURM_JOB_END_TIME where Slurm sets it (23.02 and later); otherwise squeue's time left, which
+    needs no clock or time-zone agreement with the controller."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_JOB_END_TIME", "").isdigit() and int(env["SLURM_JOB_END_TIME"]) > 0:
+        return float(env["SLURM_JOB_END_TIME"])
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run([squeue, "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot read the time left of Slurm job %s (%s): only signals will stop it before its limit",
+                    job, e)
+        return None
+    left = _seconds(out.stdout) if out.returncode == 0 else None
+    return None if left is None else time.time() + left
+
+
+class JobDeadline:
+    """Stop before the job's time limit: due once the time left is below the margin plus the longest
+    step seen (the stop happens after one more step, then a save)."""
+
+    def __init__(self, end_time: float, margin_s: float, checks_per_step: int = 1):
+        self.end_time, self.margin, self.checks_per_step = end_time, margin_s, checks_per_step
+        self.longest_step = 0.0
+        self._last: float | None = None
+
+    @classmethod
+    def from_job(cls, margin_s: float, checks_per_step: int = 1) -> JobDeadline | None:
+        end = job_end_time() if margin_s > 0 else None
+        if end is None:
+            return None
+        log.info("job time limit in %.0f s: saving and stopping %d s + one step before it", end - time.time(), margin_s)
+        return cls(end, margin_s, checks_per_step)
+
+    def due(self) -> bool:
+        now = time.time()
+        if self._last is not None:
+            self.longest_step = max(self.longest_step, (now - self._last) * self.checks_per_step)
+        self._last = now
+        return now + self.margin + self.longest_step >= self.end_time

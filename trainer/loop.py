@@ -25,7 +25,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import Config, dump_yaml, to_dict
 from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
-from .faults import StepGuard
+from .faults import JobDeadline, StepGuard
 from .grad_clip import PerParamClip
 from .metrics import MetricsWriter
 from .schedules import Schedules
@@ -94,7 +94,8 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, floa
     return dict(zip(names, values.tolist()))
 
 
-def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None) -> dict:
+def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None,
+          stop_after: int | None = None) -> dict:
     run_dir = Path(cfg.run.output_dir).expanduser()
     cfg.data.train_shards, cfg.data.val_shards = resolve_builtin(
         cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
@@ -111,7 +112,11 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     schedules = Schedules.from_config(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
-    guard = StepGuard(cfg.optim.max_consecutive_skips)
+    # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
+    # all-reduce makes every rank stop with it.
+    deadline = (JobDeadline.from_job(cfg.checkpoint.before_time_limit_s, cfg.optim.grad_accum)
+                if env.rank == 0 else None)
+    guard = StepGuard(cfg.optim.max_consecutive_skips, deadline=deadline)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -169,7 +174,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     # is too noisy to compare across lines (a skipped step's non-finite loss stays out).
     window_sums: dict[str, torch.Tensor] = {}
     window_count = 0
-    last = min(cfg.schedule.steps, stop_at) if stop_at else cfg.schedule.steps
+    last = min(cfg.schedule.steps, stop_at or cfg.schedule.steps, step + (stop_after or cfg.schedule.steps))
     stopped_by = None
     while step < last:
         values = schedules.at(step)
@@ -230,8 +235,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                      percent(summary.get("knn_raw_pixels")), time.perf_counter() - t0)
             window_start += time.perf_counter() - t0  # keep the evaluation out of the step time
         if guard.stop_requested:
-            log.warning("%s received: saving step %d and stopping; the same command resumes", guard.signal_name or
-                        "a stop signal (on another rank)", step)
+            log.warning("%s: saving step %d and stopping; the same command resumes",
+                        guard.signal_name or "a stop signal on another rank", step)
             stopped_by = guard.signal_name or "signal"
             break
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.schedule.steps:
@@ -246,4 +251,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     metrics.close()
     if dist.is_initialized():
         dist.barrier()
+    if env.rank == 0:  # what a job script reads to decide: done, or requeue / hand over to the next job
+        status = {"state": "finished" if finished else "stopped", "step": step, "steps": cfg.schedule.steps,
+                  "stopped_by": stopped_by or (None if finished else "step limit"),
+                  "checkpoint": str(ckpt.latest()), "time": time.time()}
+        (run_dir / "status.json").write_text(json.dumps(status) + "\n")
     return {**summary, "step": step, "stopped_by": stopped_by}

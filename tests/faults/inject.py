@@ -8,12 +8,15 @@ FAULT is one of
                            before our own parts and the COMPLETE marker exist
     fail-save:STEP@RANK    writing step STEP's checkpoint raises ENOSPC on RANK (disk full)
     disk-free:BYTES        every rank sees only BYTES free on the checkpoint file system
+    slow:SECONDS           every rank sleeps SECONDS per batch (time for a test to signal or kill
+                           it mid-run; the losses do not change)
 """
 
 import errno
 import os
 import signal
 import sys
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -49,6 +52,16 @@ def inject_nan(first: int, last: int, who: int) -> None:
         return batch
 
     trainer.loop.normalize_batch = poisoned
+
+
+def slow_down(seconds: float) -> None:
+    normalize = trainer.loop.normalize_batch
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return normalize(*args, **kwargs)
+
+    trainer.loop.normalize_batch = slow
 
 
 def wrap_save(step: int, who: int, action) -> None:
@@ -90,6 +103,8 @@ def main() -> int:
             wrap_save(int(value), who, disk_full)
         elif kind == "disk-free":
             report_free(int(value))
+        elif kind == "slow":
+            slow_down(float(value))
         else:
             raise SystemExit(f"unknown fault {spec!r}")
     torch.set_num_threads(1)

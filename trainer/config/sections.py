@@ -206,10 +206,15 @@ class ScheduleConfig:
 class CheckpointConfig:
     every_steps: int = opt(1000, "Save every N optimizer steps (and at the end).")
     keep: int = opt(3, "Newest checkpoints kept; older ones are deleted after a successful save.")
+    before_time_limit_s: int = opt(
+        300, "In a Slurm job with a time limit (SLURM_JOB_END_TIME, else squeue's time left), save and stop when "
+             "the limit is less than this many seconds plus the longest step seen away, whether or not the job "
+             "asked for a warning signal (--signal); 0 turns this off.")
 
     def validate(self) -> None:
         _at_least(self, 1, "every_steps")
         _at_least(self, 1, "keep")
+        _at_least(self, 0, "before_time_limit_s")
 
 
 @dataclass

@@ -1,0 +1,31 @@
+"""SIGTERM / SIGUSR1 (Slurm's warning ahead of the time limit or a pre-emption) ask the run to save and stop.
+
+They are caught from launch.py's first lines, before its imports: a signal that arrives while a rank
+still imports torch or builds the engine would otherwise kill it (their default action), and the
+job would look crashed. Here it is only recorded; the train loop's StepGuard reads it after each
+micro-step, agrees with every rank, and the run stops after that step with a save. After training,
+`ignore()`: a late signal cannot turn a finished run into a killed process.
+"""
+
+from __future__ import annotations
+
+import signal
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+received: str | None = None  # the name of the first stop signal this process got
+
+
+def _record(signum, frame) -> None:
+    # Only a flag: saving from inside a handler would interrupt a collective half-way.
+    global received
+    received = received or signal.Signals(signum).name
+
+
+def catch() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, _record)
+
+
+def ignore() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
