@@ -98,14 +98,14 @@ def slurm() -> dict:
     """The environment that reaches the test cluster, bringing it up if it is not."""
     env = {**os.environ, "SLURM_CONF": str(SLURM_DIR / "slurm.conf"), "MIMSCALE_SLURM_DIR": str(SLURM_DIR),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    started = False
+    pids = SLURM_DIR / f"started-by-pytest-{os.getpid()}.pids"
     if not _up(env):
-        result = subprocess.run(["bash", str(ROOT / "scripts" / "ci" / "slurm_up.sh")], env=env,
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "ci" / "slurm_up.sh"), str(pids)], env=env,
                                 capture_output=True, text=True, timeout=900)
         if result.returncode != 0 or not _up(env):
             pytest.fail("no local Slurm: scripts/ci/slurm_up.sh failed (it installs slurm-wlm and munge as root):\n"
                         + result.stdout[-2000:] + result.stderr[-3000:])
-        started = True
     yield env
-    if started:
-        subprocess.run(["bash", str(ROOT / "scripts" / "ci" / "slurm_down.sh")], env=env, timeout=120)
+    if pids.exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "ci" / "slurm_down.sh"), str(pids)], env=env, timeout=120)
+        pids.unlink()

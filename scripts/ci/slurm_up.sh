@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A one-node Slurm on this machine, for the tests in tests/slurm/ (CI runs this as root).
 #
-#   sudo scripts/ci/slurm_up.sh            # installs slurm-wlm + munge if missing, starts them
+#   sudo scripts/ci/slurm_up.sh [PIDS]     # installs slurm-wlm + munge if missing, starts them
 #   export SLURM_CONF=/tmp/mimscale-slurm/slurm.conf
-#   scripts/ci/slurm_down.sh               # stops exactly what this started
+#   scripts/ci/slurm_down.sh [PIDS]        # stops exactly what that call started
+#
+# PIDS (default $MIMSCALE_SLURM_DIR/started.pids) lists the daemons this call started, and nothing
+# when it found them already up, so a second user's slurm_down.sh never stops the first one's.
 #
 # Everything lives under $MIMSCALE_SLURM_DIR (default /tmp/mimscale-slurm): the config, spool and
 # state directories, the daemons' logs and pid files. /etc/slurm is not touched, so a machine that
@@ -14,8 +17,10 @@
 set -euo pipefail
 
 DIR=${MIMSCALE_SLURM_DIR:-/tmp/mimscale-slurm}
+PIDS=${1:-$DIR/started.pids}
 export SLURM_CONF=$DIR/slurm.conf
 mkdir -p "$DIR"/{state,spool,log}
+: >"$PIDS"
 
 if SLURM_CONF=$SLURM_CONF timeout 5 sinfo -h >/dev/null 2>&1; then
     echo "slurm_up: a Slurm answering to $SLURM_CONF is already up; leaving it as it is"
@@ -64,7 +69,6 @@ NodeName=$host CPUs=$(nproc) State=UNKNOWN
 PartitionName=ci Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 
-: >"$DIR/started.pids"
 if ! pgrep -x munged >/dev/null; then
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     [ -s /etc/munge/munge.key ] || mungekey --create 2>/dev/null \
@@ -72,14 +76,14 @@ if ! pgrep -x munged >/dev/null; then
     chmod 400 /etc/munge/munge.key
     munged --force --pid-file="$DIR/munged.pid"
     for _ in $(seq 50); do [ -s "$DIR/munged.pid" ] && break; sleep 0.1; done
-    echo "munged $(cat "$DIR/munged.pid")" >>"$DIR/started.pids"
+    echo "munged $(cat "$DIR/munged.pid")" >>"$PIDS"
 fi
 
-slurmctld -f "$SLURM_CONF"
+slurmctld -c -f "$SLURM_CONF"   # -c: no jobs left over from an earlier test cluster
 slurmd -f "$SLURM_CONF"
 for _ in $(seq 50); do [ -s "$DIR/slurmctld.pid" ] && [ -s "$DIR/slurmd.pid" ] && break; sleep 0.2; done
-echo "slurmctld $(cat "$DIR/slurmctld.pid")" >>"$DIR/started.pids"
-echo "slurmd $(cat "$DIR/slurmd.pid")" >>"$DIR/started.pids"
+echo "slurmctld $(cat "$DIR/slurmctld.pid")" >>"$PIDS"
+echo "slurmd $(cat "$DIR/slurmd.pid")" >>"$PIDS"
 
 for _ in $(seq 60); do
     state=$(sinfo -h -n "$host" -o %T 2>/dev/null || true)
