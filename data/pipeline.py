@@ -25,6 +25,7 @@ import io
 import itertools
 import logging
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -206,6 +207,14 @@ class PositionMismatch(ValueError):
     """A saved data position that was recorded under a different data layout."""
 
 
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm's SIGTERM (scancel, pre-emption, the time limit) reaches every process of the job, loader
+    workers too, whose default is to die of it; the training process would then fail on the lost
+    worker instead of saving. The training process decides when to stop; its workers end with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
 class ShardLoader:
     """Endless multi-crop batches for one rank, with `state_dict()` / `load_state_dict()`.
 
@@ -253,7 +262,8 @@ class ShardLoader:
         # training process's global RNG (which a resumed run must find as it was saved).
         loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.plan.seed))
+                            generator=torch.Generator().manual_seed(self.plan.seed),
+                            worker_init_fn=_ignore_stop_signals)
         for batch, position in loader:
             stream = position.pop("stream")
             self._streams[stream] = position

@@ -39,7 +39,9 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
-            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # jobs sharing a node do not collide
+            # Jobs sharing a node do not collide (unless their ids differ by a multiple of 12000),
+            # and 20000-31999 stays below Linux's ephemeral ports (32768-).
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 12000
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR", first_host(nodes)), port, "slurm")
     # A single process still needs a rendezvous port: take a free one, so runs side by side on

@@ -103,7 +103,7 @@ def _seconds(left: str) -> float | None:
 
 def job_end_time(environ=None, squeue: str = "squeue") -> float | None:
     """When this Slurm job's time limit ends (a UNIX time), or None outside a time-limited job.
-    SLURM_JOB_END_TIME where Slurm sets it (23.02 and later); otherwise squeue's time left, which
+    SLURM_JOB_END_TIME where Slurm sets it (22.05 does not); otherwise squeue's time left, which
     needs no clock or time-zone agreement with the controller."""
     env = os.environ if environ is None else environ
     if env.get("SLURM_JOB_END_TIME", "").isdigit() and int(env["SLURM_JOB_END_TIME"]) > 0:
@@ -123,24 +123,27 @@ def job_end_time(environ=None, squeue: str = "squeue") -> float | None:
 
 class JobDeadline:
     """Stop before the job's time limit: due once the time left is below the margin plus the longest
-    step seen (the stop happens after one more step, then a save)."""
+    optimizer step seen (the stop happens after the current step, then a save, which the margin
+    covers)."""
 
-    def __init__(self, end_time: float, margin_s: float, checks_per_step: int = 1):
-        self.end_time, self.margin, self.checks_per_step = end_time, margin_s, checks_per_step
+    def __init__(self, end_time: float, margin_s: float):
+        self.end_time, self.margin = end_time, margin_s
         self.longest_step = 0.0
-        self._last: float | None = None
+        self._steps = 0
 
     @classmethod
-    def from_job(cls, margin_s: float, checks_per_step: int = 1) -> JobDeadline | None:
+    def from_job(cls, margin_s: float) -> JobDeadline | None:
         end = job_end_time() if margin_s > 0 else None
         if end is None:
             return None
         log.info("job time limit in %.0f s: saving and stopping %d s + one step before it", end - time.time(), margin_s)
-        return cls(end, margin_s, checks_per_step)
+        return cls(end, margin_s)
+
+    def observe(self, seconds: float) -> None:
+        """One optimizer step's time, without the saves and evaluations between steps. The first
+        step (warm-up, compilation) counts only until a second one is seen."""
+        self._steps += 1
+        self.longest_step = seconds if self._steps <= 2 else max(self.longest_step, seconds)
 
     def due(self) -> bool:
-        now = time.time()
-        if self._last is not None:
-            self.longest_step = max(self.longest_step, (now - self._last) * self.checks_per_step)
-        self._last = now
-        return now + self.margin + self.longest_step >= self.end_time
+        return time.time() + self.margin + self.longest_step >= self.end_time

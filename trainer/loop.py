@@ -114,8 +114,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
     # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
     # all-reduce makes every rank stop with it.
-    deadline = (JobDeadline.from_job(cfg.checkpoint.before_time_limit_s, cfg.optim.grad_accum)
-                if env.rank == 0 else None)
+    deadline = JobDeadline.from_job(cfg.checkpoint.before_time_limit_s) if env.rank == 0 else None
     guard = StepGuard(cfg.optim.max_consecutive_skips, deadline=deadline)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -177,6 +176,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     last = min(cfg.schedule.steps, stop_at or cfg.schedule.steps, step + (stop_after or cfg.schedule.steps))
     stopped_by = None
     while step < last:
+        step_start = time.perf_counter()
         values = schedules.at(step)
         apply_schedule(engine.optimizer, values)
         # The method's running statistics (iBOT's centers) move in its forward; a skipped step undoes them.
@@ -194,6 +194,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             engine.step()
         step += 1
         window_steps += 1
+        if deadline is not None:
+            deadline.observe(time.perf_counter() - step_start)
         if guard.record(engine.was_step_applied(), step, losses, ckpt.latest):
             if ema is not None:
                 ema.update(values["momentum"])

@@ -9,10 +9,13 @@ micro-step, agrees with every rank, and the run stops after that step with a sav
 
 from __future__ import annotations
 
+import os
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-received: str | None = None  # the name of the first stop signal this process got
+# The name of the first stop signal this process got; a job script that got one before it started
+# the ranks says so in MIMSCALE_STOP_REQUESTED (scripts/slurm/pretrain.sbatch).
+received: str | None = os.environ.get("MIMSCALE_STOP_REQUESTED") or None
 
 
 def _record(signum, frame) -> None:

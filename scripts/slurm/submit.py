@@ -113,6 +113,17 @@ def sweep_points(path: str) -> list[dict]:
     return points
 
 
+def minutes(limit: str) -> float:
+    """Slurm's --time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in minutes."""
+    if "-" in limit:
+        days, rest = limit.split("-", 1)
+        h, m, sec = ([int(p) for p in rest.split(":")] + [0, 0])[:3]
+        return int(days) * 1440 + h * 60 + m + sec / 60
+    parts = [int(p) for p in limit.split(":")]
+    h, m, sec = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return h * 60 + m + sec / 60
+
+
 def override(key: str, value) -> str:
     text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
     return f"{key}={text.removesuffix(chr(10) + '...').strip()}"
@@ -204,6 +215,13 @@ def submit(args, launch_args: list[str]) -> int:
                           "until its schedule is done; submit a chain per point if you need a fixed number of jobs")
     if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+", args.time):
         raise SubmitError(f"--time {args.time}: Slurm's formats are M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
+    for flag in ("--resume", "--stop-at"):  # every requeue and chained task would repeat them
+        if any(a == flag or a.startswith(flag + "=") for a in launch_args):
+            raise SubmitError(f"{flag}: not for a Slurm job, whose requeues and chained tasks rerun the same command "
+                              "(they resume from the newest checkpoint by themselves; --stop-after N bounds each job)")
+    if args.signal_margin and args.signal_margin >= minutes(args.time) * 60:
+        raise SubmitError(f"--signal-margin {args.signal_margin}: the USR1 would come before the job's "
+                          f"--time {args.time} has even started; make it shorter than the limit (0: no signal)")
     name = args.name or Path(args.sweep or args.config or "default").stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise SubmitError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (it names a directory)")

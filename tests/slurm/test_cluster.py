@@ -134,50 +134,72 @@ def test_a_chain_whose_task_failed_does_not_start_over(slurm, tmp_path):
     assert not (tmp_path / "broken" / "checkpoints").exists()
 
 
-def test_usr1_and_a_killed_rank_requeue_and_resume_two_jobs_at_once(slurm, tmp_path, ibot_two_rank_run):
-    """Two 2-rank jobs share the node at once (distinct rendezvous ports). One gets USR1 mid-run
-    (scancel --signal), the other loses a rank to kill -9 after its step-3 checkpoint; both requeue,
-    resume and end with the reference's losses."""
-    signalled, killed = tmp_path / "usr1", tmp_path / "kill9"
-    a = sbatch(slurm, tmp_path, "usr1", signalled, tiny_args(tmp_path), faults=("slow:1.5",))
-    b = sbatch(slurm, tmp_path, "kill9", killed, tiny_args(tmp_path), faults=("slow:1.5",))
-    ran_together = []
+def test_usr1_a_killed_rank_and_scancel_on_three_jobs_at_once(slurm, tmp_path, ibot_two_rank_run):
+    """Three 2-rank jobs share the node at once (distinct rendezvous ports).
+    - USR1 to the batch shell mid-run (what --signal=B:USR1@T sends): both ranks save, the job requeues
+      itself and resumes from that save;
+    - kill -9 of a rank after the step-3 checkpoint: the job requeues itself and resumes from it;
+    - a plain scancel (SIGTERM): both ranks save, and the job stays cancelled (no requeue).
+    The two requeued runs end with the uninterrupted run's losses."""
+    signalled, killed, cancelled = tmp_path / "usr1", tmp_path / "kill9", tmp_path / "cancel"
+    a, b, c = (sbatch(slurm, tmp_path, r.name, r, tiny_args(tmp_path), faults=(f"slow:{delay}",))
+               for r, delay in ((signalled, 1.5), (killed, 3.0), (cancelled, 1.5)))
+    runs = (signalled, killed, cancelled)
+    until(lambda: all((r / "metrics.jsonl").exists() for r in runs), what="the three jobs to train")
+    all_running = set(states(slurm, f"{a},{b},{c}").values()) == {"RUNNING"}
 
-    def both_training() -> bool:
-        ran_together.append(all((r / "metrics.jsonl").exists() for r in (signalled, killed)))
-        return ran_together[-1]
-
-    until(both_training, what="both jobs to train")
     until(lambda: max((s for s, _ in losses(signalled)), default=0) >= 2, what="usr1 job at step 2")
-    subprocess.run(["scancel", "--signal=USR1", a], env=slurm, check=True)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", a], env=slurm, check=True)
+    until(lambda: max((s for s, _ in losses(cancelled)), default=0) >= 2, what="cancel job at step 2")
+    subprocess.run(["scancel", c], env=slurm, check=True)
     until(lambda: (killed / "checkpoints" / "step00000003" / "COMPLETE").exists(), what="kill9 job's checkpoint")
     victim = rank_pid(b, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
     assert wait(slurm, a) == {a: "COMPLETED"} and wait(slurm, b) == {b: "COMPLETED"}
-    assert restarts(slurm, a) == 1 and restarts(slurm, b) == 1
+    assert wait(slurm, c) == {c: "CANCELLED"}
+    assert (restarts(slurm, a), restarts(slurm, b), restarts(slurm, c)) == (1, 1, 0)
+    assert all_running
 
     sig_log = logs(signalled)
-    assert "SIGUSR1: saving step" in (signalled / "logs" / "rank0.log").read_text()
+    assert "SIGUSR1: passing it to every rank" in sig_log
+    for rank in (0, 1):  # each rank got the signal itself, not only through the other's all-reduce
+        assert "SIGUSR1: saving step" in (signalled / "logs" / f"rank{rank}.log").read_text()
     assert "requeueing: stopped before the end of the schedule" in sig_log
     stopped = re.search(r"resumed from \S+step(\d+) at step", (signalled / "logs" / "rank0.log").read_text())
     assert stopped and 2 <= int(stopped.group(1)) < 6  # the requeued job resumed from the USR1 save
+    limit = re.search(r"job time limit in (\d+) s", (signalled / "logs" / "rank0.log").read_text())
+    assert limit and 400 < int(limit.group(1)) <= 600  # read from the real squeue: --time=10 minutes
     kill_log = logs(killed)
     assert "requeueing: crash 1 of at most 3" in kill_log
     assert f"resumed from {killed}/checkpoints/step00000003 at step 3" in (killed / "logs" / "rank0.log").read_text()
     for run in (signalled, killed):
         assert dict(losses(run)) == dict(losses(ibot_two_rank_run))  # re-run steps repeat their losses exactly
-    ports = {re.search(r"rendezvous \S+:(\d+)", logs(r)).group(1) for r in (signalled, killed)}
-    assert len(ports) == 2 and any(ran_together)
+
+    status = json.loads((cancelled / "status.json").read_text())
+    assert status["state"] == "stopped" and status["stopped_by"] in ("SIGTERM", "SIGUSR1"), status
+    assert (cancelled / "checkpoints" / f"step{status['step']:08d}" / "COMPLETE").exists()
+    assert "not requeueing" in logs(cancelled) and "the job was sent SIGTERM" in logs(cancelled)
+    ports = {re.search(r"rendezvous \S+:(\d+)", logs(r)).group(1) for r in runs}
+    assert len(ports) == 3
 
 
 def test_sweep_of_three_points_with_the_deepspeed_launcher(slurm, tmp_path):
-    """3 points at once, each 2 ranks started by DeepSpeed's launcher on one node, each in its own run."""
+    """3 points, each 2 ranks started by DeepSpeed's launcher on one node, each in its own run (one after
+    another: --parallel 1, the array's throttle)."""
     sweep = tmp_path / "lr.yaml"
     sweep.write_text("optim.lr: [1.0e-4, 2.0e-4, 4.0e-4]\n")
-    job = submit(slurm, "--sweep", str(sweep), "--runs-dir", str(tmp_path), "--parallel", "3", "--launcher",
+    job = submit(slurm, "--sweep", str(sweep), "--runs-dir", str(tmp_path), "--parallel", "1", "--launcher",
                  "deepspeed", *tiny_args(tmp_path, steps=2))
-    final = wait(slurm, job)
+    try:
+        final = wait(slurm, job)
+    finally:  # DeepSpeed's CPU all-reduce leaves its shared memory behind, named by the port: a later job
+        for task in states(slurm, job):  # with the same id (a restarted test cluster) would map it again
+            job_id = subprocess.run(["scontrol", "show", "job", task], env=slurm, capture_output=True,
+                                    text=True).stdout
+            port = 20000 + int(re.search(r"JobId=(\d+)", job_id).group(1)) % 12000 if "JobId=" in job_id else None
+            for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+                leftover.unlink(missing_ok=True)
     assert sorted(final.values()) == ["COMPLETED"] * 3, (final, logs(tmp_path / "lr"))
     index = json.loads((tmp_path / "lr" / "sweep.json").read_text())
     assert [(p["index"], p["overrides"]) for p in index] == [

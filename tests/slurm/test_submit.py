@@ -89,6 +89,9 @@ def test_sweep_grid_and_points(dry_run, tmp_path):
     (["--time", "four hours"], "--time four hours: Slurm's formats"),
     (["--nodes", "2", "--launcher", "deepspeed"], "--launcher deepspeed runs on one node"),
     (["--name", "../x"], "--name '../x': letters, digits"),
+    (["--resume", "runs/x/checkpoints/step00000100"], "--resume: not for a Slurm job"),
+    (["--stop-at=100"], "--stop-at: not for a Slurm job"),
+    (["--time", "5", "--signal-margin", "600"], "--signal-margin 600: the USR1 would come before"),
 ])
 def test_bad_input_stops_before_sbatch(dry_run, args, message):
     out = dry_run("--config", TINY, *args)
@@ -133,3 +136,9 @@ def test_submitting_writes_the_script_and_the_sweep_index(tmp_path):
     assert [p["overrides"] for p in index] == [["optim.lr=0.0001"], ["optim.lr=0.0002"]]
     assert index[1]["run_dir"] == str(tmp_path / "runs" / "s" / "optim.lr=0.0002")
     assert (tmp_path / "runs" / "s" / "logs").is_dir()  # Slurm does not create its log's directory
+
+
+@pytest.mark.parametrize("limit, expected", [("10", 10), ("1:30", 1.5), ("4:00:00", 240), ("2-0", 2880),
+                                             ("1-02:30", 1590), ("1-00:00:30", 1440.5)])
+def test_slurm_time_formats(limit, expected):
+    assert submit.minutes(limit) == expected

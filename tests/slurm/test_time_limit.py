@@ -35,11 +35,18 @@ def test_job_end_time_from_the_environment_or_squeue(tmp_path):
     assert job_end_time({"SLURM_JOB_ID": "7"}, squeue=str(tmp_path / "missing")) is None
 
 
-def test_deadline_counts_the_longest_step():
-    d = JobDeadline(time.time() + 100, margin_s=50, checks_per_step=2)
+def test_deadline_counts_the_longest_step_but_not_the_first():
+    d = JobDeadline(time.time() + 100, margin_s=50)
     assert not d.due()
-    d._last -= 30  # a micro-step of 30 s: a whole step (2 of them) may take 60 s, and 50 + 60 > 100
-    assert d.due() and d.longest_step == pytest.approx(60, abs=1)
+    d.observe(80.0)  # the first step (warm-up): counted while it is the only one
+    assert d.due() and d.longest_step == 80
+    d.observe(10.0)
+    assert d.longest_step == 10 and not d.due()
+    d.observe(45.0)  # 50 + 45 s to go, 100 s left: not yet
+    d.observe(30.0)
+    assert d.longest_step == 45 and not d.due()
+    d.end_time -= 10
+    assert d.due()
 
 
 @pytest.mark.slow
