@@ -29,7 +29,8 @@ from pathlib import Path
 
 from trainer import stop_signals
 
-stop_signals.catch()  # before the 2 s of importing torch: a pre-emption signal then must not kill a rank
+if __name__ == "__main__":  # (not when imported, e.g. by a test: its process keeps its own handlers)
+    stop_signals.catch()  # before the 2 s of importing torch: a pre-emption signal then must not kill a rank
 
 from trainer.config import Config, ConfigError, describe, dump_yaml, load_config  # noqa: E402
 from trainer.distributed import DistEnv, dist_env  # noqa: E402

@@ -37,6 +37,7 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 
 host=$(hostname -s)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS (the tests set 1)
 cat >"$SLURM_CONF" <<CONF
 # written by scripts/ci/slurm_up.sh: a one-node test cluster
 ClusterName=mimscale-ci
@@ -65,7 +66,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=$host CPUs=$(nproc) State=UNKNOWN
+NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=ci Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 
@@ -88,7 +89,7 @@ echo "slurmd $(cat "$DIR/slurmd.pid")" >>"$PIDS"
 for _ in $(seq 60); do
     state=$(sinfo -h -n "$host" -o %T 2>/dev/null || true)
     if [ "$state" = idle ]; then
-        echo "slurm_up: node $host idle ($(nproc) CPUs); export SLURM_CONF=$SLURM_CONF"
+        echo "slurm_up: node $host idle ($cpus CPUs); export SLURM_CONF=$SLURM_CONF"
         exit 0
     fi
     sleep 1

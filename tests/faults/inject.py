@@ -108,6 +108,7 @@ def main() -> int:
         else:
             raise SystemExit(f"unknown fault {spec!r}")
     torch.set_num_threads(1)
+    launch.stop_signals.catch()  # what running launch.py as a script does first
     return launch.main(sys.argv[split + 1:])
 
 

@@ -1,7 +1,9 @@
-"""The job's time limit, read without any signal: the trainer saves and stops ahead of it."""
+"""Stops a job needs from the trainer itself: ahead of the time limit without any signal, and on a
+signal that comes while the process is still starting."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,3 +67,20 @@ def test_a_run_stops_and_saves_before_the_job_time_limit(tmp_path):
     assert 1 <= status["step"] < 500
     assert (run / "checkpoints" / f"step{status['step']:08d}" / "COMPLETE").exists()
     assert "job time limit in" in done.stderr and f"time limit: saved step {status['step']} and stopped" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_stops_the_run_after_its_first_step(tmp_path):
+    """USR1 half a second after start, while launch.py still imports torch: recorded, not fatal (its
+    default action would kill the process), and the run saves after step 1 and exits 0."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *tiny_args(run, 50)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "state": "stopped", "stopped_by": "SIGUSR1", "step": 1}
+    assert (run / "checkpoints" / "step00000001" / "COMPLETE").exists()
