@@ -167,14 +167,14 @@ def say(line: str) -> None:
 def say_ranks(env: DistEnv) -> None:
     """Rank 0 says how many ranks train, and from which launcher: `accelerate launch --cpu
     --num_processes 2` starts ONE process without RANK, which would otherwise train alone, silently."""
+    accelerate = any(k.startswith("ACCELERATE_") for k in os.environ)
     launcher = env.launcher
     if launcher == "torch":
-        launcher = ("accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else
-                    "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else
+        launcher = ("accelerate" if accelerate else "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else
                     "deepspeed" if "CROSS_RANK" in os.environ else "RANK/WORLD_SIZE")
     log.info("training on %d rank%s (%s; rendezvous %s:%d)", env.world_size, "s" * (env.world_size > 1),
              "a single process" if launcher == "none" else f"from {launcher}", env.master_addr, env.master_port)
-    if env.world_size == 1 and any(k.startswith("ACCELERATE_") for k in os.environ):
+    if env.world_size == 1 and accelerate:
         log.warning("accelerate launch started a single process (it does with --cpu, whatever --num_processes "
                     "says): for N ranks on CPUs use `accelerate launch --multi_gpu --num_processes N launch.py ...`")
 

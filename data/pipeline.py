@@ -207,13 +207,13 @@ class PositionMismatch(ValueError):
     """A saved data position that was recorded under a different data layout."""
 
 
-
 def _ignore_stop_signals(worker_id: int) -> None:
     """Slurm's SIGTERM (scancel, pre-emption, the time limit) reaches every process of the job, loader
     workers too, whose default is to die of it; the training process would then fail on the lost
     worker instead of saving. The training process decides when to stop; its workers end with it."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
 
 class ShardLoader:
     """Endless multi-crop batches for one rank, with `state_dict()` / `load_state_dict()`.

@@ -46,6 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import launch  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
 from trainer.ds_config import build_ds_config  # noqa: E402
 
@@ -133,20 +134,19 @@ def point_name(overrides: list[str]) -> str:
     return ",".join(re.sub(r"[^A-Za-z0-9._=+-]+", "_", o) for o in overrides)[:200]
 
 
-def check_config(config: str | None, launch_args: list[str], world_size: int, what: str) -> None:
-    """What launch.py checks before starting, so a bad config fails here and not in the queue."""
-    overrides = [a for a in launch_args if "=" in a and not a.startswith("-")]
-    ds = next((launch_args[i + 1] for i, a in enumerate(launch_args[:-1]) if a == "--ds_config"), None)
-    ds = next((a.split("=", 1)[1] for a in launch_args if a.startswith("--ds_config=")), ds)
+def check_config(launch_args: list[str], world_size: int, what: str) -> argparse.Namespace:
+    """What launch.py checks before starting, so a bad config fails here and not in the queue.
+    -> launch.py's parsed arguments."""
+    parsed = launch.parse_args(launch_args)
     try:
-        cfg = load_config(config, overrides)
-        build_ds_config(ds or "zero3.json", cfg, world_size)
+        build_ds_config(parsed.ds_config, load_config(parsed.config, parsed.overrides), world_size)
     except ConfigError as e:
         raise SubmitError(f"{what}: config error: {e}") from None
+    return parsed
 
 
 def sbatch_lines(args, name: str, output: str, array: str | None) -> list[str]:
-    tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
+    tasks = args.tasks_per_node
     lines = [f"--job-name={name}", f"--nodes={args.nodes}"]
     if args.launcher == "deepspeed":  # one task that starts a process per GPU
         lines += ["--ntasks-per-node=1", f"--cpus-per-task={args.cpus_per_task * tasks}"]
@@ -181,9 +181,8 @@ def render(args, name: str, run_dir: str, launch_args: list[str], output: str, a
         settings += [f"    {i}) RUN_DIR={q(d)}; ARGS=({' '.join(map(q, launch_args + o))}) ;;"
                      for i, (o, d) in enumerate(sweep)]
         settings += ["esac"]
-    tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
     settings += [f"CHAIN_LENGTH={args.chain}", f"MAX_CRASH_REQUEUES={args.max_crash_requeues}",
-                 f"LAUNCHER={args.launcher}", f"RANKS_PER_NODE={tasks}", f"PYTHON={q(sys.executable)}",
+                 f"LAUNCHER={args.launcher}", f"RANKS_PER_NODE={args.tasks_per_node}", f"PYTHON={q(sys.executable)}",
                  f"LAUNCH={q(str(ROOT / 'launch.py'))}", SETTINGS_END]
     return (f"{head}# #SBATCH lines written by scripts/slurm/submit.py:\n{sbatch}\n{SBATCH_END}"
             f"{before}{chr(10).join(settings)}{after}")
@@ -201,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 def submit(args, launch_args: list[str]) -> int:
     if args.config:
         launch_args = ["--config", args.config, *launch_args]
-    tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node
+    tasks = args.tasks_per_node
     for flag, low in (("nodes", 1), ("chain", 1), ("cpus_per_task", 1), ("gpus_per_node", 0),
                       ("max_crash_requeues", 0), ("signal_margin", 0)):
         if getattr(args, flag) < low:
@@ -215,10 +216,6 @@ def submit(args, launch_args: list[str]) -> int:
                           "until its schedule is done; submit a chain per point if you need a fixed number of jobs")
     if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+", args.time):
         raise SubmitError(f"--time {args.time}: Slurm's formats are M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
-    for flag in ("--resume", "--stop-at"):  # every requeue and chained task would repeat them
-        if any(a == flag or a.startswith(flag + "=") for a in launch_args):
-            raise SubmitError(f"{flag}: not for a Slurm job, whose requeues and chained tasks rerun the same command "
-                              "(they resume from the newest checkpoint by themselves; --stop-after N bounds each job)")
     if args.signal_margin and args.signal_margin >= minutes(args.time) * 60:
         raise SubmitError(f"--signal-margin {args.signal_margin}: the USR1 would come before the job's "
                           f"--time {args.time} has even started; make it shorter than the limit (0: no signal)")
@@ -227,19 +224,25 @@ def submit(args, launch_args: list[str]) -> int:
         raise SubmitError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (it names a directory)")
     world = args.nodes * tasks
     top = Path(args.runs_dir) / name
+    parsed = launch.parse_args(launch_args)
+    for flag in ("resume", "stop_at"):  # every requeue and chained task would repeat them
+        if getattr(parsed, flag) is not None:
+            raise SubmitError(f"--{flag.replace('_', '-')}: not for a Slurm job, whose requeues and chained tasks "
+                              "rerun the same command (they resume from the newest checkpoint by themselves; "
+                              "--stop-after N bounds each job)")
 
     sweep = None
     if args.sweep:
         sweep = []
         for i, point in enumerate(sweep_points(args.sweep)):
             overrides = [override(k, v) for k, v in point.items()]
-            check_config(args.config, launch_args + overrides, world, f"sweep point {i} ({' '.join(overrides)})")
+            check_config(launch_args + overrides, world, f"sweep point {i} ({' '.join(overrides)})")
             sweep.append((overrides, str(top / point_name(overrides))))
         if len({d for _, d in sweep}) < len(sweep):
             raise SubmitError(f"--sweep {args.sweep}: two points have the same overrides")
         array = f"0-{len(sweep) - 1}" + (f"%{args.parallel}" if args.parallel else "")
     else:
-        check_config(args.config, launch_args, world, "launch.py arguments")
+        check_config(launch_args, world, "launch.py arguments")
         array = f"0-{args.chain - 1}%1" if args.chain > 1 else None
     output = str(top / "logs" / ("slurm-%A_%a.out" if array else "slurm-%j.out"))
     script = render(args, name, str(top), launch_args, output, array, sweep)
