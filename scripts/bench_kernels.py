@@ -1,9 +1,10 @@
 """Kernel benchmarks: the Triton kernels against PyTorch, measured in the same run.
 
 Attention, forward + backward, at the ViT shapes of the design (B=64, 16 heads): ViT-L/16 (d=64,
-L=197 and 257), ViT-H/14 (d=80, L=257), ViT-g/14 (d=88, L=257), against
-scaled_dot_product_attention with each of its flash / memory-efficient backends that accepts the
-shape. Packed multi-crop: per image 2 x 257 + 10 x 37 tokens, one variable-length kernel call
+L=197 and 257), ViT-H/14 (d=80, L=257), ViT-g/14 (d=88, L=257), and BEiT-L/16 (L=197) with its
+fp32 relative position bias [H, L, L] (its gradient included; SDPA gets it as a float mask),
+against scaled_dot_product_attention with each of its flash / memory-efficient backends that
+accepts the shape. Packed multi-crop: per image 2 x 257 + 10 x 37 tokens, one variable-length kernel call
 against one SDPA call per resolution. Softmax-CE (DINO/iBOT loss), forward + backward, rows=8192,
 K=65536 and 8192, against the plain PyTorch expression, both also giving the teacher center's
 column sums: time and peak memory; and the variant with the prototype projection fused in
@@ -45,12 +46,12 @@ from models.kernels.softmax_ce import (  # noqa: E402
 
 FULL = {
     "attention": [("ViT-L/16", 64, 16, 197, 64), ("ViT-L/16", 64, 16, 257, 64), ("ViT-H/14", 64, 16, 257, 80),
-                  ("ViT-g/14", 64, 16, 257, 88)],
+                  ("ViT-g/14", 64, 16, 257, 88), ("BEiT-L/16 bias", 64, 16, 197, 64, True)],
     "packed": [("ViT-L/16 multi-crop", 64, 16, 64, [257, 257] + [37] * 10)],
     "softmax_ce": [(8192, 65536), (8192, 8192)],
 }
 QUICK = {  # the same code at sizes Triton's CPU interpreter gets through in seconds
-    "attention": [("tiny", 1, 2, 37, 64), ("tiny", 1, 2, 37, 88)],
+    "attention": [("tiny", 1, 2, 37, 64), ("tiny", 1, 2, 37, 88), ("tiny bias", 1, 2, 37, 64, True)],
     "packed": [("tiny multi-crop", 1, 2, 64, [33, 33, 10, 10])],
     "softmax_ce": [(8, 300)],
 }
@@ -106,16 +107,20 @@ def sdpa_backends(device: torch.device) -> dict:
 
 def bench_attention(shapes, device, dtype, repeats, warmup) -> list[dict]:
     rows = []
-    for name, B, H, L, D in shapes:
+    for name, B, H, L, D, *bias in shapes:
         q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype) for _ in range(3))
+        inputs = (q, k, v, torch.randn(H, L, L, device=device)) if bias else (q, k, v)  # fp32 bias, as BEiT's
+
+        def sdpa(q, k, v, b=None):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if b is None else b.to(q.dtype))
+
         flops = 3.5 * 4 * B * H * L * L * D  # forward 4BHL^2D, backward 2.5x that
-        row = {"shape": name, "B": B, "H": H, "L": L, "D": D,
-               "triton_s": timed(fwd_bwd(flash_attention, q, k, v), device, repeats, warmup)}
+        row = {"shape": name, "B": B, "H": H, "L": L, "D": D, "bias": bool(bias),
+               "triton_s": timed(fwd_bwd(flash_attention, *inputs), device, repeats, warmup)}
         for backend, ctx in sdpa_backends(device).items():
             try:
                 with ctx():
-                    row[f"{backend}_s"] = timed(fwd_bwd(F.scaled_dot_product_attention, q, k, v), device, repeats,
-                                                warmup)
+                    row[f"{backend}_s"] = timed(fwd_bwd(sdpa, *inputs), device, repeats, warmup)
             except RuntimeError as e:  # a backend that refuses this shape or dtype
                 row[f"{backend}_s"] = None
                 row[f"{backend}_error"] = str(e).splitlines()[0][:200]

@@ -107,7 +107,8 @@ def test_auto_takes_the_kernels_where_their_self_check_passes(monkeypatch):
     resolve.cache_clear()
     assert resolve("auto", 80, "cpu") == ("triton", "")
     flash = attention_triton_module.flash_attention
-    monkeypatch.setattr(attention_triton_module, "flash_attention", lambda q, k, v: flash(q, k, v) * 1.1)
+    monkeypatch.setattr(attention_triton_module, "flash_attention",
+                        lambda q, k, v, bias=None: flash(q, k, v, bias) * 1.1)
     resolve.cache_clear()
     impl, why = resolve("auto", 80, "cpu")
     assert impl == "torch" and "failed their self-check on cpu" in why and "attention output" in why
@@ -159,17 +160,27 @@ ATT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2
            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def _attention_case(q, k, v, fn, ref):
+def _attention_case(q, k, v, fn, ref, bias=None):
+    """fn and ref: the same output and q, k, v gradients; with `bias` (passed as bias=) also its
+    gradient, in its dtype, where it requires one (and none where it does not)."""
     grad_out = torch.randn_like(q)
     grads = []
     for f in (fn, ref):
         xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        out = f(*xs)
+        if bias is None:
+            out = f(*xs)
+        else:
+            b = bias.detach().clone().requires_grad_(bias.requires_grad)
+            out = f(*xs, bias=b)
+            xs.append(b)
         out.backward(grad_out)
         grads.append((out, *(x.grad for x in xs)))
+    if bias is not None and not bias.requires_grad:
+        assert grads[0][-1] is None and grads[1][-1] is None
+        grads = [g[:-1] for g in grads]
     dtype = q.dtype
-    for mine, theirs in zip(*grads):
-        assert mine.dtype == dtype
+    for i, (mine, theirs) in enumerate(zip(*grads)):
+        assert mine.dtype == (bias.dtype if i == 4 else dtype)
         torch.testing.assert_close(mine.float(), theirs.float(), **ATT_TOL[dtype])
 
 
@@ -193,6 +204,44 @@ def test_flash_attention_half_precision(dtype):
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 2, 65, 80, generator=g).to(dtype) for _ in range(3))
     _attention_case(q, k, v, flash_attention, ref)
+
+
+@pytest.mark.parametrize("D", [32, 24])
+@pytest.mark.parametrize("N", [17, 50])
+def test_flash_attention_bias_and_its_gradient(N, D):
+    """BEiT's relative position bias [H, N, N], shared by the batch (B=3: its gradient is summed
+    over the sequences), through attention_triton; odd lengths and a head dim of 24 (masked)."""
+    g = torch.Generator().manual_seed(D * 100 + N)
+    q, k, v = (torch.randn(3, 2, N, D, generator=g) for _ in range(3))
+    bias = (torch.randn(2, N, N, generator=g) * 2).requires_grad_()
+    _attention_case(q, k, v, attention_triton, attention_reference, bias)
+
+
+def test_flash_attention_bias_half_precision():
+    """bf16 q, k, v with an fp32 bias: its gradient comes back in fp32."""
+    def ref(q, k, v, bias):  # fp32 math on the same bf16 inputs, cast back like the kernel
+        return attention_reference(q.float(), k.float(), v.float(), bias=bias).to(q.dtype)
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, 50, 24, generator=g).bfloat16() for _ in range(3))
+    bias = (torch.randn(2, 50, 50, generator=g) * 2).requires_grad_()
+    _attention_case(q, k, v, attention_triton, ref, bias)
+
+
+def test_flash_attention_bias_without_gradient_and_as_a_view():
+    """A bias that needs no gradient (none is computed), given as BEiT gathers it: a permuted,
+    non-contiguous view of a [N, N, H] table. A mask sends the call to the reference, bias and all."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 3, 17, 32, generator=g) for _ in range(3))
+    bias = torch.randn(17, 17, 3, generator=g).permute(2, 0, 1)
+    assert not bias.is_contiguous()
+    _attention_case(q, k, v, attention_triton, attention_reference, bias)
+    mask = torch.rand(2, 1, 17, 17, generator=g) > 0.3
+    out = attention_triton(q, k, v, mask, bias)
+    scores = (q @ k.transpose(-1, -2) * 32 ** -0.5 + bias).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v, **ATT_TOL[torch.float32])
+    with pytest.raises(ValueError, match=r"bias must be \[H, N, N\] = \[3, 17, 17\]"):
+        attention_triton(q, k, v, bias=bias[:1])
 
 
 def test_flash_attention_on_strided_qkv_views():
@@ -337,14 +386,16 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @gpu
 @pytest.mark.parametrize("L,D", [(197, 64), (257, 64), (257, 80), (257, 88), (257, 104), (257, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_flash_attention_on_gpu(L, D, dtype):
+@pytest.mark.parametrize("bias", [False, True])
+def test_flash_attention_on_gpu(L, D, dtype, bias):
     from models.kernels.attention_triton import flash_attention
 
-    def ref(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    def ref(q, k, v, **kw):
+        return attention_reference(q.float(), k.float(), v.float(), **kw).to(q.dtype)
 
     q, k, v = (torch.randn(4, 16, L, D, device="cuda", dtype=dtype) for _ in range(3))
-    _attention_case(q, k, v, flash_attention, ref)
+    b = torch.randn(16, L, L, device="cuda").requires_grad_() if bias else None  # BEiT's: fp32
+    _attention_case(q, k, v, flash_attention, ref, b)
 
 
 @pytest.mark.gpu

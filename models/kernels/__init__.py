@@ -23,14 +23,19 @@ def triton_available() -> tuple[bool, str]:
 
 
 def self_check(head_dim: int, device: str | torch.device) -> None:
-    """Run the kernels training uses (attention, fixed and packed; the softmax-CE forward and
-    backward, through its fused-linear form, with pairing and column sums) once at a small size on
-    `device` against their references; raise AssertionError naming the kernel that disagrees (or
-    whatever Triton raises when it cannot compile one). The hard-label CE is not checked: no
-    method uses it yet."""
+    """Run the kernels training uses (attention: fixed, fixed with BEiT's relative position bias, and
+    packed; the softmax-CE forward and backward, through its fused-linear form, with pairing and
+    column sums; the hard-label CE, BEiT's) once at a small size on `device` against their
+    references; raise AssertionError naming the kernel that disagrees (or whatever Triton raises
+    when it cannot compile one)."""
     from .attention import attention_reference, attention_varlen_reference
     from .attention_triton import flash_attention, flash_attention_varlen
-    from .softmax_ce import fused_linear_softmax_ce, fused_linear_softmax_ce_reference
+    from .softmax_ce import (
+        fused_linear_softmax_ce,
+        fused_linear_softmax_ce_reference,
+        hard_ce_reference,
+        hard_ce_triton,
+    )
 
     g = torch.Generator().manual_seed(0)
 
@@ -42,7 +47,8 @@ def self_check(head_dim: int, device: str | torch.device) -> None:
     teacher, center = rand(40, 300, dtype=torch.float32) * 5, rand(300, dtype=torch.float32) * 0.1
     rows = torch.randperm(40, generator=g)[:30].to(device)
     sums = [torch.zeros(300, device=device) for _ in range(2)]
-    cases = {  # name: (kernel, reference, inputs); both get the same bf16 inputs
+    labels = torch.randint(0, 300, (30,), generator=g).to(device)
+    cases = {  # name: (kernel, reference, inputs); both get the same inputs (bf16 but BEiT's fp32 bias)
         "attention": (flash_attention, attention_reference, [rand(2, 2, 50, head_dim) for _ in range(3)]),
         "packed attention": (lambda *x: flash_attention_varlen(*x, cu, 50),
                              lambda *x: attention_varlen_reference(*x, cu), [rand(87, 2, head_dim) for _ in range(3)]),
@@ -50,6 +56,11 @@ def self_check(head_dim: int, device: str | torch.device) -> None:
             lambda *x: fused_linear_softmax_ce(*x, teacher, center, 0.1, 0.04, rows, sums[0]),
             lambda *x: fused_linear_softmax_ce_reference(*x, teacher, center, 0.1, 0.04, rows, sums[1]),
             [rand(30, 24, norm=True), rand(300, 24, norm=True)]),
+        # last, so that the cases above draw the inputs they drew before it was added
+        "attention with bias": (flash_attention, lambda q, k, v, b: attention_reference(q, k, v, bias=b),
+                                [rand(2, 2, 50, head_dim) for _ in range(3)] + [rand(2, 50, 50, dtype=torch.float32)]),
+        "hard-label CE": (lambda x: hard_ce_triton(x, labels), lambda x: hard_ce_reference(x, labels),
+                          [rand(30, 300) * 3]),
     }
     for name, (kernel, reference, inputs) in cases.items():
         outs = []

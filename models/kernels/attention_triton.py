@@ -1,10 +1,14 @@
-"""FlashAttention-style Triton kernels: softmax(q k^T * scale) v without the [L x L] matrix.
+"""FlashAttention-style Triton kernels: softmax(q k^T * scale + bias) v without the [L x L] matrix.
 
 Forward: one program per (query block, sequence, head); keys and values stream through in
 blocks with an online softmax (running max and sum, fp32 accumulator); the log-sum-exp of each
 row is saved for backward. Backward (FlashAttention-2's split): `delta = rowsum(dO * O)`, then one
 kernel per key block accumulating dK and dV over all query blocks, and one per query block
-accumulating dQ over all key blocks, so no atomics are needed.
+accumulating dQ over all key blocks, so dQ, dK and dV need no atomics.
+
+The optional additive bias [H, N, N] (BEiT's relative position bias; shared by the batch) is a
+constexpr switch (HAS_BIAS): without it the compiled kernels are those without the feature. Its
+gradient, dS summed over the batch, is added atomically by the dK/dV kernel (see `backward`).
 
 Head dims that are not powers of two (80, 88, 104) are handled by masking the feature axis
 inside the kernel; sequence lengths need not be multiples of the block sizes. Two layouts share
@@ -21,6 +25,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # inside the kernels
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -72,20 +77,32 @@ def _tile(base, rows, stride, offs_d, mask):
 
 
 @triton.jit
-def _recompute(q, k, v, do, lse, delta, valid, scale_log2, UPCAST: tl.constexpr):
+def _bias_tile(BIAS, h, rows, cols, N, mask):
+    """bias[h, rows, cols] of the contiguous [H, N, N] bias, in the scores' log2 units; 0 outside `mask`."""
+    b = tl.load(BIAS + h * N * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    return b.to(tl.float32) * _LOG2E
+
+
+@triton.jit
+def _recompute(q, k, v, do, lse, delta, valid, scale_log2, bias, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
     """The backward's P (from the saved log-sum-exp, no second softmax) and dS = P * (dO V^T - delta)
-    for a [M, N] tile; both backward kernels need them."""
-    p = tl.exp2(_dot(q, tl.trans(k), UPCAST) * scale_log2 - lse[:, None])
+    for a [M, N] tile; both backward kernels need them. `bias`: the tile's bias (log2 units) or None.
+    dS is the gradient of the scaled scores q k^T * scale + bias, so also of the bias."""
+    s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+    if HAS_BIAS:
+        s += bias
+    p = tl.exp2(s - lse[:, None])
     p = tl.where(valid, p, 0.0)
     return p, p * (_dot(do, tl.trans(v), UPCAST) - delta[:, None])
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
+@triton.autotune(configs=_fwd_configs(), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS"])
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
+def _attn_fwd(Q, K, V, O, LSE, CU, BIAS, scale_log2,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
               H, N, D, MAX_LEN, VARLEN: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False,
+              HAS_BIAS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     b, h, start, length = _head(CU, H, N, VARLEN)
     if pid_m * BLOCK_M >= length:
@@ -106,6 +123,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2,
         mask_n = cols < length
         k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         qk = _dot(q, k, UPCAST) * scale_log2
+        if HAS_BIAS:
+            qk += _bias_tile(BIAS, h, offs_m, cols, N, mask_m[:, None] & mask_n[None, :])
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -135,13 +154,17 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, slb, slh, CU, H, N, D, VARLEN: 
     tl.store(DELTA + b * slb + h * slh + start + offs_m, tl.sum(o * do, 1), mask=offs_m < length)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
+# DBIAS is added to atomically: benchmarking a config must start it from zero again.
+@triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS", "BIAS_GRAD"],
+                 reset_to_zero=["DBIAS"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, BIAS, DBIAS, sm_scale, scale_log2,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                    H, N, D, MAX_LEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
-    """One key block; dK and dV summed over every query block. dK/dV share K/V's strides; dO O's."""
+                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+                   BIAS_GRAD: tl.constexpr = False):
+    """One key block; dK and dV summed over every query block. dK/dV share K/V's strides; dO O's.
+    With BIAS_GRAD, dS is also added to DBIAS (fp32 [H, N, N], zeroed): the sum over the batch."""
     pid_n = tl.program_id(0)
     b, h, start, length = _head(CU, H, N, VARLEN)
     if pid_n * BLOCK_N >= length:
@@ -165,7 +188,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
         do = _tile(do_base, rows, son, offs_d, mask_m[:, None] & mask_d[None, :])
         lse = tl.load(LSE + b * slb + h * slh + start + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + b * slb + h * slh + start + rows, mask=mask_m, other=0.0)
-        p, ds = _recompute(q, k, v, do, lse, delta, mask_m[:, None] & mask_n[None, :], scale_log2, UPCAST)
+        valid = mask_m[:, None] & mask_n[None, :]
+        bias = None
+        if HAS_BIAS:
+            bias = _bias_tile(BIAS, h, rows, offs_n, N, valid)
+        p, ds = _recompute(q, k, v, do, lse, delta, valid, scale_log2, bias, HAS_BIAS, UPCAST)
+        if BIAS_GRAD:
+            tl.atomic_add(DBIAS + h * N * N + rows[:, None] * N + offs_n[None, :], ds, mask=valid, sem="relaxed")
         dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
     tl.store(DK + k_off + offs_n[:, None] * skn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
@@ -173,12 +202,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, scale_log2,
     tl.store(DV + v_off + offs_n[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN"])
+@triton.autotune(configs=_bwd_configs(), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS"])
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, BIAS, sm_scale, scale_log2,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                  H, N, D, MAX_LEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False):
+                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr = False, HAS_BIAS: tl.constexpr = False):
     """One query block; dQ summed over every key block. dQ shares Q's strides."""
     pid_m = tl.program_id(0)
     b, h, start, length = _head(CU, H, N, VARLEN)
@@ -202,7 +231,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, scale_log2,
         mask_n = cols < length
         k = _tile(k_base, cols, skn, offs_d, mask_n[:, None] & mask_d[None, :])
         v = _tile(v_base, cols, svn, offs_d, mask_n[:, None] & mask_d[None, :])
-        _, ds = _recompute(q, k, v, do, lse, delta, mask_n[None, :], scale_log2, UPCAST)
+        bias = None
+        if HAS_BIAS:  # rows past the end masked too: they would read past the bias
+            bias = _bias_tile(BIAS, h, offs_m, cols, N, mask_m[:, None] & mask_n[None, :])
+        _, ds = _recompute(q, k, v, do, lse, delta, mask_n[None, :], scale_log2, bias, HAS_BIAS, UPCAST)
         dq += _dot(ds.to(k.dtype), k, UPCAST)
     tl.store(DQ + q_off + offs_m[:, None] * sqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
@@ -217,7 +249,7 @@ def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+    def forward(ctx, q, k, v, bias, cu_seqlens, max_seqlen):
         varlen = cu_seqlens is not None
         # Contiguous so that gradients (allocated contiguous) share the inputs' strides. The
         # kernels take any strides; a q/k/v split of one qkv projection is not dense, and an
@@ -234,6 +266,13 @@ class _FlashAttention(torch.autograd.Function):
             n_seq = B
             lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
             slb, slh = H * N, N
+        if bias is not None:
+            if varlen or tuple(bias.shape) != (H, N, N):
+                raise ValueError(f"bias must be [H, N, N] = {[H, N, N]} for [B, H, N, D] inputs (not packed); "
+                                 f"got {list(bias.shape)}")
+            # Contiguous: the kernels index it so. A gathered relative-position table is a
+            # permuted view; copying its H N^2 values once is cheaper than strided loads.
+            bias = bias.contiguous()
         o = torch.empty_like(q)
         scale = D ** -0.5
         upcast = _INTERPRET and q.dtype == torch.bfloat16
@@ -243,16 +282,17 @@ class _FlashAttention(torch.autograd.Function):
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)
 
-        _attn_fwd[grid](q, k, v, o, lse, cu, scale * LOG2E, *_strides4(q, varlen), *_strides4(k, varlen),
+        _attn_fwd[grid](q, k, v, o, lse, cu, bias, scale * LOG2E, *_strides4(q, varlen), *_strides4(k, varlen),
                         *_strides4(v, varlen), *_strides4(o, varlen), slb, slh, H, N, D, N, VARLEN=varlen,
-                        BLOCK_D=block_d, UPCAST=upcast)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens if varlen else None)
+                        BLOCK_D=block_d, UPCAST=upcast, HAS_BIAS=bias is not None)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens if varlen else None, bias)
         ctx.meta = (varlen, n_seq, H, N, D, scale, block_d, slb, slh)
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        q, k, v, o, lse, cu_seqlens, bias = ctx.saved_tensors
         varlen, n_seq, H, N, D, scale, block_d, slb, slh = ctx.meta
         do = do.contiguous()  # o is contiguous: dO gets its strides
         cu = cu_seqlens if varlen else q
@@ -262,23 +302,32 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_delta[(triton.cdiv(N, 64), n_seq * H)](o, do, delta, *so, slb, slh, cu, H, N, D, VARLEN=varlen,
                                                          BLOCK_M=64, BLOCK_D=block_d)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # d(bias) = dS summed over the batch: the dK/dV kernel adds each dS tile atomically into one
+        # fp32 [H, N, N] buffer. It stays in L2 (2.5 MB at H=16, N=197), where a per-sequence
+        # [B, H, N, N] buffer summed afterwards would write and read B times that through memory.
+        # The price: the order of the batch sum, so the bias gradient's last bits, vary from run
+        # to run (dQ, dK, dV do not).
+        dbias = torch.zeros(H, N, N, device=q.device, dtype=torch.float32) if ctx.bias_grad else None
+        has_bias = bias is not None
         args = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so, slb, slh, H, N, D, N)
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seq * H)](
-            q, k, v, do, lse, delta, dk, dv, cu, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
-            UPCAST=upcast)
+            q, k, v, do, lse, delta, dk, dv, cu, bias, dbias, scale, scale * LOG2E, *args, VARLEN=varlen,
+            BLOCK_D=block_d, UPCAST=upcast, HAS_BIAS=has_bias, BIAS_GRAD=dbias is not None)
         _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)](
-            q, k, v, do, lse, delta, dq, cu, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
-            UPCAST=upcast)
-        return dq, dk, dv, None, None
+            q, k, v, do, lse, delta, dq, cu, bias, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
+            UPCAST=upcast, HAS_BIAS=has_bias)
+        return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: [B, H, N, D] (bf16, fp16 or fp32) -> [B, H, N, D]."""
-    return _FlashAttention.apply(q, k, v, None, None)
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v: [B, H, N, D] (bf16, fp16 or fp32) -> [B, H, N, D]. bias: None or a finite float
+    [H, N, N] (any float dtype, fp32 kept in fp32) added to q k^T / sqrt(D), the same for every sequence."""
+    return _FlashAttention.apply(q, k, v, bias, None, None)
 
 
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                            max_seqlen: int) -> torch.Tensor:
     """Packed q, k, v: [T, H, D]; cu_seqlens: int32 [S + 1] segment offsets (0 ... T). Each token
     attends to the tokens of its own segment only."""
-    return _FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen))
+    return _FlashAttention.apply(q, k, v, None, cu_seqlens.to(torch.int32), int(max_seqlen))

@@ -359,3 +359,14 @@ def get_softmax_ce(impl: str = "auto", fused_linear: bool = False) -> SoftmaxCEF
     if impl not in table:
         raise ValueError(f"softmax-CE implementation {impl!r} is not one of {sorted(table)} or 'auto'")
     return table[impl]
+
+
+def get_hard_ce(impl: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The hard-label cross-entropy (BEiT) for `impl`, chosen like `get_softmax_ce`."""
+    from . import resolve
+
+    impl = resolve(impl, 64)[0]
+    table = {"torch": hard_ce_reference, **({"triton": hard_ce_triton} if triton is not None else {})}
+    if impl not in table:
+        raise ValueError(f"hard-label CE implementation {impl!r} is not one of {sorted(table)} or 'auto'")
+    return table[impl]
