@@ -103,6 +103,9 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
 
+    def load_weights(self, path: str | Path) -> str:
+        return load_teacher_weights(self, path)
+
     def prepare(self, images: torch.Tensor, grid: tuple[int, int], mean, std) -> torch.Tensor:
         """Student-normalised images -> this teacher's normalisation, resized to grid * patch."""
         def col(v):
@@ -216,21 +219,21 @@ def convert_state_dict(sd: dict[str, torch.Tensor], teacher: FrozenTeacher, path
 
 
 @torch.no_grad()
-def load_teacher_weights(teacher: FrozenTeacher, path: str | Path) -> str:
-    """Load `path` into `teacher` (strictly) and return the file's sha256.
+def load_frozen(module: nn.Module, path: str | Path, read, error: type[ValueError]) -> str:
+    """Load the state `read(path)` returns (the module's own parameter names, checked) into a frozen
+    `module`, strictly; return the file's sha256. `read` raises `error` for a bad file.
 
-    Under ZeRO-3 partitioning (the teacher built inside `deepspeed.zero.Init`) only rank 0 reads the
-    file; each module's parameters are gathered with rank 0 as the modifier, so every rank keeps
+    Under ZeRO-3 partitioning (the module built inside `deepspeed.zero.Init`) only rank 0 reads the
+    file; each submodule's parameters are gathered with rank 0 as the modifier, so every rank keeps
     only its slice. A failure on rank 0 is raised on every rank.
     """
     path = Path(path).expanduser()
-    partitioned = any(hasattr(p, "ds_id") for p in teacher.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
     if not partitioned:
         if not path.is_file():
-            raise TeacherWeightsError(f"{path}: teacher weights file not found")
-        teacher.load_state_dict(convert_state_dict(read_state_dict(path), teacher, path), strict=True)
-        teacher.weights_sha256 = file_sha256(path)
-        return teacher.weights_sha256
+            raise error(f"{path}: weights file not found")
+        module.load_state_dict(read(path), strict=True)
+        return file_sha256(path)
 
     import deepspeed
     import torch.distributed as dist
@@ -240,21 +243,27 @@ def load_teacher_weights(teacher: FrozenTeacher, path: str | Path) -> str:
     if rank0:
         try:
             if not path.is_file():
-                raise TeacherWeightsError(f"{path}: teacher weights file not found")
-            state = convert_state_dict(read_state_dict(path), teacher, path)
+                raise error(f"{path}: weights file not found")
+            state = read(path)
             message[1] = file_sha256(path)
-        except TeacherWeightsError as e:
+        except error as e:
             message[0] = str(e)
     dist.broadcast_object_list(message, src=0)
     if message[0]:
-        raise TeacherWeightsError(message[0])
-    for prefix, module in teacher.named_modules():
-        own = list(module.named_parameters(recurse=False))
+        raise error(message[0])
+    for prefix, sub in module.named_modules():
+        own = list(sub.named_parameters(recurse=False))
         if not own:
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
             if rank0:
                 for name, p in own:
                     p.data.copy_(state[f"{prefix}.{name}" if prefix else name])
-    teacher.weights_sha256 = message[1]
+    return message[1]
+
+
+def load_teacher_weights(teacher: FrozenTeacher, path: str | Path) -> str:
+    """Load `path` into `teacher` (strictly, see `load_frozen`) and return the file's sha256."""
+    teacher.weights_sha256 = load_frozen(
+        teacher, path, lambda p: convert_state_dict(read_state_dict(p), teacher, p), TeacherWeightsError)
     return teacher.weights_sha256
