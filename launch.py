@@ -209,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     from data.pipeline import DataFailureError
+    from models.dvae import TokenizerWeightsError
     from models.teachers import TeacherWeightsError
     from trainer.checkpoint import CheckpointError, UntrustedFileError
     from trainer.faults import NumericalFault
     from trainer.loop import train
 
-    errors = {TeacherWeightsError: ("teacher error", 2), UntrustedFileError: ("untrusted file", 2),
+    errors = {TeacherWeightsError: ("teacher error", 2), TokenizerWeightsError: ("tokenizer error", 2),
+              UntrustedFileError: ("untrusted file", 2),
               CheckpointError: ("checkpoint error", 3), NumericalFault: ("numerical fault", 3),
               DataFailureError: ("data error", 3)}
     try:
@@ -239,10 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         def pct(key: str) -> str:
             return percent(summary.get(key))
 
-        which = "student mean patch token" if cfg.method == "maskalign" else "teacher [CLS]"
+        which = "student mean patch token" if cfg.method in ("maskalign", "beit") else "teacher [CLS]"
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "
               f"random init: {pct('knn_random_init')}   raw pixels: {pct('knn_raw_pixels')}")
-    if env.rank == 0 and cfg.log.pictures:
+    if env.rank == 0 and summary.get("psnr") is not None:  # the tokenizer (method dvae)
+        print(f"held-out reconstruction PSNR {summary['psnr']:.2f} dB "
+              f"(untrained: {summary['psnr_random_init']:.2f} dB; "
+              f"each image's mean colour: {summary['psnr_mean_colour']:.2f} dB), codebook perplexity "
+              f"{summary['perplexity']:.1f} of {cfg.dvae.vocab_size}, codes used {100 * summary['usage']:.1f}%")
+    if env.rank == 0 and cfg.log.pictures and cfg.method != "dvae":  # (the dVAE draws its reconstructions itself)
         from evaluation.pictures import write_run_pictures
 
         try:  # the run itself is saved and complete: a picture that fails is a warning, not a failed run

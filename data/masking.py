@@ -14,6 +14,8 @@ takes a `numpy.random.Generator`, so a mask is a pure function of its seed (resu
 - `random_mask`: exactly `count` patches, uniformly.
 - `MaskSampler`: iBOT's per-view policy: with probability `prob` a view is masked, its ratio drawn
   uniformly from `ratio`, the target ratio * h * w patches (at most its int()); otherwise it is left whole.
+  With `patches` the target is that count instead (BEiT's MaskingGenerator: 75 of 196, blocks of at
+  least 16 patches, microsoft/unilm beit/masking_generator.py; the same algorithm as iBOT's).
 """
 
 from __future__ import annotations
@@ -104,12 +106,13 @@ class MaskSampler:
     min_block_patches: int | None = None
     min_aspect: float = 0.3
     fill_exact: bool = False
+    patches: int | None = None
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         h, w = self.grid
-        if self.ratio[1] <= 0 or rng.random() >= self.prob:
+        if (self.ratio[1] <= 0 and self.patches is None) or rng.random() >= self.prob:
             return np.zeros((h, w), dtype=bool)
-        high = rng.uniform(*self.ratio) * h * w
+        high = rng.uniform(*self.ratio) * h * w if self.patches is None else self.patches
         if self.kind == "block":
             return block_mask(h, w, high, rng, self.min_block_patches, self.min_aspect, fill_exact=self.fill_exact)
         if self.kind == "random":

@@ -143,15 +143,18 @@ class StreamPlan:
             if decoded is None:
                 return None
             img, label = decoded
-            global_crops, local_crops = self.augment(img)
+            global_crops, local_crops, *second = self.augment(img)
         rng = np.random.default_rng(sample_seed)
         masks = [torch.from_numpy(self.mask_sampler(rng)) for _ in global_crops]
-        return global_crops, local_crops, masks, label, raw["__key__"]
+        return global_crops, local_crops, masks, label, raw["__key__"], (second or [None])[0]
 
     def collate(self, items: list) -> dict:
-        g, loc, masks, labels, keys = zip(*items)
+        g, loc, masks, labels, keys, second = zip(*items)
         n_local, size = self.augment.n_local, self.augment.local_size
-        return {
+        extra = {}
+        if second[0] is not None:  # BEiT: the tokenizer's view of each global crop, [G, B, 3, s, s] uint8
+            extra["second_crops"] = torch.stack([torch.stack(v) for v in zip(*second)])
+        return {**extra,
             "global_crops": torch.stack([torch.stack(v) for v in zip(*g)]),  # [G, B, 3, H, W] uint8
             "local_crops": (torch.stack([torch.stack(v) for v in zip(*loc)]) if n_local
                             else torch.empty((0, len(items), 3, size, size), dtype=torch.uint8)),
@@ -317,7 +320,8 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
     """A `ShardLoader` from a `DataConfig`-shaped object whose `train_shards` is already resolved."""
     grid = data.global_crops.size // patch_size
     m = data.mask
-    sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect, m.fill_exact)
+    sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect, m.fill_exact,
+                          m.patches)
     return ShardLoader(
         expand_shards(data.train_shards), augment=MultiCrop.from_config(data), mask_sampler=sampler,
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,

@@ -43,6 +43,25 @@ class RandomSolarize:
         return ImageOps.solarize(img, threshold=128)
 
 
+class TwoSizeCrop:
+    """BEiT's view (microsoft/unilm beit/datasets.py, transforms.py RandomResizedCropAndInterpolationWithTwoPic):
+    colour jitter and flip on the whole image, then one random-resized-crop box cut out twice, at
+    `size` (bicubic, for the ViT) and `second_size` (lanczos, for the tokenizer)."""
+
+    def __init__(self, size: int, second_size: int, scale: tuple[float, float], flip_p: float, color_jitter_p: float,
+                 color_jitter: Sequence[float]):
+        self.size, self.second_size, self.scale = size, second_size, scale
+        self.photometric = T.Compose([T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p),
+                                      T.RandomHorizontalFlip(flip_p)])
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.photometric(img)
+        top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3 / 4, 4 / 3])
+        big = T.functional.resized_crop(img, top, left, h, w, [self.size] * 2, T.InterpolationMode.BICUBIC)
+        small = T.functional.resized_crop(img, top, left, h, w, [self.second_size] * 2, T.InterpolationMode.LANCZOS)
+        return T.functional.pil_to_tensor(big), T.functional.pil_to_tensor(small)
+
+
 class MultiCrop:
     """One image -> `n_global` global and `n_local` local crops (uint8 CHW tensors).
 
@@ -67,6 +86,7 @@ class MultiCrop:
         local_blur_p: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_p: Sequence[float] = (0.0, 0.2),
+        second_size: int | None = None,
     ):
         if len(blur_p) != n_global or len(solarize_p) != n_global:
             raise ValueError(f"blur_p and solarize_p need one entry per global crop ({n_global})")
@@ -93,7 +113,10 @@ class MultiCrop:
             T.PILToTensor(),
         ])
         self.n_local = n_local
-        self.global_size, self.local_size = global_size, local_size
+        self.global_size, self.local_size, self.second_size = global_size, local_size, second_size
+        # BEiT's two-resolution view replaces the global crops' pipeline (no grey-scale, blur or solarisation)
+        self.two_sizes = (TwoSizeCrop(global_size, second_size, global_scale, flip_p, color_jitter_p, color_jitter)
+                          if second_size else None)
 
     @classmethod
     def from_config(cls, data: Any) -> MultiCrop:
@@ -104,10 +127,14 @@ class MultiCrop:
             local_size=loc.size, local_scale=tuple(loc.scale), n_local=loc.number,
             flip_p=a.flip_p, color_jitter_p=a.color_jitter_p, color_jitter=a.color_jitter,
             grayscale_p=a.grayscale_p, blur_p=a.blur_p, local_blur_p=a.local_blur_p,
-            blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p,
+            blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p, second_size=g.second_size,
         )
 
-    def __call__(self, img: Image.Image) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(self, img: Image.Image) -> tuple[list[torch.Tensor], ...]:
+        """-> (global crops, local crops), and with `second_size` the global crops at that size third."""
+        if self.two_sizes is not None:
+            big, small = zip(*(self.two_sizes(img) for _ in self.global_transforms))
+            return list(big), [self.local_transform(img) for _ in range(self.n_local)], list(small)
         global_crops = [t(img) for t in self.global_transforms]
         local_crops = [self.local_transform(img) for _ in range(self.n_local)]
         return global_crops, local_crops

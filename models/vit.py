@@ -6,11 +6,18 @@ weights load; its core is a swappable function, where the Triton kernel plugs in
 position embeddings resampled for any crop size (local crops) the way DINO/iBOT do it or timm's
 way, optionally fixed 2-D sin-cos position embeddings (MAE, MaskAlign), `forward_features`
 returning [CLS] and patch tokens separately, and activation checkpointing of every k-th block.
+
+BEiT's backbone options (microsoft/unilm beit/modeling_finetune.py), each a switch: relative
+position bias shared by all blocks or one per block (with or without absolute position
+embeddings), query and value biases without a key bias, and BEiT's init (std-0.02 normals
+truncated at one std, each block's output projections divided by sqrt(2 * layer)).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,19 +43,64 @@ class Packed:
     num_images: int
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with timm's layout (`qkv`, `proj`) and a pluggable core."""
+@functools.cache
+def relative_position_index(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """BEiT's table index [1 + hw, 1 + hw] for an h x w grid with [CLS] in front: 2-D offsets of query
+    i to key j first, then [CLS]->patch, patch->[CLS], [CLS]->[CLS] (microsoft/unilm beit/modeling_finetune.py)."""
+    n_offsets = (2 * h - 1) * (2 * w - 1)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()])  # [2, hw]
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, hw, hw]
+    index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long)
+    index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+    index[0, :], index[:, 0], index[0, 0] = n_offsets, n_offsets + 1, n_offsets + 2
+    return index.to(device)
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False,
+
+class RelativePositionBias(nn.Module):
+    """BEiT's learned relative position bias for a fixed h x w grid with a [CLS] token in front:
+    a table of (2h - 1)(2w - 1) + 3 entries per head (every 2-D offset, plus [CLS]->patch,
+    patch->[CLS] and [CLS]->[CLS]), zero at init; `forward()` -> [H, 1 + hw, 1 + hw]. The index
+    is a cached function of the grid, not a buffer: nothing to save, partition or materialise."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        super().__init__()
+        self.grid = tuple(grid)
+        n_offsets = (2 * grid[0] - 1) * (2 * grid[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n_offsets + 3, num_heads))
+
+    def forward(self) -> torch.Tensor:
+        table = self.relative_position_bias_table
+        index = relative_position_index(*self.grid, table.device)
+        n = index.shape[0]
+        return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's layout (`qkv`, `proj`) and a pluggable core.
+
+    `qkv_bias`: 'qkv' (one bias for all three, timm), 'qv' (BEiT: `q_bias` and `v_bias`, the keys
+    get none) or 'none'. `rel_pos`: a grid for a relative position bias of this block's own; a
+    float `attn_mask` of shape [H, N, N] is an additive bias too (the shared one, from the model).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool | str = True, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, norm_layer: type[nn.Module] | None = None, **_unused):
+                 proj_drop: float = 0.0, norm_layer: type[nn.Module] | None = None,
+                 rel_pos: tuple[int, int] | None = None, **_unused):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         if attn_drop:
             raise ValueError("attention dropout is not supported (the fused kernels have none)")
+        kind = {True: "qkv", False: "none"}.get(qkv_bias, qkv_bias)
+        if kind not in ("qkv", "qv", "none"):
+            raise ValueError(f"qkv_bias {qkv_bias!r}: expected qkv, qv or none")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=kind == "qkv")
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if kind == "qv" else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if kind == "qv" else None
+        self.rel_pos = RelativePositionBias(rel_pos, num_heads) if rel_pos else None
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.norm = norm_layer(dim) if scale_norm else nn.Identity()
@@ -57,15 +109,31 @@ class Attention(nn.Module):
         self.attn_fn: AttentionFn = attention_reference
         self.varlen_fn: VarlenAttentionFn = attention_varlen_reference
 
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        # Called as a module, not through self.qkv.weight: ZeRO-3 gathers a module's parameters in its own hooks.
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return self.qkv(x) + bias.to(x.dtype)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Packed | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
         if isinstance(attn_mask, Packed):  # x: [1, T, C], images side by side
-            q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, self.head_dim).unbind(1)
+            if self.rel_pos is not None:
+                raise ValueError("packed (multi-crop) attention has no relative position bias")
+            q, k, v = self._qkv(x).reshape(N, 3, self.num_heads, self.head_dim).unbind(1)
             x = self.varlen_fn(self.q_norm(q), self.k_norm(k), v, attn_mask.cu_seqlens, attn_mask.max_seqlen)
             return self.proj_drop(self.proj(self.norm(x.reshape(B, N, C))))
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = self.attn_fn(self.q_norm(q), self.k_norm(k), v, attn_mask)
+        bias = None
+        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dim() == 3:
+            bias, attn_mask = attn_mask, None  # the model's shared relative position bias
+        if self.rel_pos is not None:
+            own = self.rel_pos()
+            bias = own if bias is None else bias + own
+        q, k, v = self._qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        extra = {} if bias is None else {"bias": bias}  # (the kernels' bias input)
+        x = self.attn_fn(self.q_norm(q), self.k_norm(k), v, attn_mask, **extra)
         x = self.norm(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
 
@@ -115,28 +183,64 @@ class VisionTransformer(TimmVisionTransformer):
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
                  varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
-                 pos_interp: str = "dino"):
-        if pos_embed not in ("learned", "sincos") or pos_interp not in ("dino", "timm"):
-            raise ValueError(f"pos_embed {pos_embed!r} / pos_interp {pos_interp!r}: expected learned|sincos, dino|timm")
+                 pos_interp: str = "dino", rel_pos_bias: str = "none", qkv_bias: str = "qkv", init: str = "timm"):
+        if pos_embed not in ("learned", "sincos", "none") or pos_interp not in ("dino", "timm"):
+            raise ValueError(f"pos_embed {pos_embed!r} / pos_interp {pos_interp!r}: expected learned|sincos|none, "
+                             "dino|timm")
+        if rel_pos_bias not in ("none", "shared", "per_block") or init not in ("timm", "beit"):
+            raise ValueError(f"rel_pos_bias {rel_pos_bias!r} / init {init!r}: expected none|shared|per_block, "
+                             "timm|beit")
+        grid = (img_size // patch_size, img_size // patch_size)
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path_rate=drop_path_rate,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
                          init_values=layer_scale, num_classes=0, global_pool="token", dynamic_img_size=True,
-                         attn_layer=Attention, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                         attn_layer=Attention, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                         pos_embed="none" if pos_embed == "none" else "learn")
         for block in self.blocks:
             block.attn.attn_fn, block.attn.varlen_fn = attn_fn, varlen_fn
+            if rel_pos_bias == "per_block":
+                block.attn.rel_pos = RelativePositionBias(grid, num_heads)
+        self.rel_pos_bias = RelativePositionBias(grid, num_heads) if rel_pos_bias == "shared" else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))  # iBOT: zero init
-        self.pos_embed_kind, self.pos_interp = pos_embed, pos_interp
+        self.pos_embed_kind, self.pos_interp, self.init_kind = pos_embed, pos_interp, init
+        if init == "beit":
+            self.init_beit()
         self.init_pos_embed()
         self.checkpoint_every = 0
 
     @torch.no_grad()
+    def init_beit(self) -> None:
+        """BEiT's init (microsoft/unilm beit/modeling_pretrain.py): every weight of a linear or conv
+        layer and the [CLS], [MASK] and position embeddings from N(0, 0.02) truncated at +-0.02,
+        biases 0, then each block's attention and MLP output weights divided by sqrt(2 * (i + 1))."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                beit_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for t in (self.cls_token, self.mask_token):
+            beit_normal_(t)
+        self.rescale_block_outputs()
+
+    @torch.no_grad()
+    def rescale_block_outputs(self, only: nn.Module | None = None) -> None:
+        for i, block in enumerate(self.blocks):
+            if only is not None and block is not only:
+                continue
+            block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+    @torch.no_grad()
     def init_pos_embed(self) -> None:
-        """(Re)initialise the position table: trunc-normal 0.02 (drawn in fp32) or the sin-cos table."""
+        """(Re)initialise the position table: trunc-normal 0.02 (drawn in fp32; truncated at +-0.02 under
+        BEiT's init) or the sin-cos table."""
+        if self.pos_embed is None:
+            return
         if self.pos_embed_kind == "sincos":
             table = sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens)
         else:
             table = torch.empty(self.pos_embed.shape, dtype=torch.float32, device=self.pos_embed.device)
-            trunc_normal_(table, std=0.02)
+            beit_normal_(table) if self.init_kind == "beit" else trunc_normal_(table, std=0.02)
         self.pos_embed.data.copy_(table)
 
     def fixed_parameters(self) -> set[str]:
@@ -147,13 +251,15 @@ class VisionTransformer(TimmVisionTransformer):
         """x: patch tokens [B, h, w, C] -> [B, 1 + h * w, C] with [CLS] and position embeddings."""
         B, h, w, C = x.shape
         old = tuple(self.patch_embed.grid_size)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x.reshape(B, h * w, C)], dim=1)
+        if self.pos_embed is None:  # relative position bias only (BEiT's pretraining default)
+            return self.pos_drop(x)
         pos = self.pos_embed
         if (h, w) != old:
             if self.pos_interp == "dino":
                 pos = dino_resample_pos_embed(pos, old, (h, w), self.num_prefix_tokens)
             else:
                 pos = resample_abs_pos_embed(pos, (h, w), old, num_prefix_tokens=self.num_prefix_tokens)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x.reshape(B, h * w, C)], dim=1)
         return self.pos_drop(x + pos.to(x.dtype))
 
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
@@ -180,11 +286,12 @@ class VisionTransformer(TimmVisionTransformer):
         depth = len(self.blocks)
         wanted = {b % depth for b in blocks or []}
         outputs = {}
+        bias = self.shared_bias(x.shape[1] - p, keep is not None)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, bias, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, bias)
             if i in wanted:
                 outputs[i] = x
         x = self.norm(x)
@@ -193,11 +300,23 @@ class VisionTransformer(TimmVisionTransformer):
             out["blocks"] = [outputs[b % depth] for b in blocks]
         return out
 
+    def shared_bias(self, num_patches: int, subset: bool = False) -> torch.Tensor | None:
+        """The shared relative position bias [H, N, N] (None without one); it is defined on the
+        model's own grid only, so other sizes and patch subsets are refused rather than guessed."""
+        has_rel = self.rel_pos_bias is not None or self.blocks[0].attn.rel_pos is not None
+        grid = self.patch_embed.grid_size
+        if has_rel and (subset or num_patches != grid[0] * grid[1]):
+            raise ValueError(f"relative position bias is defined on the {grid[0]} x {grid[1]} grid of img_size "
+                             f"{self.patch_embed.img_size}; got {num_patches} patches{' (a subset)' if subset else ''}")
+        return self.rel_pos_bias() if self.rel_pos_bias is not None else None
+
     def forward_features_packed(self, views: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
         """Several batches of different resolutions (multi-crop: the global crops with their masks,
         the local crops without) through the blocks as one packed sequence, so each block runs,
         and under ZeRO-3 is gathered, once. Attention is block-diagonal over the images. Returns
         what `forward_features(x, masks)` returns for each view, in order."""
+        if self.rel_pos_bias is not None:
+            raise ValueError("packed (multi-crop) forward has no relative position bias")
         seqs = []
         for x, masks in views:
             x = self.patch_embed(x)
@@ -244,6 +363,11 @@ def _packed_block(block: nn.Module, x: torch.Tensor, packed: Packed) -> torch.Te
     return x + residual(block.ls2(block.mlp(block.norm2(x))), block.drop_path2)
 
 
+def beit_normal_(t: torch.Tensor) -> torch.Tensor:
+    """BEiT's trunc_normal_(std=0.02): timm's truncation bounds are absolute (+-2), BEiT passes +-std."""
+    return trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
+
+
 # name -> (width, depth, heads, mlp ratio, default patch size). Shapes of DESIGN.md; vit_test is for tests.
 VIT_ARCHS: dict[str, tuple[int, int, int, float, int]] = {
     "vit_test": (32, 2, 2, 2.0, 4),
@@ -260,11 +384,12 @@ VIT_ARCHS: dict[str, tuple[int, int, int, float, int]] = {
 def build_vit(arch: str, *, img_size: int, patch_size: int | None = None, drop_path_rate: float = 0.0,
               layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
               varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
-              pos_interp: str = "dino") -> VisionTransformer:
+              pos_interp: str = "dino", rel_pos_bias: str = "none", qkv_bias: str = "qkv",
+              init: str = "timm") -> VisionTransformer:
     if arch not in VIT_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(VIT_ARCHS)}")
     width, depth, heads, mlp_ratio, default_patch = VIT_ARCHS[arch]
     return VisionTransformer(img_size=img_size, patch_size=patch_size or default_patch, embed_dim=width,
                              depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
                              layer_scale=layer_scale, attn_fn=attn_fn, varlen_fn=varlen_fn, pos_embed=pos_embed,
-                             pos_interp=pos_interp)
+                             pos_interp=pos_interp, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, init=init)

@@ -210,9 +210,19 @@ def test_every_shipped_config_is_valid(tmp_path):
 
     weights = tmp_path / "teacher.pt"
     weights.write_bytes(b"")
+    from models.dvae import DVAEArch, Encoder, save_encoder
+
+    # Stand-in tokenizers: the recipes' shape (8x down, 8192 codes) and the tiny one's (4x, 128), narrow.
+    tokenizers = {}
+    for name, arch in (("beit_vit_tiny.yaml", DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=128)),
+                       ("*", DVAEArch(group_count=4, n_hid=8, n_blk_per_group=1, vocab_size=8192))):
+        tokenizers[name] = save_encoder(Encoder(arch), tmp_path / f"tok{arch.vocab_size}.safetensors")
     configs = sorted((Path(launch.__file__).parent / "configs").glob("*.yaml"))
-    assert len(configs) >= 10
+    assert len(configs) >= 14
     for path in configs:
         frozen = "teacher:" in path.read_text() or path.name.startswith("ibot_clip")
-        cfg = load_config(path, [f"teacher.clip.weights={weights}"] if frozen else [])
-        assert cfg.method in ("ibot", "maskalign", "ibot_clip"), path
+        overrides = [f"teacher.clip.weights={weights}"] if frozen else []
+        if path.name.startswith("beit_"):
+            overrides.append(f"beit.tokenizer={tokenizers.get(path.name, tokenizers['*'])}")
+        cfg = load_config(path, overrides)
+        assert cfg.method in ("ibot", "maskalign", "ibot_clip", "beit", "dvae"), path

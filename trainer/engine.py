@@ -15,13 +15,44 @@ import torch
 import torch.nn as nn
 
 from models.init import init_module_
-from models.teachers import load_teacher_weights
 
 from .config import Config
 from .ema import TeacherEMA
-from .methods import METHODS
+from .methods import METHODS, frozen_files
 
 log = logging.getLogger(__name__)
+
+
+def beit_init_sharded(vit) -> None:
+    """BEiT's init of a partitioned ViT, one module at a time (see VisionTransformer.init_beit)."""
+    from models.vit import beit_normal_
+
+    rank0 = torch.distributed.get_rank() == 0
+
+    def draw(t: torch.Tensor) -> None:  # in fp32, then cast (bf16 trunc_normal_ is far off, see models/init.py)
+        t.data.copy_(beit_normal_(torch.empty(t.shape, dtype=torch.float32, device=t.device)))
+
+    for module in vit.modules():
+        own = list(module.parameters(recurse=False))
+        if own and isinstance(module, (nn.Linear, nn.Conv2d)):
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0), torch.no_grad():
+                if rank0:
+                    draw(module.weight)
+                    if module.bias is not None:
+                        module.bias.zero_()
+    for t in (vit.cls_token, vit.mask_token):
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=0), torch.no_grad():
+            if rank0:
+                draw(t)
+    if vit.pos_embed is not None:
+        with deepspeed.zero.GatheredParameters([vit.pos_embed], modifier_rank=0):
+            if rank0:
+                vit.init_pos_embed()
+    for block in vit.blocks:
+        own = [block.attn.proj.weight, block.mlp.fc2.weight]
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+            if rank0:
+                vit.rescale_block_outputs(only=block)
 
 
 def build_method(cfg: Config) -> nn.Module:
@@ -52,12 +83,12 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
     `last_layer` marks the prototype layers (iBOT: every name with "last_layer"), frozen for the
     first steps.
     """
-    backbone = method.student["backbone"]
+    backbone = method.student["backbone"]  # a ViT; the dVAE (method dvae) has no blocks nor embeddings
     no_wd = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
-    if not decay_embeddings:
+    if not decay_embeddings and hasattr(backbone, "no_weight_decay"):
         no_wd |= {f"backbone.{n}" for n in backbone.no_weight_decay()}
-    fixed = {f"backbone.{n}" for n in backbone.fixed_parameters()}
-    depth = len(backbone.blocks)
+    fixed = {f"backbone.{n}" for n in backbone.fixed_parameters()} if hasattr(backbone, "fixed_parameters") else set()
+    depth = len(getattr(backbone, "blocks", []))
     groups: dict[tuple, dict] = {}
     for full_name, p in method.named_parameters():
         if not p.requires_grad:
@@ -105,12 +136,13 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
                 with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                     if torch.distributed.get_rank() == 0:
                         init_module_(module)
+        if getattr(method.student.backbone, "init_kind", "timm") == "beit":
+            beit_init_sharded(method.student.backbone)
     else:
         method = build_method(cfg)
-    frozen = getattr(method, "clip_teacher", None)
-    if frozen is not None:  # before training, so a wrong file stops the run here
-        sha = load_teacher_weights(frozen, cfg.teacher.clip.weights)
-        log.info("frozen teacher %s loaded from %s (sha256 %s)", frozen.arch, cfg.teacher.clip.weights, sha[:12])
+    for name, path in frozen_files(cfg).items():  # before training, so a wrong file stops the run here
+        sha = getattr(method, name).load_weights(path)
+        log.info("frozen %s loaded from %s (sha256 %s)", name, path, sha[:12])
     if cfg.model.grad_checkpointing:
         method.student.backbone.set_grad_checkpointing(True, every=cfg.model.grad_checkpointing)
     groups = param_groups(method, cfg.optim.layer_decay, cfg.optim.decay_embeddings)

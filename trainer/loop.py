@@ -27,6 +27,7 @@ from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
 from .faults import JobDeadline, StepGuard
 from .grad_clip import PerParamClip
+from .methods import frozen_files
 from .metrics import MetricsWriter
 from .schedules import Schedules
 
@@ -56,6 +57,25 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     method.train()
     k = cfg.eval.knn_k
     return knn_classify(*feats["train"], *feats["val"], ks=(k,), temperature=cfg.eval.knn_temp)[k]["top1"]
+
+
+def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv, run_dir: Path,
+             step: int) -> dict[str, float]:
+    """What tells a user the network is good: kNN on the held-out split, or for a method with
+    `held_out_metrics` (the tokenizer) its own measures on the held-out images."""
+    method = engine.module
+    if not hasattr(method, "held_out_metrics"):
+        return {"knn": knn_eval(cfg, engine, device, dtype, env)}
+    if not cfg.data.val_shards:
+        return {}
+    batches = labelled_batches(expand_shards(cfg.data.val_shards), cfg.data.global_crops.size, cfg.eval.batch_size,
+                               env.rank, env.world_size)
+    method.eval()
+    with torch.no_grad():
+        out = method.held_out_metrics((images.to(device) for images, _ in batches), run_dir, step,
+                                      cfg.data.global_crops.size)
+    method.train()
+    return out
 
 
 def raw_pixel_knn(cfg: Config, env: DistEnv, device: torch.device) -> float | None:
@@ -120,16 +140,17 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     method = engine.module
-    frozen = getattr(method, "clip_teacher", None)
+    frozen = {name: getattr(method, name) for name in frozen_files(cfg)}
     step, summary = 0, {}
     source = Path(resume) if resume else ckpt.latest()
     if source is not None:
         parts = ckpt.read_parts(source)
-        if frozen is not None and parts.get("clip_teacher_sha256") != frozen.weights_sha256:
-            raise TeacherWeightsError(
-                f"teacher.clip.weights {cfg.teacher.clip.weights} (sha256 {frozen.weights_sha256[:12]}) is not the "
-                f"file {source} was trained with (sha256 {str(parts.get('clip_teacher_sha256'))[:12]}); point it "
-                "at that file")
+        for name, path in frozen_files(cfg).items():
+            sha, saved = frozen[name].weights_sha256, str(parts.get(f"{name}_sha256"))
+            if saved != sha:
+                raise TeacherWeightsError(
+                    f"{path} (sha256 {sha[:12]}), the frozen {name}'s weights, is not the file {source} was trained "
+                    f"with (sha256 {saved[:12]}); point the config at that file")
         ckpt.load_engine(engine, source)
         step = parts["step"]
         if ema is not None:
@@ -145,8 +166,10 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         guard.skipped = parts.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", source, step)
     elif cfg.eval.knn_at_end:
-        summary["knn_random_init"] = knn_eval(cfg, engine, device, dtype, env)
-        summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env, device)
+        untrained = evaluate(cfg, engine, device, dtype, env, run_dir, 0)
+        summary.update({f"{k}_random_init": v for k, v in untrained.items()})
+        if not hasattr(method, "held_out_metrics"):
+            summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env, device)
 
     def save() -> None:
         parts = {"data": loader.state_dict(), "buffers": dict(method.named_buffers()), "rng": rng_state(),
@@ -154,14 +177,18 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                  "command": command}
         if ema is not None:
             parts["ema"] = ema.state_dict()
-        if frozen is not None:  # the frozen teacher is not saved: it is reloaded from this file
-            parts["clip_teacher_sha256"] = frozen.weights_sha256
+        for name, module in frozen.items():  # frozen networks are not saved: they are reloaded from their files
+            parts[f"{name}_sha256"] = module.weights_sha256
         path = ckpt.save(engine, step, parts)
         log.info("saved %s", path)
 
     # What produced this run, for the exported model card (this rank's own argv; the launcher is not visible).
     command = shlex.join(["python", *sys.argv]) + (f"  # on {env.world_size} ranks" if env.world_size > 1 else "")
     weights = method.loss_weights
+
+    def logged(k: str) -> str:  # a method's outputs beside its loss terms are metrics (BEiT's accuracy)
+        return f"loss_{k}" if k in weights else k
+
     clipper = None
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
@@ -185,9 +212,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         for micro in range(cfg.optim.grad_accum):
             batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
             losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
-            loss = sum(weights[k] * v for k, v in losses.items())
+            loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
             engine.backward(guard.check(loss))
-            for k, v in {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}.items():
+            for k, v in {"loss": loss, **{logged(k): v for k, v in losses.items()}}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             if clipper is not None and engine.is_gradient_accumulation_boundary():
                 clipper(getattr(engine.optimizer, "loss_scale", 1.0))
@@ -214,6 +241,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             record = {**losses_mean, "lr": values["lr"],
                       "weight_decay": values["weight_decay"], "momentum": values["momentum"],
                       "teacher_temp": values["teacher_temp"], "teacher_patch_temp": values["teacher_patch_temp"],
+                      **({k: values[k] for k in ("gumbel_temp", "kl_weight")} if cfg.method == "dvae" else {}),
                       "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
                       "skipped_steps": guard.skipped, **data_failures(loader.counters, device)}
@@ -222,7 +250,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             else:
                 record["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             metrics.write(step, record)
-            shown = " ".join(f"{k} {record[f'loss_{k}']:.4f}" for k in losses)
+            shown = " ".join(f"{k} {record[logged(k)]:.4f}" for k in losses)
             log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step", step, cfg.schedule.steps,
                      record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"])
             window_start, window_steps = time.perf_counter(), 0
@@ -230,11 +258,12 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         every = cfg.eval.knn_every_steps
         if every and step % every == 0 and step < cfg.schedule.steps and cfg.data.val_shards:
             t0 = time.perf_counter()
-            knn = knn_eval(cfg, engine, device, dtype, env)
-            metrics.write(step, {"knn": knn})
-            log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; random init %s, raw pixels %s; %.0f s)",
-                     step, knn, cfg.eval.knn_k, percent(summary.get("knn_random_init")),
-                     percent(summary.get("knn_raw_pixels")), time.perf_counter() - t0)
+            result = evaluate(cfg, engine, device, dtype, env, run_dir, step)
+            metrics.write(step, result)
+            if "knn" in result:
+                log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; random init %s, raw pixels %s; %.0f s)",
+                         step, result["knn"], cfg.eval.knn_k, percent(summary.get("knn_random_init")),
+                         percent(summary.get("knn_raw_pixels")), time.perf_counter() - t0)
             window_start += time.perf_counter() - t0  # keep the evaluation out of the step time
         if guard.stop_requested:
             log.warning("%s: saving step %d and stopping; the same command resumes",
@@ -244,8 +273,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.schedule.steps:
             save()
     finished = step >= cfg.schedule.steps
-    if finished and not stopped_by and cfg.eval.knn_at_end and "knn" not in summary:
-        summary["knn"] = knn_eval(cfg, engine, device, dtype, env)
+    if finished and not stopped_by and cfg.eval.knn_at_end and not {"knn", "psnr"} & set(summary):
+        summary.update(evaluate(cfg, engine, device, dtype, env, run_dir, step))
     newest = ckpt.latest()
     if newest is None or newest.name != f"step{step:08d}":  # not already saved by the loop
         save()

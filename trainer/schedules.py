@@ -38,13 +38,17 @@ class Schedules:
     teacher_patch_temp: tuple[float, float]
     teacher_temp_warmup: int
     freeze_last_layer: int
+    gumbel_temp: tuple[float, float] = (1.0, 1.0)
+    gumbel_temp_steps: int = 0
+    kl_weight: tuple[float, float] = (0.0, 0.0)
+    kl_steps: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> Schedules:
-        o, i = cfg.optim, cfg.ibot
+        o, i, d = cfg.optim, cfg.ibot, cfg.dvae
         return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(i.ema_momentum),
                    tuple(i.teacher_temp), tuple(i.teacher_patch_temp), i.teacher_temp_warmup_steps,
-                   i.freeze_last_layer_steps)
+                   i.freeze_last_layer_steps, tuple(d.temperature), d.temperature_steps, tuple(d.kl_weight), d.kl_steps)
 
     def at(self, step: int) -> dict[str, float]:
         """Every scheduled value for optimizer step `step` (0-based)."""
@@ -56,4 +60,7 @@ class Schedules:
             "teacher_temp": linear_warmup(step, self.teacher_temp_warmup, *self.teacher_temp),
             "teacher_patch_temp": linear_warmup(step, self.teacher_temp_warmup, *self.teacher_patch_temp),
             "last_layer_lr_factor": 0.0 if step < self.freeze_last_layer else 1.0,
+            # the dVAE's (DALL-E): relaxation temperature annealed, KL weight ramped, both by half-cosines
+            "gumbel_temp": cosine(step, self.gumbel_temp_steps, *self.gumbel_temp),
+            "kl_weight": cosine(step, self.kl_steps, *self.kl_weight),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import _at_least, _check_range, _require, opt
+from .fields import _at_least, _check_prob, _check_range, _require, opt
 
 IBOT = "bytedance/ibot"
 
@@ -138,3 +138,72 @@ class MaskAlignConfig:
         _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
         _at_least(self, 0, "adapter_hidden_dim", "w_offset", "align_weight")
         _at_least(self, 0, "loss_beta", strict=True)
+
+
+BEIT = "microsoft/unilm beit/"
+
+
+@dataclass
+class BEiTConfig:
+    """Defaults are run_beit_pretraining.py's (microsoft/unilm beit/) unless the help says otherwise."""
+
+    tokenizer: str | None = opt(None, "The frozen tokenizer: a dVAE encoder exported by scripts/export_tokenizer.py "
+                                      "(.safetensors, architecture in its metadata), or a state dict in OpenAI "
+                                      "DALL-E's Encoder layout (blocks.*.w/b; .pt/.bin/.safetensors). Never "
+                                      "downloaded; pickled modules (DALL-E's encoder.pkl) are refused: convert them.")
+    vocab_size: int = opt(8192, "Visual tokens the tokenizer's codebook has (the head's classes); the tokenizer "
+                                "file must agree.")
+    layer_scale: float = opt(0.1, f"LayerScale init of every block ({BEIT} --layer_scale_init_value: 0.1 for base, "
+                                  "1e-5 for large); 0: off. Replaces model.layer_scale for this method.")
+    rel_pos_bias: Literal["shared", "per_block", "none"] = opt(
+        "shared", f"Relative position bias: one table shared by all blocks ({BEIT} --rel_pos_bias, default), one per "
+                  "block, or none.")
+    abs_pos_embed: bool = opt(False, f"Absolute (learned) position embeddings too ({BEIT} --abs_pos_emb, default "
+                                     "false).")
+    qkv_bias: Literal["qv", "qkv", "none"] = opt(
+        "qv", f"Attention input biases: query and value only, no key bias ({BEIT} modeling_finetune.py Attention), "
+              "all three (timm), or none.")
+    init: Literal["beit", "timm"] = opt(
+        "beit", f"beit: N(0, 0.02) truncated at +-0.02 and each block's output projections divided by sqrt(2 * layer) "
+                f"({BEIT} modeling_pretrain.py fix_init_weight); timm: timm's ViT init.")
+
+    def validate(self) -> None:
+        _at_least(self, 2, "vocab_size")
+        _at_least(self, 0, "layer_scale")
+
+
+DALLE = "openai/DALL-E and its paper (Ramesh et al. 2021, appendix A.2)"
+
+
+@dataclass
+class DVAEConfig:
+    """The tokenizer of BEiT's stage 1: DALL-E's discrete VAE. Defaults are DALL-E's."""
+
+    group_count: int = opt(4, f"Encoder/decoder groups; a 2x2 max-pool after each but the last: 4 -> 8x down "
+                              f"({DALLE}).")
+    n_hid: int = opt(256, "Width of the first group (the groups have 1, 2, 4, 8 x n_hid).")
+    n_blk_per_group: int = opt(2, "Residual blocks per group.")
+    n_init: int = opt(128, "Width of the decoder's input convolution.")
+    vocab_size: int = opt(8192, "Codebook size.")
+    temperature: tuple[float, float] = opt((1.0, 1.0 / 16), "Gumbel-softmax relaxation temperature: start and end.")
+    temperature_steps: int = opt(150_000, "Steps of the cosine anneal of the temperature (DALL-E: 150,000 updates).")
+    kl_weight: tuple[float, float] = opt((0.0, 6.6), "Weight of KL(q(z|x) || uniform): start and end "
+                                                     "(DALL-E: 0 -> 6.6).")
+    kl_steps: int = opt(5000, "Steps of the cosine ramp of the KL weight (DALL-E: 5,000 updates).")
+    recon_loss: Literal["logit_laplace", "l1", "mse"] = opt(
+        "logit_laplace", "Reconstruction term: DALL-E's logit-Laplace negative log-likelihood, or L1 / MSE on the "
+                         "decoder's location output. Both terms are sums per image divided by its 3 x H x W values.")
+    straight_through: bool = opt(False, "Hard one-hot codes in the forward pass with the relaxed gradient "
+                                        "(straight-through); false: the soft relaxation, as DALL-E trains.")
+    min_code_usage: float = opt(0.05, "Warn when fewer than this fraction of the codes appear in the held-out "
+                                      "images' tokens (codebook collapse).")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "group_count", "n_blk_per_group", "n_init")
+        _at_least(self, 4, "n_hid")
+        _require(self.n_hid % 4 == 0, "n_hid", f"{self.n_hid} must be divisible by 4 (blocks narrow to n_out / 4)")
+        _at_least(self, 2, "vocab_size")
+        _require(all(t > 0 for t in self.temperature), "temperature", "must be > 0")
+        _require(all(w >= 0 for w in self.kl_weight), "kl_weight", "must be >= 0")
+        _at_least(self, 0, "temperature_steps", "kl_steps")
+        _check_prob(self.min_code_usage, "min_code_usage")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from .fields import _Invalid, _require, opt
-from .methods import IBOTConfig, MaskAlignConfig, TeacherConfig
+from .methods import BEiTConfig, DVAEConfig, IBOTConfig, MaskAlignConfig, TeacherConfig
 from .sections import (
     CheckpointConfig,
     DataConfig,
@@ -22,8 +22,8 @@ from .sections import (
 
 @dataclass
 class Config:
-    method: Literal["ibot", "maskalign", "ibot_clip"] = opt(
-        "ibot", "Pretraining objective (trainer/methods/<method>.py).")
+    method: Literal["ibot", "maskalign", "ibot_clip", "beit", "dvae"] = opt(
+        "ibot", "Pretraining objective (trainer/methods/<method>.py); dvae trains BEiT's tokenizer (stage 1).")
     run: RunConfig = opt(RunConfig(), "Run directory, seed, precision, kernels.")
     model: ModelConfig = opt(ModelConfig(), "Backbone.")
     data: DataConfig = opt(DataConfig(), "Shards, multi-crop augmentation and masks.")
@@ -34,6 +34,8 @@ class Config:
     ibot: IBOTConfig = opt(IBOTConfig(), "iBOT objective (methods ibot, ibot_clip).")
     teacher: TeacherConfig = opt(TeacherConfig(), "Frozen teachers.")
     maskalign: MaskAlignConfig = opt(MaskAlignConfig(), "MaskAlign objective (method: maskalign).")
+    beit: BEiTConfig = opt(BEiTConfig(), "BEiT's masked visual-token prediction (method: beit).")
+    dvae: DVAEConfig = opt(DVAEConfig(), "BEiT's tokenizer, a discrete VAE (method: dvae).")
     eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
 
     def validate(self) -> None:
@@ -59,10 +61,52 @@ class Config:
             _check_blocks(self.maskalign.student_blocks, _student_depth(self.model.arch), "maskalign.student_blocks")
         if self.method in ("maskalign", "ibot_clip"):
             self._validate_frozen_teacher()
+        if self.method in ("beit", "dvae"):
+            self._validate_single_view()
+        if self.method == "beit":
+            self._validate_beit(grid)
+        if self.data.mask.patches is not None:
+            _require(self.data.mask.patches < grid, "data.mask.patches",
+                     f"{self.data.mask.patches} is not fewer than the {grid} patches of a global crop")
         if self.data.mask.kind == "block" and self.data.mask.ratio[1] > 0:
             _require((self.data.mask.min_block_patches or 1) <= grid, "data.mask.min_block_patches",
                      f"{self.data.mask.min_block_patches} exceeds the {grid} patches of a global crop")
 
+
+    def _validate_single_view(self) -> None:
+        _require(self.data.global_crops.number == 1, "data.global_crops.number",
+                 f"{self.data.global_crops.number}: {self.method} sees one view per image; set it to 1")
+        _require(self.data.local_crops.number == 0, "data.local_crops.number", f"{self.method} uses no local crops: "
+                 "set it to 0")
+        if self.method == "dvae":
+            d, size = self.dvae, self.data.global_crops.size
+            down = 2 ** (d.group_count - 1)
+            _require(size % down == 0, "data.global_crops.size", f"{size} is not a multiple of the dVAE's "
+                     f"down-sampling {down} (dvae.group_count {d.group_count})")
+            _require(not self.model.grad_checkpointing, "model.grad_checkpointing",
+                     "the dVAE has no blocks to recompute")
+
+    def _validate_beit(self, grid: int) -> None:
+        from models.dvae import TokenizerWeightsError, downsampling, read_encoder_arch
+
+        b, g = self.beit, self.data.global_crops
+        _require(self.model.layer_scale is None, "model.layer_scale", "method beit sets it with beit.layer_scale")
+        _require(b.tokenizer is not None, "beit.tokenizer",
+                 "beit needs its tokenizer: a dVAE encoder file (train one with method dvae and export it with "
+                 "scripts/export_tokenizer.py)")
+        try:
+            arch = read_encoder_arch(b.tokenizer)
+        except TokenizerWeightsError as e:
+            raise _Invalid("beit.tokenizer", str(e)) from None
+        _require(arch.vocab_size == b.vocab_size, "beit.tokenizer",
+                 f"{b.tokenizer} has a vocabulary of {arch.vocab_size} codes, beit.vocab_size is {b.vocab_size}")
+        _require(g.second_size is not None, "data.global_crops.second_size",
+                 "beit needs the tokenizer's view of each crop (BEiT: 112 for a 224 crop)")
+        side = int(round(grid ** 0.5))
+        down = downsampling(arch)
+        _require(g.second_size == side * down, "data.global_crops.second_size",
+                 f"{g.second_size}: the tokenizer ({down}x down-sampling) must see a {side} x {side} grid like the "
+                 f"student's patches, so it must be {side * down}")
 
     def _validate_frozen_teacher(self) -> None:
         from models.teachers import resolve_arch, teacher_depth

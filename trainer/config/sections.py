@@ -60,9 +60,15 @@ class CropConfig:
     number: int = opt(2, "How many crops of this kind per image.")
     size: int = opt(224, "Output side in pixels (square).")
     scale: tuple[float, float] = opt((0.32, 1.0), "RandomResizedCrop area range, as fractions of the image.")
+    second_size: int | None = opt(
+        None, "Global crops only: also give each crop at this side, cut from the same box (BEiT: 112, the tokenizer's "
+              "view of the 224 crop, lanczos; colour jitter and flip then come before the crop, as microsoft/unilm "
+              "beit/datasets.py DataAugmentationForBEiT). null: one size.")
 
     def validate(self) -> None:
         _at_least(self, 0, "number")
+        if self.second_size is not None:
+            _at_least(self, 0, "second_size", strict=True)
         _at_least(self, 0, "size", strict=True)
         _check_range(self.scale, "scale", 0.0, 1.0)
         _require(self.scale[1] > 0, "scale", "upper bound must be > 0")
@@ -103,6 +109,8 @@ class MaskConfig:
         (0.1, 0.5), "Masked fraction of a global view's patches, drawn uniformly per view from this range."
     )
     prob: float = opt(0.5, "Probability that a global view is masked at all (iBOT: 0.5).")
+    patches: int | None = opt(None, "Mask exactly this many patches (as far as blocks fit) instead of a ratio: BEiT's "
+                                    "--num_mask_patches 75 of 196. null: use `ratio`.")
     min_block_patches: int | None = opt(
         None, "Smallest block, in patches. null: iBOT's (min(h, w) // 3)^2, 16 on a 14 x 14 grid and 25 on 16 x 16 "
               "(bytedance/ibot loader.py); BEiT: 16.")
@@ -115,6 +123,8 @@ class MaskConfig:
     def validate(self) -> None:
         _check_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
         _check_prob(self.prob, "prob")
+        if self.patches is not None:
+            _at_least(self, 1, "patches")
         if self.min_block_patches is not None:
             _at_least(self, 1, "min_block_patches")
         _require(0 < self.min_aspect <= 1, "min_aspect", f"{self.min_aspect} is outside (0, 1]")
@@ -151,6 +161,8 @@ class DataConfig:
         _check_prob(self.max_failed_fraction, "max_failed_fraction")
         _require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
         _require("{url}" in self.s3_command, "s3_command", "must contain {url}")
+        _require(self.local_crops.second_size is None, "local_crops.second_size",
+                 "only global crops have a second size")
         if self.local_crops.number > 0:
             _require(self.local_crops.size < self.global_crops.size, "local_crops.size",
                      f"{self.local_crops.size} must be smaller than global_crops.size "

@@ -30,13 +30,25 @@ def kernels(cfg) -> str:
     return resolve(cfg.run.kernels, width // heads)[0]
 
 
-def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned") -> VisionTransformer:
-    """The backbone of `model.*`, with the attention implementations of `run.kernels`."""
+def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned", **options) -> VisionTransformer:
+    """The backbone of `model.*`, with the attention implementations of `run.kernels`; `beit`: the
+    `options`: the BEiT options of `build_vit` (layer_scale, rel_pos_bias, qkv_bias, init)."""
     m, impl = cfg.model, kernels(cfg)
+    options.setdefault("layer_scale", m.layer_scale)
     return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
-                     drop_path_rate=m.drop_path if drop_path is None else drop_path, layer_scale=m.layer_scale,
+                     drop_path_rate=m.drop_path if drop_path is None else drop_path,
                      attn_fn=get_attention(impl), varlen_fn=get_attention_varlen(impl), pos_embed=pos_embed,
-                     pos_interp=m.pos_embed_interp)
+                     pos_interp=m.pos_embed_interp, **options)
+
+
+def frozen_files(cfg) -> dict[str, str]:
+    """The method's frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256`
+    and `weights_sha256`; the engine loads them, checkpoints keep only the hash."""
+    if cfg.method in ("maskalign", "ibot_clip"):
+        return {"clip_teacher": cfg.teacher.clip.weights}
+    if cfg.method == "beit":
+        return {"tokenizer": cfg.beit.tokenizer}
+    return {}
 
 
 def build_frozen_teacher(cfg) -> FrozenTeacher:
@@ -45,4 +57,4 @@ def build_frozen_teacher(cfg) -> FrozenTeacher:
     return FrozenTeacher(c.arch, mean=c.mean, std=c.std, antialias=c.antialias)
 
 
-from . import ibot, ibot_clip, maskalign  # noqa: E402,F401  (register themselves)
+from . import beit, dvae, ibot, ibot_clip, maskalign  # noqa: E402,F401  (register themselves)

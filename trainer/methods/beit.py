@@ -1,0 +1,83 @@
+"""BEiT: masked visual-token prediction (seed 002), as microsoft/unilm beit/ runs it.
+
+One random-resized crop per image is seen twice: by the student at its resolution (224) with
+about 40% of its patches, in blocks, replaced by the learned [MASK] embedding, and by the frozen
+tokenizer (a dVAE encoder, models/dvae.py) at half that resolution (112), so its grid of visual
+tokens (14 x 14) is the student's patch grid. A linear head over the vocabulary classifies the
+student's final token at each masked position; the loss is the cross-entropy against the
+tokenizer's argmax token there, averaged over all masked positions of the batch (the reference's
+nn.CrossEntropyLoss on `x[bool_masked_pos]`). Unmasked positions never enter the loss.
+
+The tokenizer is a frozen submodule like a CLIP teacher: partitioned by ZeRO-3 with the rest,
+kept in eval mode, run under no_grad, left out of checkpoints (its file's sha256 is kept and
+checked on resume). It runs in the engine's precision (the reference: DALL-E's own convs in
+fp16 on a GPU, its output layer in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.dvae import FrozenTokenizer, read_encoder_arch
+from models.kernels.softmax_ce import get_hard_ce, hard_ce_reference
+from models.vit import VisionTransformer, beit_normal_
+
+from . import build_student, kernels, register
+
+
+def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference) -> dict:
+    """logits: [M, V] at the masked positions, in the row order of `masks.nonzero()`; tokens: [B, N]
+    the tokenizer's ids; masks: [B, N] bool. -> the mean cross-entropy and the accuracy."""
+    labels = tokens[masks]
+    per_token = loss_fn(logits, labels)
+    with torch.no_grad():
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+    return {"mim": per_token.mean(), "token_accuracy": accuracy}
+
+
+@register("beit")
+class BEiT(nn.Module):
+    def __init__(self, student: VisionTransformer, tokenizer: FrozenTokenizer, vocab_size: int,
+                 loss_fn=hard_ce_reference, init: str = "beit"):
+        super().__init__()
+        student.global_pool = "avg"  # kNN on the mean patch token: BEiT's [CLS] gets no objective
+        head = nn.Linear(student.embed_dim, vocab_size)
+        if init == "beit":  # the reference's lm_head: truncated normal 0.02, zero bias
+            beit_normal_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.student = nn.ModuleDict({"backbone": student, "head": head})
+        self.tokenizer = tokenizer
+        self.loss_fn = loss_fn
+        self.loss_weights = {"mim": 1.0}
+
+    @classmethod
+    def from_config(cls, cfg) -> BEiT:
+        b = cfg.beit
+        student = build_student(cfg, pos_embed="learned" if b.abs_pos_embed else "none",
+                                layer_scale=b.layer_scale or None, rel_pos_bias=b.rel_pos_bias, qkv_bias=b.qkv_bias,
+                                init=b.init)
+        tokenizer = FrozenTokenizer(read_encoder_arch(b.tokenizer, check=False))  # checked by the config, and on load
+        return cls(student, tokenizer, b.vocab_size, get_hard_ce(kernels(cfg)), b.init)
+
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.backbone(images)
+
+    def train(self, mode: bool = True) -> BEiT:
+        super().train(mode)
+        self.tokenizer.eval()  # always: a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """batch: `global_crops` [1, B, 3, H, W] normalised, `second_crops` [1, B, 3, h, w] uint8 (the
+        tokenizer's view), `masks` [1, B, H/p, W/p]."""
+        images, masks = batch["global_crops"][0], batch["masks"][0]
+        with torch.no_grad():
+            tokens = self.tokenizer(batch["second_crops"][0].float() / 255).flatten(1)  # [B, N]
+        if tokens.shape[1] != masks[0].numel():
+            raise ValueError(f"the tokenizer gives {tokens.shape[1]} tokens per image, the student has "
+                             f"{masks[0].numel()} patches")
+        flat = masks.flatten(1)
+        s = self.student.backbone.forward_features(images, masks)
+        logits = self.student.head(s["patch"][flat])  # only the masked positions
+        return beit_loss(logits, tokens, flat, self.loss_fn)

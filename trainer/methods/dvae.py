@@ -1,0 +1,175 @@
+"""BEiT's stage 1: the tokenizer, a discrete VAE with DALL-E's architecture (models/dvae.py), trained
+as the DALL-E paper trains it (seed 002; Ramesh et al. 2021, appendix A.2).
+
+One view per image. The encoder's logits over the codebook at each latent position are relaxed
+with Gumbel-softmax (temperature annealed 1 -> 1/16 by a half-cosine), the decoder reconstructs the
+image from the relaxed codes, and the loss is the negative evidence lower bound per pixel value:
+reconstruction (logit-Laplace NLL of the image mapped into [0.1, 0.9]; or L1 / MSE) plus beta times
+KL(q(z|x) || uniform), beta ramped 0 -> 6.6. Both are summed per image and divided by its 3 x H x W
+values, so beta means what it means in the paper.
+
+What tells a user the tokenizer is any good, on the held-out images: reconstruction PSNR from the
+argmax codes (what BEiT will see), against the untrained network and each image's mean colour;
+the codebook's perplexity and the fraction of codes used (a collapsed codebook is the usual
+failure: a warning below `dvae.min_code_usage`), and `reconstructions.png` in the run directory
+(originals above, reconstructions below).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.dvae import (
+    DiscreteVAE,
+    DVAEArch,
+    code_stats,
+    gumbel_softmax,
+    kl_to_uniform,
+    map_pixels,
+    reconstruction,
+    reconstruction_loss,
+)
+
+from . import register
+
+log = logging.getLogger(__name__)
+
+
+def dvae_arch(cfg) -> DVAEArch:
+    d = cfg.dvae
+    return DVAEArch(group_count=d.group_count, n_hid=d.n_hid, n_blk_per_group=d.n_blk_per_group,
+                    vocab_size=d.vocab_size, n_init=d.n_init)
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio of images in [0, 1] from their mean squared errors."""
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+@register("dvae")
+class DVAE(nn.Module):
+    def __init__(self, arch: DVAEArch, recon_loss: str = "logit_laplace", straight_through: bool = False,
+                 min_code_usage: float = 0.05, input_mean=(0.485, 0.456, 0.406), input_std=(0.229, 0.224, 0.225)):
+        super().__init__()
+        self.arch = arch
+        self.student = nn.ModuleDict({"backbone": DiscreteVAE(arch)})
+        self.recon_loss, self.straight_through, self.min_code_usage = recon_loss, straight_through, min_code_usage
+        self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
+        self.loss_weights = {"recon": 1.0, "kl": 1.0}  # "kl" arrives already weighted by its schedule
+
+    @classmethod
+    def from_config(cls, cfg) -> DVAE:
+        d, a = cfg.dvae, cfg.data.augment
+        return cls(dvae_arch(cfg), d.recon_loss, d.straight_through, d.min_code_usage, a.mean, a.std)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Loader-normalised images -> [0, 1] (the dVAE maps pixels its own way)."""
+        mean = torch.tensor(self.input_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.input_std, device=images.device).view(1, 3, 1, 1)
+        return (images.float() * std + mean).clamp(0, 1)
+
+    def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        vae = self.student.backbone
+        x01 = self.pixels(batch["global_crops"][0])
+        dims = x01[0].numel()
+        dtype = vae.encoder.blocks.input.weight.dtype
+        logits = vae.encoder(map_pixels(x01).to(dtype)).float()
+        codes = gumbel_softmax(logits, values["gumbel_temp"], hard=self.straight_through)
+        stats = vae.decoder(codes.to(dtype)).float()
+        recon = reconstruction_loss(self.recon_loss, x01, stats).mean() / dims
+        kl = kl_to_uniform(logits).mean() / dims
+        with torch.no_grad():
+            perplexity, usage = code_stats(logits.argmax(dim=1), self.arch.vocab_size)
+        return {"recon": recon, "kl": values["kl_weight"] * kl, "kl_per_dim": kl.detach(),
+                "batch_perplexity": torch.as_tensor(perplexity, dtype=torch.float32, device=logits.device)}
+
+    @torch.no_grad()
+    def held_out_metrics(self, batches, run_dir: Path, step: int, size: int) -> dict[str, float]:
+        """PSNR of the argmax-code reconstructions, the mean-colour baseline, codebook perplexity and
+        usage over every held-out image of every rank (uint8 `batches` of side `size`); draws
+        `reconstructions.png` on rank 0. Ranks step in lockstep (under ZeRO-3 every forward is
+        collective): a rank out of images runs a one-image dummy until all are done."""
+        vae = self.student.backbone
+        dtype = vae.encoder.blocks.input.weight.dtype
+        V = self.arch.vocab_size
+        device = vae.encoder.blocks.input.weight.device
+        distributed = dist.is_initialized()
+        totals = torch.zeros(3, device=device, dtype=torch.float64)  # sum PSNR, sum mean-colour PSNR, images
+        histogram = torch.zeros(V, device=device, dtype=torch.float64)
+        shown = None
+
+        def reconstruct(x01):
+            tokens = vae.encoder(map_pixels(x01).to(dtype)).argmax(dim=1)  # [B, h, w]
+            codes = F.one_hot(tokens, V).permute(0, 3, 1, 2).to(dtype)
+            return tokens, reconstruction(vae.decoder(codes).float())
+
+        while True:
+            images = next(batches, None)
+            more = torch.tensor([0.0 if images is None else 1.0], device=device)
+            if distributed:
+                dist.all_reduce(more)
+            if more.item() == 0:
+                break
+            if images is None:
+                reconstruct(torch.zeros(1, 3, size, size, device=device))
+                continue
+            x01 = images.float() / 255
+            tokens, rec = reconstruct(x01)
+            colour = x01.mean(dim=(2, 3), keepdim=True).expand_as(x01)
+            totals[0] += psnr(((rec - x01) ** 2).flatten(1).mean(1)).sum()
+            totals[1] += psnr(((colour - x01) ** 2).flatten(1).mean(1)).sum()
+            totals[2] += x01.shape[0]
+            histogram += torch.bincount(tokens.flatten(), minlength=V).double()
+            if shown is None:
+                shown = (x01[:8].cpu(), rec[:8].cpu())
+        if distributed:
+            dist.all_reduce(totals)
+            dist.all_reduce(histogram)
+        n = max(totals[2].item(), 1.0)
+        p = histogram / histogram.sum().clamp(min=1)
+        perplexity = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+        usage = (histogram > 0).double().mean().item()
+        out = {"psnr": totals[0].item() / n, "psnr_mean_colour": totals[1].item() / n, "perplexity": perplexity,
+               "usage": usage}
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:
+            log.info("step %d: held-out PSNR %.2f dB (mean colour %.2f dB), codebook perplexity %.1f of %d, %.1f%% of "
+                     "codes used", step, out["psnr"], out["psnr_mean_colour"], perplexity, V, 100 * usage)
+            if usage < self.min_code_usage:
+                log.warning("step %d: only %.1f%% of the %d codes appear in the held-out tokens (dvae.min_code_usage "
+                            "%.1f%%): the codebook is collapsing; a larger dvae.kl_weight or a slower temperature "
+                            "anneal (dvae.temperature_steps) usually helps", step, 100 * usage, V,
+                            100 * self.min_code_usage)
+            if shown is not None:
+                draw_reconstructions(*shown, Path(run_dir) / "reconstructions.png", step, out["psnr"])
+        return out
+
+
+def draw_reconstructions(originals: torch.Tensor, recs: torch.Tensor, path: Path, step: int, value: float) -> None:
+    """Originals (top row) above their reconstructions from the argmax codes (bottom row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = originals.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
+    for i in range(n):
+        for row, img in enumerate((originals[i], recs[i])):
+            ax = axes[row][i]
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_axis_off()
+    fig.suptitle(f"held-out originals (top) and dVAE reconstructions from argmax codes (bottom), step {step}, "
+                 f"PSNR {value:.2f} dB", fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
