@@ -51,7 +51,8 @@ def from_backbone(backbone) -> LoadedBackbone:
     with torch.device("meta"):
         model = build_vit(d["arch"], img_size=d["image_size"], patch_size=d["patch"],
                           layer_scale=1.0 if backbone.layer_scale else None,
-                          pos_interp=backbone.config["model"].get("pos_embed_interp", "dino"))
+                          pos_interp=backbone.config["model"].get("pos_embed_interp", "dino"),
+                          rel_pos_bias=d["rel_pos_bias"], qkv_bias=d["qkv_bias"], pos_embed=d["pos_embed"])
     model.load_state_dict(backbone.state, strict=True, assign=True)
     aug = backbone.config["data"]["augment"]
     return LoadedBackbone(model.eval(), "mimscale", d["image_size"], tuple(aug["mean"]), tuple(aug["std"]),

@@ -8,6 +8,13 @@ and the names follow whichever layout the installed `transformers` uses (it rena
 submodules in 5.x); the model is built from its config on the meta device, the mapped tensors are
 assigned strictly (no missing, no unexpected key) and `save_pretrained` writes the files.
 
+A BEiT backbone (relative position bias, query/value biases, or no absolute position embeddings)
+becomes `BeitModel` and, for timm, timm's `Beit` (the `beit_*` models): both follow
+microsoft/unilm beit/, whose relative position index ours reproduces (tests/test_export_beit.py
+compares all three), so the bias tables and q/v biases are copied as they are. Neither has a key
+bias; a key bias adds q.b_k to every logit of a query's row, which softmax ignores, so a backbone
+trained with one (`qkv_bias: qkv`) loses nothing by dropping it.
+
 Differences a user may meet: HF's ViT/DINOv2 resample position embeddings for other input sizes
 with their own bicubic call (ours, `pos_interp: dino`, adds DINO's +0.1 offset), so features match
 ours exactly at the exported `image_size` and closely elsewhere; `AutoModel` builds ViTModel with
@@ -25,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from models.vit import VIT_ARCHS
+from models.vit import VIT_ARCHS, RelativePositionBias
 
 from .weights import Backbone, ExportError
 
@@ -33,6 +40,8 @@ from .weights import Backbone, ExportError
 TIMM_NAMES = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
               "vit_large": "vit_large_patch16_224", "vit_huge": "vit_huge_patch14_224",
               "vit_giant": "vit_giant_patch14_224", "vit_gigantic": "vit_gigantic_patch14_224"}
+# timm's BEiT models (timm.models.beit) for our BEiT archs; other sizes override this one's shapes.
+TIMM_BEIT_NAMES = {"vit_base": "beit_base_patch16_224", "vit_large": "beit_large_patch16_224"}
 TIMM_FILE = "timm_model.safetensors"
 
 
@@ -43,20 +52,79 @@ def shapes(backbone: Backbone) -> dict:
     if arch not in VIT_ARCHS:
         raise ExportError(f"{backbone.checkpoint}: unknown architecture {arch!r} (known: {', '.join(VIT_ARCHS)})")
     width, patch = s["patch_embed.proj.weight"].shape[0], s["patch_embed.proj.weight"].shape[-1]
-    grid = math.isqrt(s["pos_embed"].shape[1] - 1)
+    if "pos_embed" in s:
+        grid = math.isqrt(s["pos_embed"].shape[1] - 1)
+    else:  # relative position bias only (BEiT): the crop size it was trained at
+        grid = backbone.config["data"]["global_crops"]["size"] // patch
     depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
     return {"arch": arch, "width": width, "depth": depth, "heads": VIT_ARCHS[arch][2], "patch": patch,
             "mlp": s["blocks.0.mlp.fc1.weight"].shape[0], "image_size": grid * patch,
-            "layer_scale": backbone.layer_scale}
+            "layer_scale": backbone.layer_scale, **vit_options(s)}
+
+
+def vit_options(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The BEiT options of `build_vit` that built these tensors (read off their names)."""
+    rel = ("shared" if "rel_pos_bias.relative_position_bias_table" in state else
+           "per_block" if "blocks.0.attn.rel_pos.relative_position_bias_table" in state else "none")
+    qkv = "qv" if "blocks.0.attn.q_bias" in state else "qkv" if "blocks.0.attn.qkv.bias" in state else "none"
+    return {"rel_pos_bias": rel, "qkv_bias": qkv, "pos_embed": "learned" if "pos_embed" in state else "none"}
+
+
+def is_beit(d: dict) -> bool:
+    """A backbone (`shapes()`) that only BEiT's layout holds: a relative position bias, attention
+    biases other than timm's q/k/v one (q/v, or none: BeitModel's are then zeros), or no absolute
+    position embeddings (ViTModel and Dinov2Model always have them)."""
+    return d["rel_pos_bias"] != "none" or d["qkv_bias"] != "qkv" or d["pos_embed"] == "none"
+
+
+def layer_scale_init(backbone: Backbone) -> float:
+    """The run's layer-scale init (BEiT's `beit.layer_scale` replaces `model.layer_scale`); only a
+    config default for fresh models: the file's gammas replace it."""
+    c = backbone.config
+    return float((c.get("beit") or {}).get("layer_scale") or c["model"].get("layer_scale") or 1.0)
+
+
+def qv_biases(state: dict[str, torch.Tensor], zeros: bool) -> dict[str, torch.Tensor]:
+    """Our names with BEiT's attention biases: a fused q/k/v bias becomes `q_bias` + `v_bias` (the key's
+    dropped, see the module docstring); with no biases at all, zeros when `zeros` (BeitModel always has them)."""
+    out = dict(state)
+    for i in range(len({k.split(".")[1] for k in state if k.startswith("blocks.")})):
+        a = f"blocks.{i}.attn."
+        if a + "qkv.bias" in out:
+            out[a + "q_bias"], _, out[a + "v_bias"] = out.pop(a + "qkv.bias").chunk(3)
+        elif a + "q_bias" not in out and zeros:
+            dim = out[a + "qkv.weight"].shape[0] // 3
+            out[a + "q_bias"], out[a + "v_bias"] = torch.zeros(dim), torch.zeros(dim)
+    return out
 
 
 # ---------------------------------------------------------------- transformers
 
+def beit_config(backbone: Backbone, d: dict):
+    from transformers import BeitConfig
+
+    # use_mean_pooling=False: `layernorm` is the final norm, applied to every token, so last_hidden_state
+    # is what our forward_features returns; BeitPooler then takes the [CLS] token and has no weights
+    # (with mean pooling the final norm would move into the pooler, after averaging the patches).
+    return BeitConfig(hidden_size=d["width"], num_hidden_layers=d["depth"], num_attention_heads=d["heads"],
+                      intermediate_size=d["mlp"], hidden_act="gelu", layer_norm_eps=1e-6, image_size=d["image_size"],
+                      patch_size=d["patch"], num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      drop_path_rate=0.0, use_mean_pooling=False, use_mask_token=backbone.uses_mask_token,
+                      use_absolute_position_embeddings=d["pos_embed"] != "none",
+                      use_relative_position_bias=d["rel_pos_bias"] == "per_block",
+                      use_shared_relative_position_bias=d["rel_pos_bias"] == "shared",
+                      layer_scale_init_value=layer_scale_init(backbone) if backbone.layer_scale else 0.0,
+                      vocab_size=int((backbone.config.get("beit") or {}).get("vocab_size") or 8192))
+
+
 def hf_model_and_config(backbone: Backbone):
-    """The `transformers` class and config for this backbone (ViTModel, or Dinov2Model with layer-scale)."""
-    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    """The `transformers` class and config for this backbone (ViTModel, Dinov2Model with layer-scale,
+    BeitModel for BEiT's options)."""
+    from transformers import BeitModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
     d = shapes(backbone)
+    if is_beit(d):
+        return BeitModel, beit_config(backbone, d), {}
     common = dict(hidden_size=d["width"], num_hidden_layers=d["depth"], num_attention_heads=d["heads"],
                   hidden_act="gelu", layer_norm_eps=1e-6, image_size=d["image_size"], patch_size=d["patch"],
                   num_channels=3, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -115,17 +183,54 @@ def _layouts(depth: int, dinov2: bool):
         yield names
 
 
-def to_hf_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], dinov2: bool,
+def _beit_layouts(depth: int):
+    """BeitModel's candidate {our name: [HF names]} maps (our state after `qv_biases`): 5.x's flat
+    `layers.{i}` with q_proj.. and `shared_position_bias`, or 4.x's `encoder.layer.{i}` with
+    attention.attention.query.. and `encoder.relative_position_bias`."""
+    layouts = (("layers.{i}.", ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
+                ("mlp.fc1", "mlp.fc2"), "shared_position_bias.", "relative_position_bias."),
+               ("encoder.layer.{i}.", ("attention.attention.query", "attention.attention.key",
+                                       "attention.attention.value", "attention.output.dense"),
+                ("intermediate.dense", "output.dense"), "encoder.relative_position_bias.",
+                "attention.attention.relative_position_bias."))
+    for layer, attn, mlp, shared, own in layouts:
+        names = {"cls_token": ["embeddings.cls_token"], "pos_embed": ["embeddings.position_embeddings"],
+                 "mask_token": ["embeddings.mask_token"],
+                 "rel_pos_bias.relative_position_bias_table": [shared + "relative_position_bias_table"]}
+        for suffix in ("weight", "bias"):
+            names[f"patch_embed.proj.{suffix}"] = [f"embeddings.patch_embeddings.projection.{suffix}"]
+            names[f"norm.{suffix}"] = [f"layernorm.{suffix}"]
+        for i in range(depth):
+            ours, hf = f"blocks.{i}.", layer.format(i=i)
+            names[ours + "attn.qkv.weight"] = [hf + f"{a}.weight" for a in attn[:3]]
+            names[ours + "attn.q_bias"] = [hf + f"{attn[0]}.bias"]
+            names[ours + "attn.v_bias"] = [hf + f"{attn[2]}.bias"]
+            names[ours + "attn.rel_pos.relative_position_bias_table"] = [hf + own + "relative_position_bias_table"]
+            names[ours + "ls1.gamma"], names[ours + "ls2.gamma"] = [hf + "lambda_1"], [hf + "lambda_2"]
+            for suffix in ("weight", "bias"):
+                names[ours + f"attn.proj.{suffix}"] = [hf + f"{attn[3]}.{suffix}"]
+                names[ours + f"norm1.{suffix}"] = [hf + f"layernorm_before.{suffix}"]
+                names[ours + f"norm2.{suffix}"] = [hf + f"layernorm_after.{suffix}"]
+                names[ours + f"mlp.fc1.{suffix}"] = [hf + f"{mlp[0]}.{suffix}"]
+                names[ours + f"mlp.fc2.{suffix}"] = [hf + f"{mlp[1]}.{suffix}"]
+        yield names
+
+
+def to_hf_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], kind: str,
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Rename (and split qkv) for the HF model whose state dict has `expected` names and shapes. In
-    fp32 the results are views of our tensors (q, k and v are row blocks of qkv), in bf16 a
-    half-size copy; `save_pretrained` copies q, k and v again, as they share qkv's storage."""
+    """Rename (and split qkv) for the HF model (kind: vit | dinov2 | beit) whose state dict has
+    `expected` names and shapes. In fp32 the results are views of our tensors (q, k and v are row
+    blocks of qkv), in bf16 a half-size copy; `save_pretrained` copies q, k and v again, as they
+    share qkv's storage."""
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    for names in _layouts(depth, dinov2):
+    # A relative position index that a transformers version keeps in its state dict (5.x computes it
+    # in forward) is a function of the grid, the same as ours: filled in below, not mapped.
+    index = {n for n in expected if n.endswith("relative_position_index")}
+    for names in _beit_layouts(depth) if kind == "beit" else _layouts(depth, kind == "dinov2"):
         wanted = {n for k, targets in names.items() if k in state for n in targets}
         if "embeddings.mask_token" not in expected:
             wanted.discard("embeddings.mask_token")
-        if wanted == set(expected):
+        if wanted | index == set(expected):
             break
     else:
         import transformers
@@ -141,7 +246,18 @@ def to_hf_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
         pieces = tensor.chunk(len(targets), dim=0) if len(targets) > 1 else (tensor,)
         for t, piece in zip(targets, pieces):
             out[t] = piece.reshape(expected[t]).to(dtype).contiguous()
+    for name in index:
+        out[name] = our_relative_position_index(math.isqrt(expected[name][0] - 1))
     return out
+
+
+@torch.no_grad()
+def our_relative_position_index(side: int) -> torch.Tensor:
+    """The table row our RelativePositionBias reads for each (query, key) pair of a side x side grid,
+    read off its forward with a table whose rows hold their own numbers."""
+    rel = RelativePositionBias((side, side), 1)
+    rel.relative_position_bias_table.copy_(torch.arange(rel.relative_position_bias_table.shape[0])[:, None])
+    return rel()[0].round().long()
 
 
 def save_hf(backbone: Backbone, out: Path, dtype: torch.dtype) -> type:
@@ -154,9 +270,12 @@ def save_hf(backbone: Backbone, out: Path, dtype: torch.dtype) -> type:
     with torch.device("meta"):
         model = cls(config, **kwargs)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    dinov2 = cls.__name__.startswith("Dinov2")
-    state = fold_layer_scale(backbone.state) if backbone.layer_scale and not dinov2 else dict(backbone.state)
-    mapped = to_hf_state(state, expected, dinov2, dtype)
+    kind = {"Dinov2Model": "dinov2", "BeitModel": "beit"}.get(cls.__name__, "vit")
+    if kind == "beit":
+        state = qv_biases(backbone.state, zeros=True)
+    else:
+        state = fold_layer_scale(backbone.state) if backbone.layer_scale and kind == "vit" else dict(backbone.state)
+    mapped = to_hf_state(state, expected, kind, dtype)
     del state
     result = model.load_state_dict(mapped, strict=True, assign=True)  # raises on a missing or unexpected key
     assert not result.missing_keys and not result.unexpected_keys
@@ -182,32 +301,53 @@ def save_processor(backbone: Backbone, out: Path) -> None:
 # ---------------------------------------------------------------- timm
 
 def timm_call(backbone: Backbone) -> tuple[str, dict]:
-    """(timm model name, create_model kwargs) that build this backbone."""
+    """(timm model name, create_model kwargs) that build this backbone: timm's VisionTransformer, or
+    its Beit for a BEiT backbone."""
     d = shapes(backbone)
-    name = TIMM_NAMES.get(d["arch"], "vit_small_patch16_224")
+    beit = is_beit(d)
+    names = TIMM_BEIT_NAMES if beit else TIMM_NAMES
+    name = names.get(d["arch"], "beit_base_patch16_224" if beit else "vit_small_patch16_224")
     kwargs: dict = {}
-    if d["arch"] not in TIMM_NAMES:  # our test/tiny sizes: timm's ViT class with our shapes
+    if d["arch"] not in names:  # our test/tiny sizes: timm's class with our shapes
         kwargs.update(embed_dim=d["width"], depth=d["depth"], num_heads=d["heads"], mlp_ratio=d["mlp"] / d["width"])
     if f"patch{d['patch']}_" not in name:
         kwargs["patch_size"] = d["patch"]
     kwargs["img_size"] = d["image_size"]
-    if backbone.layer_scale:
+    if beit:  # every option explicit: the registered beit_* models default to per-block bias, no abs, 0.1
+        kwargs.update(use_abs_pos_emb=d["pos_embed"] != "none", use_rel_pos_bias=d["rel_pos_bias"] == "per_block",
+                      use_shared_rel_pos_bias=d["rel_pos_bias"] == "shared", qkv_bias=d["qkv_bias"] != "none",
+                      # 0, not None: create_model drops None kwargs, and beit_* default to layer-scale
+                      init_values=layer_scale_init(backbone) if backbone.layer_scale else 0.0,
+                      global_pool="token")  # Beit's default, avg, moves the final norm after pooling (fc_norm)
+    elif backbone.layer_scale:
         kwargs["init_values"] = 1.0  # any value: the file's gammas replace it
     return name, kwargs
 
 
+# Our BEiT names -> timm Beit's (the rest are the same).
+TIMM_BEIT_RENAMES = ((".attn.rel_pos.relative_position_bias_table", ".attn.relative_position_bias_table"),
+                     (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"))
+
+
 def timm_state(backbone: Backbone, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype).contiguous() for k, v in backbone.state.items() if k != "mask_token"}
+    state = {k: v for k, v in backbone.state.items() if k != "mask_token"}
+    if is_beit(shapes(backbone)):
+        state = qv_biases(state, zeros=False)  # timm's Beit takes qkv_bias=False for none
+        for ours, theirs in TIMM_BEIT_RENAMES:
+            state = {k.replace(ours, theirs): v for k, v in state.items()}
+    return {k: v.to(dtype).contiguous() for k, v in state.items()}
 
 
+# num_classes=0 in the overlay too: timm loads a file non-strictly when the model's num_classes differs
+# from its pretrained config's (it drops the classifier), which would hide a missing or unexpected key.
 def timm_snippet(name: str, kwargs: dict, file: str) -> str:
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     return (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={file!r}, "
-            f"custom_load=False), num_classes=0{extra})")
+            f"custom_load=False, num_classes=0), num_classes=0{extra})")
 
 
 def load_timm(file: str | Path, name: str, kwargs: dict):
     import timm
 
     return timm.create_model(name, pretrained=True, num_classes=0,
-                             pretrained_cfg_overlay=dict(file=str(file), custom_load=False), **kwargs)
+                             pretrained_cfg_overlay=dict(file=str(file), custom_load=False, num_classes=0), **kwargs)

@@ -32,7 +32,7 @@ from trainer.checkpoint import Checkpointer, UntrustedFileError, check_weights_o
 BACKBONE = "backbone."
 # Methods whose backbone is trained with a [MASK] embedding in its input (MaskAlign drops the
 # masked patches instead, so its mask_token is never used and stays at its zero init).
-MASK_TOKEN_METHODS = {"ibot", "ibot_clip"}
+MASK_TOKEN_METHODS = {"ibot", "ibot_clip", "beit"}
 
 
 class ExportError(ValueError):
@@ -105,7 +105,7 @@ def _param_shapes(ckpt: Path) -> tuple[dict[str, torch.Size], list[str]]:
     return shapes, list(states.get("buffer_names", []))
 
 
-def _summarise_left_out(names: dict[str, int], frozen: str | None) -> list[str]:
+def _summarise_left_out(names: dict[str, int], frozen: tuple[str, str] | None) -> list[str]:
     """{full name: numel} -> one entry per module ('student.head: 22 tensors, 0.03M')."""
     groups: dict[str, list[int]] = defaultdict(list)
     for name, n in names.items():
@@ -113,8 +113,8 @@ def _summarise_left_out(names: dict[str, int], frozen: str | None) -> list[str]:
         key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
         groups[key].append(n)
     out = [f"{k} ({len(v)} tensors, {sum(v) / 1e6:.2f}M)" for k, v in sorted(groups.items())]
-    if frozen:
-        out.append(f"clip_teacher (frozen, not in the checkpoint: {frozen})")
+    if frozen and frozen[1]:
+        out.append(f"{frozen[0]} (frozen, not in the checkpoint: {frozen[1]})")
     return out
 
 
@@ -156,6 +156,9 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
     if not parts:
         raise ExportError(f"{ckpt} has no rankNNNNN.pt files: it was not written by mimscale")
     config = json.loads(parts[0]["config"])
+    if config["method"] == "dvae":
+        raise ExportError(f"{ckpt} is a dvae (tokenizer) run, not a ViT backbone: export its encoder with "
+                          "scripts/export_tokenizer.py")
     has_teacher = "ema" in parts[0]
     if which == "auto":
         which = "teacher" if has_teacher else "student"
@@ -172,7 +175,9 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
         for name, t in zip(parts[0]["ema"]["names"], parts[0]["ema"]["shadow"]):
             if which != "teacher" or not name.startswith(BACKBONE):
                 left["teacher." + name] = math.prod(shapes.get("student." + name, t.shape))
-    frozen = config.get("teacher", {}).get("clip", {}).get("weights") if config["method"] != "ibot" else None
+    frozen = (("tokenizer", config["beit"]["tokenizer"]) if config["method"] == "beit" else
+              ("clip_teacher", config["teacher"]["clip"]["weights"]) if config["method"] in ("maskalign", "ibot_clip")
+              else None)
     summary = parts[0].get("summary", {})
     return Backbone(state=state, config=config, which=which, checkpoint=ckpt, step=int(parts[0]["step"]),
                     world_size=len(parts), summary=summary, command=parts[0].get("command"),

@@ -7,9 +7,10 @@ Input: a run directory (its newest complete checkpoint), a checkpoint directory,
 `checkpoints/latest`, written by ZeRO-3 or ZeRO-2 on any number of ranks. One CPU process, no
 process group; it holds about one fp32 copy of the backbone (see export/weights.py).
 
-Output directory: config.json + model.safetensors (`ViTModel`, or `Dinov2Model` for a backbone
-with layer-scale), preprocessor_config.json (the run's resolution and normalisation),
-timm_model.safetensors (timm's layout; the command that loads it is printed and in the card) and
+Output directory: config.json + model.safetensors (`ViTModel`, `Dinov2Model` for a backbone
+with layer-scale, `BeitModel` for a BEiT backbone: relative position bias, q/v biases),
+preprocessor_config.json (the run's resolution and normalisation), timm_model.safetensors (timm's
+layout, its `beit_*` models for BEiT; the command that loads it is printed and in the card) and
 README.md (the model card). Before it exits, the script loads what it wrote with `AutoModel` and
 timm and compares their [CLS] and patch features on two real photos with ours (`--no-check`
 skips this). Errors (not a checkpoint, incomplete, untrusted pickle, unknown architecture, an
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 
 from evaluation.backbones import LoadedBackbone, from_backbone, load_backbone  # noqa: E402
 from evaluation.knn import percent  # noqa: E402
-from export.hf import TIMM_FILE, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state  # noqa: E402
+from export.hf import TIMM_FILE, is_beit, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state  # noqa: E402
 from export.weights import Backbone, ExportError, read_backbone  # noqa: E402
 
 log = logging.getLogger("convert_to_hf")
@@ -100,8 +101,12 @@ def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, args: argpar
     c = b.config
     global_batch = c["data"]["batch_size"] * c["optim"]["grad_accum"] * b.world_size
     ranks = f"{b.world_size} rank" + ("s" if b.world_size > 1 else "")
-    layer_scale = ("" if not d["layer_scale"] else ", layer-scale" if hf_class == "Dinov2Model" else
+    layer_scale = ("" if not d["layer_scale"] else ", layer-scale" if hf_class in ("Dinov2Model", "BeitModel") else
                    ", layer-scale (folded into attn.proj and mlp.fc2 for ViTModel)")
+    beit = beit_lines(d) if is_beit(d) else ""
+    pooler = ("`AutoModel` adds ViT's pooler (a tanh layer pretraining never had) with random weights; use the\n"
+              "[CLS] token of `last_hidden_state` as above." if hf_class == "ViTModel" else
+              f"`{hf_class}`'s `pooler_output` is that same token (no pooler weights).")
     s = b.summary
 
     def pct(key):
@@ -123,7 +128,7 @@ pipeline_tag: image-feature-extraction
   ({'EMA teacher, as iBOT/DINO release' if b.which == 'teacher' else 'the trained student'}).
 - **Architecture**: ViT, width {d['width']}, depth {d['depth']}, {d['heads']} heads, MLP {d['mlp']},
   patch {d['patch']}, image size {d['image_size']}{layer_scale}; `transformers`
-  class `{hf_class}`{' with the [MASK] embedding' if b.uses_mask_token else ''}.
+  class `{hf_class}`{' with the [MASK] embedding' if b.uses_mask_token else ''}.{beit}
 - **Training**: {b.step} steps x global batch {global_batch} ({ranks}) = {b.step * global_batch:,}
   images seen (of {c['schedule']['steps']} scheduled steps); checkpoint `{b.checkpoint}`.
 - **Data**: `{c['data']['train_shards']}`, normalised with mean {c['data']['augment']['mean']},
@@ -143,14 +148,26 @@ model = AutoModel.from_pretrained("{args.out}")
 features = model(**processor(images=image, return_tensors="pt")).last_hidden_state[:, 0]  # [CLS]
 ```
 
-`AutoModel` adds ViT's pooler (a tanh layer pretraining never had) with random weights; use the
-[CLS] token of `last_hidden_state` as above. With timm:
+{pooler} With timm:
 
 ```python
 import timm
 model = {timm_line}
 ```
 """
+
+
+def beit_lines(d: dict) -> str:
+    """The model card's BEiT options, with the `BeitConfig` keys that hold them."""
+    rel = {"shared": "one table shared by all blocks (`use_shared_relative_position_bias`)",
+           "per_block": "one table per block (`use_relative_position_bias`)", "none": "none"}[d["rel_pos_bias"]]
+    bias = {"qv": "query and value, no key bias", "qkv": "query and value (the trained key bias is dropped: "
+            "softmax ignores it)", "none": "none (BeitModel's query and value biases are zeros)"}[d["qkv_bias"]]
+    grid = d["image_size"] // d["patch"]
+    return (f"\n- **BEiT options**: relative position bias: {rel}; absolute position embeddings: "
+            f"{'yes' if d['pos_embed'] != 'none' else 'no'}\n  (`use_absolute_position_embeddings`); attention "
+            f"biases: {bias}. The relative position bias\n  was trained on the {grid} x {grid} patch grid: at other "
+            "sizes BeitModel resamples its table (bilinear); mimscale's model refuses them.")
 
 
 def convert(args: argparse.Namespace) -> Path:
