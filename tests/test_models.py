@@ -1,11 +1,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from models.heads import IBOTHead
 from models.vit import VIT_ARCHS, build_vit
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.engine import build_method, layer_id, param_groups
 from trainer.schedules import Schedules, cosine, warmup_cosine
 
@@ -329,3 +330,16 @@ def test_batch_norm_head_sees_tokens_grouped_as_ibot():
                                t_patch.flatten(0, 1), *center, 0.1, 0.04, 0.07)
     torch.testing.assert_close(ours["cls"].detach(), expected["cls"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours["mim"].detach(), expected["mim"], atol=1e-5, rtol=1e-4)
+
+
+def test_lr_cosine_can_end_before_the_run():
+    """optim.decay_steps: DALL-E's dVAE anneals its step size over 1.2M of 3M updates, then holds it."""
+    cfg = load_config(None, ["schedule.steps=300", "optim.warmup_steps=10", "optim.decay_steps=100",
+                             "optim.lr=1e-3", "optim.min_lr=1e-5"])
+    s = Schedules.from_config(cfg)
+    assert s.at(10)["lr"] == 1e-3 and math.isclose(s.at(55)["lr"], (1e-3 + 1e-5) / 2)
+    assert s.at(100)["lr"] == s.at(299)["lr"] == 1e-5
+    whole = Schedules.from_config(load_config(None, ["schedule.steps=300", "optim.warmup_steps=10"]))
+    assert whole.at(100)["lr"] > whole.at(200)["lr"] > whole.at(299)["lr"]  # 0: the cosine spans the run
+    with pytest.raises(ConfigError, match="optim.decay_steps"):
+        load_config(None, ["optim.warmup_steps=10", "optim.decay_steps=5"])

@@ -42,18 +42,20 @@ class Schedules:
     gumbel_temp_steps: int = 0
     kl_weight: tuple[float, float] = (0.0, 0.0)
     kl_steps: int = 0
+    decay: int = 0  # the lr cosine ends here (0: at total)
 
     @classmethod
     def from_config(cls, cfg) -> Schedules:
         o, i, d = cfg.optim, cfg.ibot, cfg.dvae
         return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(i.ema_momentum),
                    tuple(i.teacher_temp), tuple(i.teacher_patch_temp), i.teacher_temp_warmup_steps,
-                   i.freeze_last_layer_steps, tuple(d.temperature), d.temperature_steps, tuple(d.kl_weight), d.kl_steps)
+                   i.freeze_last_layer_steps, tuple(d.temperature), d.temperature_steps, tuple(d.kl_weight), d.kl_steps,
+                   o.decay_steps)
 
     def at(self, step: int) -> dict[str, float]:
         """Every scheduled value for optimizer step `step` (0-based)."""
         return {
-            "lr": warmup_cosine(step, self.total, self.lr, self.min_lr, self.warmup),
+            "lr": warmup_cosine(step, self.decay or self.total, self.lr, self.min_lr, self.warmup),
             "weight_decay": cosine(step, self.total, *self.weight_decay),
             "momentum": cosine(step, self.total, *self.momentum),
             # iBOT's two teacher temperatures ([CLS], patches), warmed up over the same steps

@@ -175,6 +175,9 @@ class OptimConfig:
     lr: float = opt(5e-4, "Peak learning rate for the whole global batch (no implicit scaling).")
     min_lr: float = opt(1e-6, "Learning rate at the end of the cosine.")
     warmup_steps: int = opt(1000, "Linear learning-rate warm-up, in optimizer steps.")
+    decay_steps: int = opt(0, "Optimizer steps from the start to the end of the cosine, after which the rate stays "
+                              "at min_lr; 0: the cosine ends at schedule.steps (iBOT, BEiT). DALL-E's dVAE: "
+                              "1,200,000 of 3,000,000 updates.")
     weight_decay: tuple[float, float] = opt((0.04, 0.4), "Weight decay at the start and end (cosine).")
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas.")
     eps: float = opt(1e-8, "AdamW epsilon.")
@@ -196,7 +199,9 @@ class OptimConfig:
     def validate(self) -> None:
         _at_least(self, 0, "lr", strict=True)
         _require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is outside [0, lr={self.lr}]")
-        _at_least(self, 0, "warmup_steps")
+        _at_least(self, 0, "warmup_steps", "decay_steps")
+        _require(self.decay_steps == 0 or self.decay_steps > self.warmup_steps, "decay_steps",
+                 f"{self.decay_steps} must exceed warmup_steps ({self.warmup_steps}), or be 0")
         _require(all(w >= 0 for w in self.weight_decay), "weight_decay", "must be >= 0")
         _check_range(self.betas, "betas", 0.0, 1.0, hi_open=True)
         _at_least(self, 0, "eps", strict=True)
