@@ -167,7 +167,13 @@ def test_loss_uses_masked_positions_only_and_is_the_seeds_objective():
     # and the function alone: rows in masks.nonzero() order
     labels = tokens.flatten(1)
     r = beit_loss(torch.randn(int(masks.sum()), 32), labels, masks[0].flatten(1))
-    assert set(r) == {"mim", "token_accuracy"} and 0 <= r["token_accuracy"] <= 1
+    assert set(r) == {"mim", "token_accuracy", "mim_blind", "accuracy_blind"} and 0 <= r["token_accuracy"] <= 1
+    # the image-blind references: the entropy of the masked tokens' frequencies and the commonest one's share
+    labels = torch.tensor([3, 3, 3, 5])
+    r = beit_loss(torch.zeros(4, 8), labels.view(1, 4), torch.ones(1, 4, dtype=torch.bool))
+    p = torch.tensor([0.75, 0.25])
+    torch.testing.assert_close(r["mim_blind"], -(p * p.log()).sum())
+    assert r["accuracy_blind"] == 0.75 and math.isclose(r["mim"].item(), math.log(8), rel_tol=1e-6)
 
 
 def _stage2(tmp_path, *extra) -> subprocess.CompletedProcess:
@@ -182,16 +188,24 @@ class Payload:  # a pickle that needs code to load (module level: pickle finds i
 
 
 def test_bad_tokenizer_files_stop_before_training(tmp_path):
+    """Each bad file is refused by the config check, naming beit.tokenizer and the file; launch.py
+    turns that into one line and exit 2 before anything starts (run once, for the pickle)."""
+    from trainer.config import ConfigError, load_config
+
     pickled = tmp_path / "encoder.pkl"
     torch.save({"blocks.input.w": Payload()}, pickled)
-    wrong_vocab = tiny_tokenizer_file(tmp_path / "v32.safetensors")  # the tiny config wants 128 codes
+    wrong_vocab = tiny_tokenizer_file(tmp_path / "v32.safetensors")  # 32 codes, checked against beit.vocab_size 64
     wrong_grid = tiny_tokenizer_file(tmp_path / "g2.safetensors", arch=DVAEArch(group_count=2, n_hid=8,
-                                                                                 n_blk_per_group=1, vocab_size=128))
+                                                                                 n_blk_per_group=1, vocab_size=32))
     cases = {tmp_path / "missing.safetensors": "not found", pickled: "encoder.pkl",
-             wrong_vocab: "vocabulary of 32 codes", wrong_grid: "data.global_crops.second_size"}
+             wrong_vocab: "vocabulary of 32 codes, beit.vocab_size is 64", wrong_grid: "data.global_crops.second_size"}
     for path, expected in cases.items():
-        r = _stage2(tmp_path, f"beit.tokenizer={path}")
-        assert r.returncode == 2, (path, r.stderr[-2000:])
-        lines = [line for line in r.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and "beit" in lines[0] and expected in lines[0], (path, r.stderr)
-        assert not (tmp_path / "run" / "checkpoints").exists()
+        with pytest.raises(ConfigError) as e:
+            load_config(ROOT / "configs" / "beit_vit_tiny.yaml", [f"beit.tokenizer={path}", "beit.vocab_size=64"
+                                                                  if path == wrong_vocab else "beit.vocab_size=32"])
+        assert "beit" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value), (path, e.value)
+    r = _stage2(tmp_path, f"beit.tokenizer={pickled}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "beit.tokenizer" in lines[0] and "needs code to load" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()

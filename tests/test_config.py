@@ -212,9 +212,9 @@ def test_every_shipped_config_is_valid(tmp_path):
     weights.write_bytes(b"")
     from models.dvae import DVAEArch, Encoder, save_encoder
 
-    # Stand-in tokenizers: the recipes' shape (8x down, 8192 codes) and the tiny one's (4x, 128), narrow.
+    # Stand-in tokenizers: the recipes' shape (8x down, 8192 codes) and the tiny one's (4x, 32), narrow.
     tokenizers = {}
-    for name, arch in (("beit_vit_tiny.yaml", DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=128)),
+    for name, arch in (("beit_vit_tiny.yaml", DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32)),
                        ("*", DVAEArch(group_count=4, n_hid=8, n_blk_per_group=1, vocab_size=8192))):
         tokenizers[name] = save_encoder(Encoder(arch), tmp_path / f"tok{arch.vocab_size}.safetensors")
     configs = sorted((Path(launch.__file__).parent / "configs").glob("*.yaml"))

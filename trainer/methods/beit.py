@@ -28,12 +28,18 @@ from . import build_student, kernels, register
 
 def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference) -> dict:
     """logits: [M, V] at the masked positions, in the row order of `masks.nonzero()`; tokens: [B, N]
-    the tokenizer's ids; masks: [B, N] bool. -> the mean cross-entropy and the accuracy."""
+    the tokenizer's ids; masks: [B, N] bool. -> the mean cross-entropy ("mim", the loss) and the
+    accuracy, each beside what a predictor that never looks at the image gets on the same tokens:
+    the batch's own token frequencies as its prediction (their entropy, `mim_blind`) and the most
+    frequent token (`accuracy_blind`). A MIM loss at `mim_blind` has learned nothing from context."""
     labels = tokens[masks]
     per_token = loss_fn(logits, labels)
     with torch.no_grad():
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
-    return {"mim": per_token.mean(), "token_accuracy": accuracy}
+        counts = torch.bincount(labels, minlength=logits.shape[-1]).float()
+        freq = counts / counts.sum().clamp(min=1)
+        blind = -torch.special.xlogy(freq, freq).sum()
+    return {"mim": per_token.mean(), "token_accuracy": accuracy, "mim_blind": blind, "accuracy_blind": freq.max()}
 
 
 @register("beit")
