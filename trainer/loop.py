@@ -241,7 +241,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             record = {**losses_mean, "lr": values["lr"],
                       "weight_decay": values["weight_decay"], "momentum": values["momentum"],
                       "teacher_temp": values["teacher_temp"], "teacher_patch_temp": values["teacher_patch_temp"],
-                      **({k: values[k] for k in ("gumbel_temp", "kl_weight")} if cfg.method == "dvae" else {}),
+                      **{k: values[k] for k in getattr(method, "logged_schedules", ())},
                       "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
                       "skipped_steps": guard.skipped, **data_failures(loader.counters, device)}

@@ -63,6 +63,7 @@ class DVAE(nn.Module):
         self.recon_loss, self.straight_through, self.min_code_usage = recon_loss, straight_through, min_code_usage
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
         self.loss_weights = {"recon": 1.0, "kl": 1.0}  # "kl" arrives already weighted by its schedule
+        self.logged_schedules = ("gumbel_temp", "kl_weight")  # beside the losses in every log record
 
     @classmethod
     def from_config(cls, cfg) -> DVAE:
