@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .teachers import load_frozen
+from .teachers import load_frozen, state_mismatch
 
 LOGIT_LAPLACE_EPS = 0.1
 ENCODER_FORMAT = "mimscale-dvae-encoder"
@@ -309,16 +309,11 @@ def check_encoder_state(state: dict[str, torch.Tensor], arch: DVAEArch, path: st
     # Shapes come from a weightless twin: a ZeRO-3 partitioned encoder has none of its own.
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in Encoder(arch).named_parameters()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected
-             if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+    mismatch = state_mismatch(state, expected)
+    if mismatch:
         raise TokenizerWeightsError(
             f"{path}: does not fit the dVAE encoder (groups {arch.group_count}, blocks/group {arch.n_blk_per_group}, "
-            f"n_hid {arch.n_hid}, vocab {arch.vocab_size}); " + "; ".join(parts))
+            f"n_hid {arch.n_hid}, vocab {arch.vocab_size}); {mismatch}")
 
 
 def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:

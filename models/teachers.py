@@ -204,18 +204,24 @@ def convert_state_dict(sd: dict[str, torch.Tensor], teacher: FrozenTeacher, path
     converted = checkpoint_filter_fn(sd, twin)
     # CLIP's projection to the joint space (timm: head) is not part of the features.
     converted = {f"vit.{k}": v for k, v in converted.items() if not k.startswith("head.")}
-    expected = {f"vit.{n}": tuple(p.shape) for n, p in twin.named_parameters()}
-    missing = [k for k in expected if k not in converted]
-    unexpected = [k for k in converted if k not in expected]
-    wrong = [f"{k} {tuple(converted[k].shape)} vs {expected[k]}" for k in expected
-             if k in converted and tuple(converted[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+    mismatch = state_mismatch(converted, {f"vit.{n}": tuple(p.shape) for n, p in twin.named_parameters()})
+    if mismatch:
         raise TeacherWeightsError(
             f"{path}: does not fit teacher architecture {teacher.arch} (depth {teacher.depth}, width "
-            f"{teacher.width}, patch {teacher.patch_size}); " + "; ".join(parts))
+            f"{teacher.width}, patch {teacher.patch_size}); {mismatch}")
     return converted
+
+
+def state_mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """How `state` fails a strict load into parameters of these shapes, as one phrase naming a few
+    missing, unexpected and wrongly shaped keys of each kind; None when it fits."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected
+             if k in state and tuple(state[k].shape) != expected[k]]
+    parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+             for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+    return "; ".join(parts) or None
 
 
 @torch.no_grad()
