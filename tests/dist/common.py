@@ -1,5 +1,7 @@
-"""Shared by the torchrun scripts: a tiny iBOT setup and one training step on random crops."""
+"""Shared by the torchrun scripts: a tiny iBOT setup, one training step on random crops, and a
+module's parameters gathered whole."""
 
+import deepspeed
 import torch
 
 from trainer.engine import apply_schedule
@@ -22,3 +24,12 @@ def train_step(engine, batch: dict, lr: float = 1e-3, weight_decay: float = 0.0,
     engine.backward(losses["cls"] + losses["mim"])
     engine.step()
     return losses
+
+
+def gathered(module) -> dict:
+    """{name: the whole parameter} of a (ZeRO-3 partitioned) module, one gather at a time."""
+    out = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            out[name] = p.data.detach().clone()
+    return out

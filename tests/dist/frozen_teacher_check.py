@@ -9,11 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
-from common import random_batch
+from common import gathered, random_batch
 from models.teachers import convert_state_dict, read_state_dict
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config, to_dict
@@ -23,14 +22,6 @@ from trainer.engine import apply_schedule, build_engine, init_distributed
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["run.precision=bf16", "model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
         "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0", "model.sharded_init=true"]
-
-
-def gathered(module):
-    out = {}
-    for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            out[name] = p.data.detach().clone()
-    return out
 
 
 def main(report_path, clip_path, ckpt_dir):

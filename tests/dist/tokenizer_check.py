@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
+from common import gathered
 from models.dvae import read_encoder_file
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config, to_dict
@@ -20,14 +20,6 @@ from trainer.ds_config import build_ds_config
 from trainer.engine import apply_schedule, build_engine, init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def gathered(module):
-    out = {}
-    for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            out[name] = p.data.detach().clone()
-    return out
 
 
 def batch(step: int) -> dict:
