@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         def pct(key: str) -> str:
             return percent(summary.get(key))
 
-        which = "student mean patch token" if cfg.method in ("maskalign", "beit") else "teacher [CLS]"
+        which = "student mean patch token" if cfg.method in ("maskalign", "beit", "itpn") else "teacher [CLS]"
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "
               f"random init: {pct('knn_random_init')}   raw pixels: {pct('knn_raw_pixels')}")
     if env.rank == 0 and summary.get("psnr") is not None:  # the tokenizer (method dvae)
@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(untrained: {summary['psnr_random_init']:.2f} dB; "
               f"each image's mean colour: {summary['psnr_mean_colour']:.2f} dB), codebook perplexity "
               f"{summary['perplexity']:.1f} of {cfg.dvae.vocab_size}, codes used {100 * summary['usage']:.1f}%")
+    if env.rank == 0 and summary.get("heldout_pixel") is not None:  # iTPN's pixel decoder
+        print(f"held-out pixel loss on masked patches {summary['heldout_pixel']:.3f} (untrained: "
+              f"{summary['heldout_pixel_random_init']:.3f}; predicting zeros: {summary['heldout_pixel_zero']:.3f}); "
+              f"reconstructions: {Path(cfg.run.output_dir).expanduser() / 'reconstructions.png'}")
     if env.rank == 0 and cfg.log.pictures and cfg.method != "dvae":  # (the dVAE draws its reconstructions itself)
         from evaluation.pictures import write_run_pictures
 

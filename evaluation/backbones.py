@@ -43,10 +43,13 @@ class LoadedBackbone:
 
 
 def from_backbone(backbone) -> LoadedBackbone:
-    """An `export.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`."""
+    """An `export.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
+    for iTPN our HiViT with its pyramid (models.hivit.ITPN)."""
     from export.hf import shapes
     from models.vit import build_vit
 
+    if backbone.config["method"] == "itpn":
+        return _itpn(backbone)
     d = shapes(backbone)
     with torch.device("meta"):
         model = build_vit(d["arch"], img_size=d["image_size"], patch_size=d["patch"],
@@ -58,6 +61,21 @@ def from_backbone(backbone) -> LoadedBackbone:
     return LoadedBackbone(model.eval(), "mimscale", d["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
                           f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
                           run_config=backbone.config, step=backbone.step, method=backbone.config["method"],
+                          run_knn={k: v for k, v in backbone.summary.items() if k.startswith("knn")})
+
+
+def _itpn(backbone) -> LoadedBackbone:
+    from export.weights import itpn_arch
+    from models.hivit import build_itpn
+
+    arch = itpn_arch(backbone.config)
+    with torch.device("meta"):
+        model = build_itpn(arch)
+    model.load_state_dict(backbone.state, strict=True, assign=True)
+    aug = backbone.config["data"]["augment"]
+    return LoadedBackbone(model.eval(), "mimscale", arch["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
+                          f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
+                          num_prefix_tokens=0, run_config=backbone.config, step=backbone.step, method="itpn",
                           run_knn={k: v for k, v in backbone.summary.items() if k.startswith("knn")})
 
 
@@ -83,6 +101,14 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+        if meta.get("format") == "mimscale-itpn":  # backbone + pyramid, rebuilt by models.hivit
+            from models.hivit import load_itpn
+
+            model, info = load_itpn(path)
+            aug = info.get("mean"), info.get("std")
+            return LoadedBackbone(model.to(dtype), "mimscale", info["itpn_arch"]["image_size"], tuple(aug[0]),
+                                  tuple(aug[1]), str(path), path.parent / "eval_results.jsonl", num_prefix_tokens=0,
+                                  step=info.get("step"), method="itpn", run_knn=info.get("knn"))
         if "timm_name" not in meta:
             raise ValueError(f"{path} has no timm_name in its metadata: not a file written by convert_to_hf.py")
         model = load_timm(path, meta["timm_name"], json.loads(meta["timm_kwargs"])).to(dtype).eval()

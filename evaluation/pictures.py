@@ -25,8 +25,10 @@ PANEL_INCHES = 2.0
 def _save(fig, path: Path, description: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Description": description})
+    tmp = path.with_suffix(".tmp.png")  # a reader never sees half a file
+    fig.savefig(tmp, dpi=FIGURE_DPI, metadata={"Description": description})
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -148,6 +150,18 @@ def curves_figure(metrics: Path, path: Path) -> tuple[Path, list[str]]:
     return _save(fig, path, "panels: " + ", ".join(panels)), panels
 
 
+def image_rows_figure(rows: list[torch.Tensor], title: str, path: Path) -> Path:
+    """Rows of images in [0, 1] ([n, 3, H, W] each), one column per image, the title above."""
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.2 * len(rows) + 0.2), squeeze=False)
+    for r, row in enumerate(rows):
+        for i in range(n):
+            axes[r][i].imshow(row[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            axes[r][i].set_axis_off()
+    fig.suptitle(title, fontsize=7)
+    return _save(fig, path, title)
+
+
 def first_images(shards: str, size: int, n: int) -> torch.Tensor:
     """The first `n` images of labelled shards, resized and centre-cropped as kNN sees them (uint8)."""
     from data.pipeline import labelled_batches
@@ -159,7 +173,8 @@ def first_images(shards: str, size: int, n: int) -> torch.Tensor:
 
 def write_run_pictures(run_dir: Path, num_images: int = 6) -> list[Path]:
     """What a finished run leaves for a user without TensorBoard: curves.png (from metrics.jsonl) and
-    attention.png (the exported backbone's [CLS] attention on held-out images)."""
+    attention.png (the exported backbone's [CLS] attention on held-out images; clusters.png, k-means
+    of the patch features, for a backbone without [CLS])."""
     from data.transforms import normalize
     from evaluation.backbones import load_backbone
 
@@ -169,5 +184,9 @@ def write_run_pictures(run_dir: Path, num_images: int = 6) -> list[Path]:
     val = backbone.run_config["data"].get("val_shards")
     if val:
         x = normalize(first_images(val, backbone.image_size, num_images), backbone.mean, backbone.std)
-        out.append(attention_figure(backbone.model, x, backbone.mean, backbone.std, run_dir / "attention.png"))
+        if backbone.num_prefix_tokens:
+            out.append(attention_figure(backbone.model, x, backbone.mean, backbone.std, run_dir / "attention.png"))
+        else:  # no [CLS] to attend from (HiViT): what the stride-16 features group together
+            patch = backbone.features(x)["patch"]
+            out.append(clusters_figure(patch, x, backbone.mean, backbone.std, 4, run_dir / "clusters.png"))
     return out

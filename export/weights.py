@@ -41,7 +41,7 @@ class ExportError(ValueError):
 
 @dataclass
 class Backbone:
-    state: dict[str, torch.Tensor]  # our VisionTransformer's (= timm's) keys, fp32
+    state: dict[str, torch.Tensor]  # our VisionTransformer's (= timm's) keys, fp32 (iTPN: backbone.*, pyramid.*)
     config: dict  # the run's resolved config
     which: str  # "teacher" | "student"
     checkpoint: Path
@@ -118,12 +118,25 @@ def _summarise_left_out(names: dict[str, int], frozen: tuple[str, str] | None) -
     return out
 
 
-def student_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def itpn_arch(config: dict) -> dict:
+    """What models.hivit.build_itpn needs, from a run's resolved config."""
+    m, c = config["model"], config["itpn"]
+    return {"arch": m["arch"], "image_size": config["data"]["global_crops"]["size"], "patch_size": m["patch_size"],
+            "layer_scale": c["layer_scale"] or None, "pos_embed": c["pos_embed"], "fpn_dim": c["fpn_dim"],
+            "fpn_depth": c["fpn_depth"]}
+
+
+def student_state(ckpt: Path, parts: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The student's backbone in its own layout (no prefix); with `parts` (iTPN: backbone and
+    pyramid), those submodules' tensors with their part's name in front ("backbone.", "pyramid.")."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; the files were vetted before
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
                                                         exclude_frozen_parameters=True)
+    if parts:
+        return {k[len("student."):]: v.contiguous() for k, v in lazy.items()
+                if k.startswith(tuple(f"student.{p}." for p in parts))}
     prefix = "student." + BACKBONE
     # ZeRO-3: .contiguous() assembles one parameter from its memory-mapped per-rank slices into new
     # memory. ZeRO-2: DeepSpeed has already concatenated every trainable fp32 parameter (heads too)
@@ -160,15 +173,23 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
         raise ExportError(f"{ckpt} is a dvae (tokenizer) run, not a ViT backbone: export its encoder with "
                           "scripts/export_tokenizer.py")
     has_teacher = "ema" in parts[0]
+    itpn = config["method"] == "itpn"
     if which == "auto":
-        which = "teacher" if has_teacher else "student"
+        which = "teacher" if has_teacher and not itpn else "student"
     if which == "teacher" and not has_teacher:
         raise ExportError(f"{ckpt}: method {config['method']} has no EMA teacher; export --weights student")
+    if which == "teacher" and itpn:
+        raise ExportError(f"{ckpt}: iTPN's pyramid is trained with the student only (its EMA teacher is a backbone "
+                          "without one); export --weights student")
     shapes, buffers = _param_shapes(ckpt)
-    state = teacher_state(ckpt, shapes, parts) if which == "teacher" else student_state(ckpt)
+    if which == "teacher":
+        state = teacher_state(ckpt, shapes, parts)
+    else:
+        state = student_state(ckpt, ("backbone", "pyramid") if itpn else ())
     if not state:
         raise ExportError(f"{ckpt} holds no backbone parameters (student.backbone.*)")
-    exported = "student." + BACKBONE if which == "student" else None
+    exported = (("student.backbone.", "student.pyramid.") if itpn else ("student." + BACKBONE,)) \
+        if which == "student" else None
     left = {k: math.prod(v) for k, v in shapes.items() if not (exported and k.startswith(exported))}
     left.update({b: 0 for b in buffers})
     if has_teacher:  # the EMA shadow: the teacher's head, and its backbone unless that is exported
@@ -177,7 +198,7 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
                 left["teacher." + name] = math.prod(shapes.get("student." + name, t.shape))
     frozen = (("tokenizer", config["beit"]["tokenizer"]) if config["method"] == "beit" else
               ("clip_teacher", config["teacher"]["clip"]["weights"]) if config["method"] in ("maskalign", "ibot_clip")
-              else None)
+              or (itpn and config["itpn"]["teacher"] == "clip") else None)
     summary = parts[0].get("summary", {})
     return Backbone(state=state, config=config, which=which, checkpoint=ckpt, step=int(parts[0]["step"]),
                     world_size=len(parts), summary=summary, command=parts[0].get("command"),

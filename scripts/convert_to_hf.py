@@ -187,6 +187,8 @@ def convert(args: argparse.Namespace) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"cannot read {args.checkpoint}: {type(e).__name__}: {first}") from None
     read_gib = anonymous_gib() - anon
+    if b.config["method"] == "itpn":
+        return convert_itpn(b, out, args)
     dims = shapes(b)  # an unknown architecture stops here, before anything is written
     backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30
     log.info("read the %s backbone of %s (step %d, %d ranks): %d tensors, %.1fM parameters", b.which, b.checkpoint,
@@ -229,6 +231,72 @@ def convert(args: argparse.Namespace) -> Path:
              read_gib, backbone_gib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, start_gib)
     print(f"transformers: AutoModel.from_pretrained({str(out)!r})  [{hf_class}]")
     print(f"timm ({name}): {timm_line}")
+    return out
+
+
+ITPN_FILE = "itpn.safetensors"
+
+
+def photos(size: int, mean, std) -> torch.Tensor:
+    """scikit-learn's two sample photos, shorter side resized (bicubic) and centre-cropped -> [2, 3, S, S]."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    from torchvision.transforms import functional as TF
+
+    out = []
+    for array in load_sample_images().images:
+        img = TF.center_crop(TF.resize(Image.fromarray(array), size, TF.InterpolationMode.BICUBIC), size)
+        out.append(TF.normalize(TF.to_tensor(img), mean, std))
+    return torch.stack(out)
+
+
+def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
+    """iTPN: transformers has no HiViT class, so backbone + pyramid go to one safetensors file that
+    `models.hivit.load_itpn` rebuilds strictly from its metadata (checked here like the others)."""
+    from export.weights import itpn_arch
+    from models.hivit import load_itpn, save_itpn
+
+    arch, c = itpn_arch(b.config), b.config
+    mean, std = list(c["data"]["augment"]["mean"]), list(c["data"]["augment"]["std"])
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.to(DTYPES[args.dtype]) for k, v in b.state.items()}
+        save_itpn(state, arch, tmp / ITPN_FILE, {"mean": mean, "std": std, "method": "itpn", "weights": b.which,
+                                                  "step": b.step, "knn": {k: v for k, v in b.summary.items()
+                                                                          if k.startswith("knn")}})
+        errors = {}
+        if not args.no_check:
+            ours = from_backbone(b).model
+            theirs = load_itpn(tmp / ITPN_FILE)[0].float()
+            x = photos(arch["image_size"], mean, std)
+            with torch.no_grad():
+                a, t = ours.forward_features(x), theirs.forward_features(x)
+            errors = {"patch": relative_error(a["patch"], t["patch"])}
+            errors.update({f"pyramid{s}": relative_error(p, q) for s, p, q in zip((16, 8, 4), a["pyramid"],
+                                                                                   t["pyramid"])})
+            worst = max(errors.values())
+            if worst > TOLERANCE[args.dtype]:
+                raise ExportError(f"the written iTPN file differs from the checkpoint's model by {worst:.1e} "
+                                  f"(tolerance {TOLERANCE[args.dtype]:.0e})")
+        (tmp / "README.md").write_text(
+            f"# iTPN ({arch['arch']}, feature pyramid {arch['fpn_dim']} wide), mimscale step {b.step}\n\n"
+            f"Backbone and pyramid pretrained together (method itpn, teacher {c['itpn']['teacher']}). transformers "
+            f"has no HiViT class; load with\n\n    from models.hivit import load_itpn\n"
+            f"    model, meta = load_itpn({str(out / ITPN_FILE)!r})\n"
+            f"    maps = model.forward_pyramid(images)  # strides 4, 8, 16: [B, {arch['fpn_dim']}, H/s, W/s]\n\n"
+            f"Input: {arch['image_size']} px, normalised with mean {mean} and std {std}. Command: "
+            f"{shlex.join(['python', 'scripts/convert_to_hf.py', *args.argv])}\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (iTPN backbone + pyramid, %s)%s", out / ITPN_FILE, args.dtype,
+             "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "")
+    print(f"iTPN: models.hivit.load_itpn({str(out / ITPN_FILE)!r})")
     return out
 
 

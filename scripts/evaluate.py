@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", choices=["auto", "cls", "avg", "cls+avg"], default="auto",
                         help="the feature: the [CLS] token, the mean patch token, or both concatenated (iBOT's "
                              "linear protocol for ViT-S/B); auto: what the method's own kNN measures (avg for "
-                             "MaskAlign, whose final [CLS] is not trained; cls otherwise)")
+                             "MaskAlign, BEiT and iTPN, whose [CLS] is untrained or absent; cls otherwise)")
     parser.add_argument("--epochs", type=int, default=100, help="linear: epochs over the cached features")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward during extraction")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backbone.model.to(device)
     train, val = data_splits(args, backbone)
-    pool = args.pool if args.pool != "auto" else ("avg" if backbone.method in ("maskalign", "beit") else "cls")
+    pool = args.pool if args.pool != "auto" else ("avg" if backbone.method in ("maskalign", "beit", "itpn") else "cls")
     t0 = time.perf_counter()
     f_train, y_train = features(backbone, expand_shards(train), pool, args.batch_size, rank, world, device)
     f_val, y_val = features(backbone, expand_shards(val), pool, args.batch_size, rank, world, device)

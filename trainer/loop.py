@@ -61,19 +61,19 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
 
 def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv, run_dir: Path,
              step: int) -> dict[str, float]:
-    """What tells a user the network is good: kNN on the held-out split, or for a method with
-    `held_out_metrics` (the tokenizer) its own measures on the held-out images."""
+    """What tells a user the network is good: kNN on the held-out split (methods with
+    `eval_features`), and a method's own measures on the held-out images (`held_out_metrics`: the
+    tokenizer's PSNR, iTPN's pixel loss and reconstructions)."""
     method = engine.module
-    if not hasattr(method, "held_out_metrics"):
-        return {"knn": knn_eval(cfg, engine, device, dtype, env)}
-    if not cfg.data.val_shards:
-        return {}
+    out = {"knn": knn_eval(cfg, engine, device, dtype, env)} if hasattr(method, "eval_features") else {}
+    if not hasattr(method, "held_out_metrics") or not cfg.data.val_shards:
+        return out
     batches = labelled_batches(expand_shards(cfg.data.val_shards), cfg.data.global_crops.size, cfg.eval.batch_size,
                                env.rank, env.world_size)
     method.eval()
     with torch.no_grad():
-        out = method.held_out_metrics((images.to(device) for images, _ in batches), run_dir, step,
-                                      cfg.data.global_crops.size)
+        out.update(method.held_out_metrics((images.to(device) for images, _ in batches), run_dir, step,
+                                           cfg.data.global_crops.size))
     method.train()
     return out
 
@@ -168,7 +168,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     elif cfg.eval.knn_at_end:
         untrained = evaluate(cfg, engine, device, dtype, env, run_dir, 0)
         summary.update({f"{k}_random_init": v for k, v in untrained.items()})
-        if not hasattr(method, "held_out_metrics"):
+        if hasattr(method, "eval_features"):
             summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env, device)
 
     def save() -> None:

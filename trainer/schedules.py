@@ -47,7 +47,8 @@ class Schedules:
     @classmethod
     def from_config(cls, cfg) -> Schedules:
         o, i, d = cfg.optim, cfg.ibot, cfg.dvae
-        return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(i.ema_momentum),
+        momentum = cfg.itpn.ema_momentum if cfg.method == "itpn" else i.ema_momentum  # whose EMA teacher it is
+        return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(momentum),
                    tuple(i.teacher_temp), tuple(i.teacher_patch_temp), i.teacher_temp_warmup_steps,
                    i.freeze_last_layer_steps, tuple(d.temperature), d.temperature_steps, tuple(d.kl_weight), d.kl_steps,
                    o.decay_steps)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from .fields import _Invalid, _require, opt
-from .methods import BEiTConfig, DVAEConfig, IBOTConfig, MaskAlignConfig, TeacherConfig
+from .methods import BEiTConfig, DVAEConfig, IBOTConfig, ITPNConfig, MaskAlignConfig, TeacherConfig
 from .sections import (
     CheckpointConfig,
     DataConfig,
@@ -22,8 +22,9 @@ from .sections import (
 
 @dataclass
 class Config:
-    method: Literal["ibot", "maskalign", "ibot_clip", "beit", "dvae"] = opt(
-        "ibot", "Pretraining objective (trainer/methods/<method>.py); dvae trains BEiT's tokenizer (stage 1).")
+    method: Literal["ibot", "maskalign", "ibot_clip", "beit", "dvae", "itpn"] = opt(
+        "ibot", "Pretraining objective (trainer/methods/<method>.py); dvae trains BEiT's tokenizer (stage 1); itpn "
+                "trains a HiViT with its feature pyramid.")
     run: RunConfig = opt(RunConfig(), "Run directory, seed, precision, kernels.")
     model: ModelConfig = opt(ModelConfig(), "Backbone.")
     data: DataConfig = opt(DataConfig(), "Shards, multi-crop augmentation and masks.")
@@ -36,6 +37,7 @@ class Config:
     maskalign: MaskAlignConfig = opt(MaskAlignConfig(), "MaskAlign objective (method: maskalign).")
     beit: BEiTConfig = opt(BEiTConfig(), "BEiT's masked visual-token prediction (method: beit).")
     dvae: DVAEConfig = opt(DVAEConfig(), "BEiT's tokenizer, a discrete VAE (method: dvae).")
+    itpn: ITPNConfig = opt(ITPNConfig(), "iTPN: HiViT + feature pyramid, pixels and masked features (method: itpn).")
     eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
 
     def validate(self) -> None:
@@ -59,10 +61,19 @@ class Config:
             _require(keep < grid, "maskalign.mask_ratio",
                      f"{self.maskalign.mask_ratio} leaves all {grid} patches of a global crop visible")
             _check_blocks(self.maskalign.student_blocks, _student_depth(self.model.arch), "maskalign.student_blocks")
-        if self.method in ("maskalign", "ibot_clip"):
+        self._validate_arch()
+        if self.method in ("maskalign", "ibot_clip") or (self.method == "itpn" and self.itpn.teacher == "clip"):
             self._validate_frozen_teacher()
-        if self.method in ("beit", "dvae"):
+        if self.method in ("beit", "dvae", "itpn"):
             self._validate_single_view()
+        if self.method == "itpn":
+            _require(p % 4 == 0, "model.patch_size", f"{p}: HiViT splits a patch into 4 x 4 inner tokens")
+            keep = max(1, int(grid * (1 - self.itpn.mask_ratio)))
+            _require(keep < grid, "itpn.mask_ratio", f"{self.itpn.mask_ratio} leaves all {grid} patches visible")
+            if self.itpn.teacher == "clip":
+                _require(len(self.teacher.clip.blocks) in (0, 3), "teacher.clip.blocks",
+                         f"{self.teacher.clip.blocks}: itpn needs one teacher block per pyramid level (strides 16, 8, "
+                         "4), or none (the last block for all three)")
         if self.method == "beit":
             self._validate_beit(grid)
         if self.data.mask.patches is not None:
@@ -72,6 +83,15 @@ class Config:
             _require((self.data.mask.min_block_patches or 1) <= grid, "data.mask.min_block_patches",
                      f"{self.data.mask.min_block_patches} exceeds the {grid} patches of a global crop")
 
+
+    def _validate_arch(self) -> None:
+        from models.hivit import HIVIT_ARCHS
+
+        hier = self.model.arch in HIVIT_ARCHS
+        if self.method == "itpn":
+            _require(hier, "model.arch", f"{self.model.arch!r}: itpn trains a HiViT ({', '.join(HIVIT_ARCHS)})")
+        else:
+            _require(not hier, "model.arch", f"{self.model.arch!r} is a HiViT: only method itpn trains one")
 
     def _validate_single_view(self) -> None:
         _require(self.data.global_crops.number == 1, "data.global_crops.number",

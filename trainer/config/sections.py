@@ -33,7 +33,8 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("vit_small", "Backbone name from the model registry (vit_tiny, vit_small ... vit_giant2).")
+    arch: str = opt("vit_small", "Backbone name from the model registry (vit_tiny, vit_small ... vit_gigantic; "
+                                 "hivit_tiny, hivit_base, hivit_large for method itpn).")
     patch_size: int = opt(16, "Patch size in pixels; crop sizes must be multiples of it.")
     drop_path: float = opt(0.1, "Stochastic depth rate of the last block (linear over depth).")
     layer_scale: float | None = opt(None, "LayerScale init value (e.g. 1e-5 for giant models); null: off.")
@@ -47,9 +48,11 @@ class ModelConfig:
                 "interpolate_antialias false); 'timm' = timm's resample_abs_pos_embed (bicubic, antialias, to size).")
 
     def validate(self) -> None:
+        from models.hivit import HIVIT_ARCHS
         from models.vit import VIT_ARCHS
 
-        _require(self.arch in VIT_ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(VIT_ARCHS)}")
+        known = [*VIT_ARCHS, *HIVIT_ARCHS]
+        _require(self.arch in known, "arch", f"{self.arch!r} is not one of {', '.join(known)}")
         _at_least(self, 0, "patch_size", strict=True)
         _require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
         _at_least(self, 0, "grad_checkpointing")

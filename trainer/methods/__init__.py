@@ -8,6 +8,7 @@ and provides `from_config(cfg)`, `forward(batch, values) -> {name: unweighted lo
 
 from __future__ import annotations
 
+from models.hivit import HIVIT_ARCHS
 from models.kernels import resolve
 from models.kernels.attention import get_attention, get_attention_varlen
 from models.teachers import FrozenTeacher
@@ -26,7 +27,11 @@ def register(name: str):
 
 def kernels(cfg) -> str:
     """`run.kernels` as 'triton' or 'torch': 'auto' resolved for this model's head dim on this machine."""
-    width, _, heads, *_ = VIT_ARCHS[cfg.model.arch]
+    arch = cfg.model.arch
+    if arch in HIVIT_ARCHS:
+        width, _, _, heads, _ = HIVIT_ARCHS[arch]
+    else:
+        width, _, heads, *_ = VIT_ARCHS[arch]
     return resolve(cfg.run.kernels, width // heads)[0]
 
 
@@ -44,7 +49,7 @@ def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned
 def frozen_files(cfg) -> dict[str, str]:
     """The method's frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256`
     and `weights_sha256`; the engine loads them, checkpoints keep only the hash."""
-    if cfg.method in ("maskalign", "ibot_clip"):
+    if cfg.method in ("maskalign", "ibot_clip") or (cfg.method == "itpn" and cfg.itpn.teacher == "clip"):
         return {"clip_teacher": cfg.teacher.clip.weights}
     if cfg.method == "beit":
         return {"tokenizer": cfg.beit.tokenizer}
@@ -57,4 +62,4 @@ def build_frozen_teacher(cfg) -> FrozenTeacher:
     return FrozenTeacher(c.arch, mean=c.mean, std=c.std, antialias=c.antialias)
 
 
-from . import beit, dvae, ibot, ibot_clip, maskalign  # noqa: E402,F401  (register themselves)
+from . import beit, dvae, ibot, ibot_clip, itpn, maskalign  # noqa: E402,F401  (register themselves)

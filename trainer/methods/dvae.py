@@ -155,22 +155,7 @@ class DVAE(nn.Module):
 
 def draw_reconstructions(originals: torch.Tensor, recs: torch.Tensor, path: Path, step: int, value: float) -> None:
     """Originals (top row) above their reconstructions from the argmax codes (bottom row)."""
-    import matplotlib
+    from evaluation.pictures import image_rows_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = originals.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
-    for i in range(n):
-        for row, img in enumerate((originals[i], recs[i])):
-            ax = axes[row][i]
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_axis_off()
-    fig.suptitle(f"held-out originals (top) and dVAE reconstructions from argmax codes (bottom), step {step}, "
-                 f"PSNR {value:.2f} dB", fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    image_rows_figure([originals, recs], f"held-out originals (top) and dVAE reconstructions from argmax codes "
+                      f"(bottom), step {step}, PSNR {value:.2f} dB", path)
