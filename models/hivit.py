@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
@@ -74,14 +74,15 @@ class MlpBlock(nn.Module):
     """A block without token mixing: x + drop_path(MLP(LN(x))), per token (the reference's
     BlockWithRPE with num_heads 0; it keeps the name norm2)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 3.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, mlp_ratio: float = 3.0, drop_path: float = 0.0, layer_scale: float | None = None):
         super().__init__()
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class HiViT(nn.Module):
@@ -104,9 +105,10 @@ class HiViT(nn.Module):
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
         n = 2 * mlp_depth + depth  # stochastic depth rising linearly over every block, as the reference
         dpr = iter([drop_path_rate * i / max(n - 1, 1) for i in range(n)])
-        blocks: list[nn.Module] = [MlpBlock(self.dims[0], bridge_mlp_ratio, next(dpr)) for _ in range(mlp_depth)]
+        blocks: list[nn.Module] = [MlpBlock(self.dims[0], bridge_mlp_ratio, next(dpr), layer_scale)
+                                   for _ in range(mlp_depth)]
         blocks.append(PatchMerge(self.dims[0]))
-        blocks += [MlpBlock(self.dims[1], bridge_mlp_ratio, next(dpr)) for _ in range(mlp_depth)]
+        blocks += [MlpBlock(self.dims[1], bridge_mlp_ratio, next(dpr), layer_scale) for _ in range(mlp_depth)]
         blocks.append(PatchMerge(self.dims[1]))
         for _ in range(depth):
             block = Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, init_values=layer_scale,

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from .decoders import MaskedDecoder
 from .heads import NormedLinear, TokenBatchNorm
+from .hivit import HiViT
 from .vit import VisionTransformer
 
 
@@ -42,4 +44,8 @@ def init_module_(module: nn.Module) -> None:
         module.init_pos_embed()
         _fill(module.cls_token, lambda t: nn.init.normal_(t, std=1e-6))
         nn.init.zeros_(module.mask_token)
+    if isinstance(module, HiViT):
+        module.init_pos_embed()
+    if isinstance(module, MaskedDecoder):
+        _fill(module.mask_token, lambda t: nn.init.normal_(t, std=0.02))
     # timm's LayerScale sets gamma in its own __init__, before it is partitioned: nothing to redo.

@@ -225,4 +225,4 @@ def test_every_shipped_config_is_valid(tmp_path):
         if path.name.startswith("beit_"):
             overrides.append(f"beit.tokenizer={tokenizers.get(path.name, tokenizers['*'])}")
         cfg = load_config(path, overrides)
-        assert cfg.method in ("ibot", "maskalign", "ibot_clip", "beit", "dvae"), path
+        assert cfg.method in ("ibot", "maskalign", "ibot_clip", "beit", "dvae", "itpn"), path

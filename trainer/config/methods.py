@@ -226,8 +226,8 @@ class ITPNConfig:
     pos_embed: Literal["sincos", "learned"] = opt(
         "sincos", "Absolute position embeddings: learned from MAE's 2-D sin-cos table (itpn_pixel), or learned from "
                   "trunc-normal 0.02 (itpn_clip, which adds a relative bias not built here).")
-    layer_scale: float = opt(0.0, f"LayerScale init of the attention blocks; 0: off (itpn_pixel; {ITPN} itpn_clip "
-                                  "--layer_scale_init_value 0.1).")
+    layer_scale: float = opt(0.0, f"LayerScale init of the backbone's blocks (MLP and attention); 0: off (itpn_pixel; "
+                                  f"{ITPN} itpn_clip --layer_scale_init_value 0.1).")
     fpn_dim: int = opt(256, "Width F of the pyramid levels.")
     fpn_depth: int = opt(2, f"MLP fusion blocks per top-down step (itpn_pixel: 2; {ITPN} itpn_clip: 1).")
     decoder_dim: int = opt(512, "Width of the pixel decoder (dec512d8b).")

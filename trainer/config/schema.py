@@ -68,8 +68,6 @@ class Config:
             self._validate_single_view()
         if self.method == "itpn":
             _require(p % 4 == 0, "model.patch_size", f"{p}: HiViT splits a patch into 4 x 4 inner tokens")
-            keep = max(1, int(grid * (1 - self.itpn.mask_ratio)))
-            _require(keep < grid, "itpn.mask_ratio", f"{self.itpn.mask_ratio} leaves all {grid} patches visible")
             if self.itpn.teacher == "clip":
                 _require(len(self.teacher.clip.blocks) in (0, 3), "teacher.clip.blocks",
                          f"{self.teacher.clip.blocks}: itpn needs one teacher block per pyramid level (strides 16, 8, "
@@ -141,7 +139,8 @@ class Config:
         path = Path(t.weights).expanduser()
         hint = "; make one with: python scripts/make_tiny_clip.py" if t.arch == "clip_vit_tiny" else ""
         _require(path.is_file(), "teacher.clip.weights", f"{path}: file not found{hint}")
-        _check_blocks(t.blocks, teacher_depth(t.arch), "teacher.clip.blocks")
+        # itpn: one block per pyramid level, and levels may share one (by default all use the last)
+        _check_blocks(t.blocks, teacher_depth(t.arch), "teacher.clip.blocks", repeats=self.method == "itpn")
 
 
 def _student_depth(arch: str) -> int:
@@ -150,8 +149,8 @@ def _student_depth(arch: str) -> int:
     return VIT_ARCHS[arch][1]
 
 
-def _check_blocks(blocks: list[int], depth: int, key: str) -> None:
+def _check_blocks(blocks: list[int], depth: int, key: str, repeats: bool = False) -> None:
     for b in blocks:
         _require(-depth <= b < depth, key, f"block {b} does not exist (depth {depth})")
-    _require(len({b % depth for b in blocks}) == len(blocks), key, f"{blocks} names a block twice")
+    _require(repeats or len({b % depth for b in blocks}) == len(blocks), key, f"{blocks} names a block twice")
 

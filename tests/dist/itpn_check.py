@@ -1,0 +1,116 @@
+"""Run under torchrun with 2 ranks (ZeRO-3): iTPN with each teacher trains, checkpoints and resumes
+with the same losses; the EMA teacher is partitioned and updated without any collective.
+
+argv: report.json, tiny CLIP file, work directory. For each teacher (ema, clip): 4 steps on one
+engine with a checkpoint after step 2; a second engine (another seed) restored from it, EMA shadow
+included, runs steps 3 and 4.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from trainer.checkpoint import Checkpointer
+from trainer.config import load_config, to_dict
+from trainer.ds_config import build_ds_config
+from trainer.engine import apply_schedule, build_engine, init_distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+COLLECTIVES = ["all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_reduce",
+               "reduce_scatter_tensor"]
+
+
+def batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    return {"global_crops": torch.randn(1, 4, 3, 32, 32, generator=g).bfloat16()}
+
+
+def step(engine, ema, i: int, weights: dict) -> float:
+    apply_schedule(engine.optimizer, {"lr": 1e-3, "weight_decay": 0.05, "last_layer_lr_factor": 1.0})
+    out = engine(batch(i), {"step": i, "micro_step": i})
+    loss = sum(w * out[k] for k, w in weights.items())
+    engine.backward(loss)
+    engine.step()
+    if ema is not None:
+        ema.update(0.99)
+    return loss.item()
+
+
+def ema_update_collectives(ema) -> int:
+    calls = {"n": 0}
+
+    def counting(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    saved = {n: getattr(dist, n) for n in COLLECTIVES}
+    gp = deepspeed.zero.GatheredParameters
+    for n in COLLECTIVES:
+        setattr(dist, n, counting(saved[n]))
+    deepspeed.zero.GatheredParameters = counting(gp)
+    try:
+        ema.update(0.99)
+    finally:
+        for n in COLLECTIVES:
+            setattr(dist, n, saved[n])
+        deepspeed.zero.GatheredParameters = gp
+    return calls["n"]
+
+
+def run(teacher: str, clip_file: str, work: Path) -> dict:
+    cfg = load_config(ROOT / "configs" / "itpn_hivit_tiny.yaml", [
+        "run.precision=bf16", "model.arch=hivit_test", "data.batch_size=4", f"itpn.teacher={teacher}",
+        "itpn.fpn_dim=16", "itpn.decoder_dim=32", "itpn.decoder_depth=1", "itpn.decoder_heads=2", "itpn.mfm_dim=16",
+        "itpn.mfm_heads=2", "teacher.clip.arch=clip_vit_tiny", f"teacher.clip.weights={clip_file}"])
+    ds = build_ds_config("zero3.json", cfg, dist.get_world_size())
+    engine, ema = build_engine(cfg, ds, seed=0)
+    method = engine.module
+    weights = method.loss_weights
+    report = {"terms": sorted(weights)}
+    if ema is not None:
+        teachers = list(method.teacher.parameters())
+        report["ema_pairs_backbone_only"] = all(n.startswith("backbone.") for n in ema.names)
+        report["ema_partitioned"] = all(t.ds_tensor.numel() < t.ds_numel for t in teachers if t.ds_numel >= 2)
+        report["ema_collectives"] = ema_update_collectives(ema)
+        report["teacher_is_cast_of_shadow"] = all(
+            torch.equal(t.ds_tensor.data, sh.view_as(t.ds_tensor).to(t.ds_tensor.dtype))
+            for t, sh in zip(ema.teachers, ema.shadow))
+    else:
+        report["frozen_in_optimizer"] = any(
+            id(p) in {id(q) for g in engine.optimizer.param_groups for q in g["params"]}
+            for p in method.clip_teacher.parameters())
+    ckpt = Checkpointer(work / teacher, keep=1)
+    losses = [step(engine, ema, i, weights) for i in range(2)]
+    parts = {"config": json.dumps(to_dict(cfg))}
+    if ema is not None:
+        parts["ema"] = ema.state_dict()
+    path = ckpt.save(engine, 2, parts)
+    losses += [step(engine, ema, i, weights) for i in range(2, 4)]
+
+    engine2, ema2 = build_engine(cfg, ds, seed=1)  # another seed: everything must come from the file
+    ckpt.load_engine(engine2, path)
+    if ema2 is not None:
+        ema2.load_state_dict(ckpt.read_parts(path)["ema"])
+    report["losses"] = losses
+    report["resumed"] = [step(engine2, ema2, i, weights) for i in range(2, 4)]
+    return report
+
+
+def main(report_path, clip_file, work):
+    init_distributed()
+    out = {"world": dist.get_world_size()}
+    for teacher in ("ema", "clip"):
+        out[teacher] = run(teacher, clip_file, Path(work))
+    if dist.get_rank() == 0:
+        Path(report_path).write_text(json.dumps(out))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

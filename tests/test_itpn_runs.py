@@ -1,0 +1,60 @@
+"""iTPN end to end: the tiny digits run as the README runs it, and both teachers on two CPU ranks
+under ZeRO-3."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_both_teachers_train_resume_identically_and_the_ema_is_shard_local(tmp_path):
+    from scripts.make_tiny_clip import save, tiny_clip
+
+    clip = save(tiny_clip(), tmp_path / "clip.safetensors")
+    report = tmp_path / "report.json"
+    torchrun(str(ROOT / "tests" / "dist" / "itpn_check.py"), str(report), str(clip), str(tmp_path / "work"))
+    r = json.loads(report.read_text())
+    assert r["world"] == 2
+    for teacher in ("ema", "clip"):
+        t = r[teacher]
+        assert t["terms"] == ["mfm16", "mfm4", "mfm8", "pixel"], t
+        assert all(math.isfinite(v) for v in t["losses"]) and t["losses"][0] != t["losses"][1]
+        # a new engine restored from the step-2 checkpoint continues exactly as the first one did
+        assert t["resumed"] == t["losses"][2:], (teacher, t)
+    ema = r["ema"]
+    assert ema["ema_pairs_backbone_only"] and ema["ema_partitioned"] and ema["teacher_is_cast_of_shadow"]
+    assert ema["ema_collectives"] == 0  # no gather, broadcast or reduce inside the EMA update
+    assert not r["clip"]["frozen_in_optimizer"]
+
+
+def test_tiny_run_learns_features_and_draws_reconstructions(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "launch.py", "--config", "configs/itpn_hivit_tiny.yaml",
+                             f"run.output_dir={run}", f"data.cache_dir={tmp_path / 'cache'}",
+                             "eval.knn_every_steps=0"],  # the final kNN does not depend on it; it costs CI time
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    match = re.search(r"kNN top-1 .*: ([\d.]+)%\s+random init: ([\d.]+)%", result.stdout)
+    assert match, result.stdout[-2000:]
+    trained, random_init = float(match.group(1)), float(match.group(2))
+    assert trained >= random_init + 5.0, (trained, random_init)
+    pixel = re.search(r"held-out pixel loss on masked patches ([\d.]+) \(untrained: ([\d.]+); predicting zeros: "
+                      r"([\d.]+)\)", result.stdout)
+    assert pixel, result.stdout[-2000:]
+    loss, untrained, zeros = map(float, pixel.groups())
+    assert loss < 0.6 * min(untrained, zeros), pixel.groups()
+    from PIL import Image
+
+    with Image.open(run / "reconstructions.png") as im:
+        assert im.size[0] > 400 and "reconstructions" in im.info.get("Description", "")
+    assert (run / "clusters.png").is_file() and (run / "curves.png").is_file()
