@@ -44,7 +44,7 @@ class LoadedBackbone:
 
 def from_backbone(backbone) -> LoadedBackbone:
     """An `export.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
-    for iTPN our HiViT with its pyramid (models.hivit.ITPN)."""
+    for iTPN our HiViT with its pyramid (models.hivit.HiViTFPN)."""
     from export.hf import shapes
     from models.vit import build_vit
 

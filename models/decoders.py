@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from .hivit import LayerNorm
+from .hivit import LayerNorm, init_weights
 from .kernels.attention import AttentionFn, attention_reference
 from .vit import Attention, sincos_pos_embed
 
@@ -42,7 +41,7 @@ class MaskedDecoder(nn.Module):
             self.blocks.append(block)
         self.norm = LayerNorm(width)
         self.pred = nn.Linear(width, out_dim)
-        self.apply(_init)
+        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, levels: list[torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
@@ -61,12 +60,3 @@ class MaskedDecoder(nn.Module):
             x = block(x)
         return self.pred(self.norm(x))
 
-
-def _init(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -16,7 +16,7 @@ yet as cheap as a plain ViT under masking). Position embeddings are absolute, ad
 Parameter names follow the reference (`patch_embed`, one `blocks` list holding the merges,
 `absolute_pos_embed`; timm's Block names in the main stage), so its checkpoints map by name.
 The attention blocks use the ViT's `Attention` (models/vit.py) with its swappable core, so the
-Triton kernel serves both backbones. `ITPN` is backbone + feature pyramid (models/pyramid.py),
+Triton kernel serves both backbones. `HiViTFPN` is backbone + feature pyramid (models/pyramid.py),
 what iTPN pretrains and exports together.
 """
 
@@ -118,7 +118,7 @@ class HiViT(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.num_main_blocks = depth
         self.checkpoint_every = 0
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self.init_pos_embed()
 
     @torch.no_grad()
@@ -179,7 +179,7 @@ class HiViT(nn.Module):
         return out["patch"].mean(dim=1) if pool else out
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
     """The reference's _init_weights: linear weights trunc-normal 0.02, biases 0, LayerNorms 1 / 0;
     the embedding convolution keeps PyTorch's default."""
     if isinstance(m, nn.Linear):
@@ -212,7 +212,7 @@ def build_hivit(arch: str, *, img_size: int, patch_size: int | None = None, drop
                  pos_embed=pos_embed, attn_fn=attn_fn)
 
 
-class ITPN(nn.Module):
+class HiViTFPN(nn.Module):
     """Backbone and feature pyramid as downstream users get them: `forward_pyramid(images)` gives
     the three levels as detector feature maps [B, F, H/s, W/s] for s = 4, 8, 16."""
 
@@ -236,17 +236,17 @@ class ITPN(nn.Module):
         return self.backbone(x)
 
 
-def build_itpn(arch: dict) -> ITPN:
+def build_itpn(arch: dict) -> HiViTFPN:
     """From the architecture record `itpn_arch` writes (and export files carry)."""
     from .pyramid import FeaturePyramid
 
     backbone = build_hivit(arch["arch"], img_size=arch["image_size"], patch_size=arch["patch_size"],
                            layer_scale=arch.get("layer_scale"), pos_embed=arch.get("pos_embed", "sincos"))
-    return ITPN(backbone, FeaturePyramid(backbone.dims, arch["fpn_dim"], arch["fpn_depth"]))
+    return HiViTFPN(backbone, FeaturePyramid(backbone.dims, arch["fpn_dim"], arch["fpn_depth"]))
 
 
 def save_itpn(state: dict[str, torch.Tensor], arch: dict, path: str | Path, extra: dict | None = None) -> Path:
-    """One safetensors file: an `ITPN` state (backbone.*, pyramid.*), the architecture record and
+    """One safetensors file: a `HiViTFPN` state (backbone.*, pyramid.*), the architecture record and
     `extra` (JSON values) in its metadata."""
     from safetensors.torch import save_file
 
@@ -258,7 +258,7 @@ def save_itpn(state: dict[str, torch.Tensor], arch: dict, path: str | Path, extr
     return path
 
 
-def load_itpn(path: str | Path) -> tuple[ITPN, dict]:
+def load_itpn(path: str | Path) -> tuple[HiViTFPN, dict]:
     """-> (the model, rebuilt from the file's metadata and loaded strictly, in eval mode; the metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file

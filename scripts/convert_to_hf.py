@@ -20,6 +20,7 @@ existing output) are one line on stderr and exit 2; nothing is left at the outpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -170,6 +171,23 @@ def beit_lines(d: dict) -> str:
             "sizes BeitModel resamples its table (bilinear); mimscale's model refuses them.")
 
 
+@contextlib.contextmanager
+def staged(out: Path):
+    """A hidden directory beside `out` to write into; it replaces `out` when the block succeeds and
+    is removed when it fails, so nothing half-written is ever left at `out`."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert(args: argparse.Namespace) -> Path:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -194,10 +212,7 @@ def convert(args: argparse.Namespace) -> Path:
     log.info("read the %s backbone of %s (step %d, %d ranks): %d tensors, %.1fM parameters", b.which, b.checkpoint,
              b.step, b.world_size, len(b.state), sum(v.numel() for v in b.state.values()) / 1e6)
     log.info("left out (pretraining only): %s", "; ".join(b.left_out))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out) as tmp:
         dtype = DTYPES[args.dtype]
         name, kwargs = timm_call(b)
         c = b.config
@@ -217,12 +232,6 @@ def convert(args: argparse.Namespace) -> Path:
         del ours  # the last reference to the backbone's tensors
         timm_line = timm_snippet(name, kwargs, str(out / TIMM_FILE))
         (tmp / "README.md").write_text(model_card(b, dims, hf_class, timm_line, args, errors))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (%s, %s)%s in %.0f s", out, hf_class, args.dtype,
              "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "",
              time.perf_counter() - t0)
@@ -258,10 +267,7 @@ def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
 
     arch, c = itpn_arch(b.config), b.config
     mean, std = list(c["data"]["augment"]["mean"]), list(c["data"]["augment"]["std"])
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out) as tmp:
         state = {k: v.to(DTYPES[args.dtype]) for k, v in b.state.items()}
         save_itpn(state, arch, tmp / ITPN_FILE, {"mean": mean, "std": std, "method": "itpn", "weights": b.which,
                                                   "step": b.step, "knn": {k: v for k, v in b.summary.items()
@@ -288,12 +294,6 @@ def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
             f"    maps = model.forward_pyramid(images)  # strides 4, 8, 16: [B, {arch['fpn_dim']}, H/s, W/s]\n\n"
             f"Input: {arch['image_size']} px, normalised with mean {mean} and std {std}. Command: "
             f"{shlex.join(['python', 'scripts/convert_to_hf.py', *args.argv])}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (iTPN backbone + pyramid, %s)%s", out / ITPN_FILE, args.dtype,
              "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "")
     print(f"iTPN: models.hivit.load_itpn({str(out / ITPN_FILE)!r})")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hivit import ITPN, MlpBlock, PatchMerge, build_hivit, build_itpn, load_itpn, save_itpn
+from models.hivit import HiViTFPN, MlpBlock, PatchMerge, build_hivit, build_itpn, load_itpn, save_itpn
 from models.pyramid import FeaturePyramid, to_maps
 from trainer.config import ConfigError, load_config
 from trainer.methods.itpn import feature_target, pixel_loss, pixel_targets
@@ -20,7 +20,7 @@ SMALL = ["model.arch=hivit_test", "itpn.fpn_dim=16", "itpn.decoder_dim=32", "itp
 
 def test_stage_and_pyramid_shapes_and_strides():
     torch.manual_seed(0)
-    model = ITPN(b := build_hivit("hivit_test", img_size=64, patch_size=16), FeaturePyramid(b.dims, 16, 1))
+    model = HiViTFPN(b := build_hivit("hivit_test", img_size=64, patch_size=16), FeaturePyramid(b.dims, 16, 1))
     x = torch.randn(2, 3, 64, 64)
     out = b.forward_features(x)
     s4, s8, s16 = out["stages"]

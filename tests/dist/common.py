@@ -3,6 +3,7 @@ module's parameters gathered whole."""
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from trainer.engine import apply_schedule
 
@@ -33,3 +34,31 @@ def gathered(module) -> dict:
         with deepspeed.zero.GatheredParameters([p]):
             out[name] = p.data.detach().clone()
     return out
+
+
+COLLECTIVES = ["all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_reduce",
+               "reduce_scatter_tensor"]
+
+
+def collectives_during(fn) -> int:
+    """Run fn(); -> how many torch.distributed collectives and deepspeed gathers it called."""
+    calls = {"n": 0}
+
+    def counting(f):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            return f(*a, **k)
+        return wrapped
+
+    saved = {n: getattr(dist, n) for n in COLLECTIVES}
+    gp = deepspeed.zero.GatheredParameters
+    for n in COLLECTIVES:
+        setattr(dist, n, counting(saved[n]))
+    deepspeed.zero.GatheredParameters = counting(gp)
+    try:
+        fn()
+    finally:
+        for n in COLLECTIVES:
+            setattr(dist, n, saved[n])
+        deepspeed.zero.GatheredParameters = gp
+    return calls["n"]

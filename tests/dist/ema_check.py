@@ -13,7 +13,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
-from common import TINY, random_batch, train_step
+from common import TINY, collectives_during, random_batch, train_step
 from trainer.engine import build_engine, init_distributed
 
 MOMENTUM = 0.9995
@@ -43,29 +43,10 @@ def main(report_path, ds_name="zero3.json"):
     rounding = 0.0  # largest bf16 rounding error of a student master weight seen
     bf16_only = [d.bfloat16() for d in dense]  # what a bf16 EMA would hold
     g = torch.Generator().manual_seed(dist.get_rank())
-    calls = {"n": 0}
-
-    def counting(fn):
-        def wrapped(*a, **k):
-            calls["n"] += 1
-            return fn(*a, **k)
-        return wrapped
-
-    names = ["all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_reduce",
-             "reduce_scatter_tensor"]
+    collectives = 0
     for step in range(STEPS):
         train_step(engine, random_batch(g))
-        saved = {n: getattr(dist, n) for n in names}
-        for n in names:
-            setattr(dist, n, counting(saved[n]))
-        gp = deepspeed.zero.GatheredParameters
-        deepspeed.zero.GatheredParameters = counting(gp)
-        try:
-            ema.update(MOMENTUM)
-        finally:
-            for n in names:
-                setattr(dist, n, saved[n])
-            deepspeed.zero.GatheredParameters = gp
+        collectives += collectives_during(lambda: ema.update(MOMENTUM))
         full = [safe_get_full_fp32_param(p).float() for p in students]
         rounding = max(rounding, max((f - f.bfloat16().float()).abs().max().item() for f in full))
         for d, b, s in zip(dense, bf16_only, full):
@@ -94,7 +75,7 @@ def main(report_path, ds_name="zero3.json"):
         json.dump({"partitioned": partitioned, "err_ours": err_ours, "err_shadow": err_shadow,
                    "teacher_is_cast_of_shadow": teacher_is_cast, "err_bf16": err_bf16, "moved": moved, "bf16_frozen_fraction": frozen,
                    "bf16_read_bound": (1 - MOMENTUM ** STEPS) * rounding,
-                   "collectives_in_update": calls["n"], "world": dist.get_world_size(), "zero3": zero3},
+                   "collectives_in_update": collectives, "world": dist.get_world_size(), "zero3": zero3},
                   open(report_path, "w"))
 
 

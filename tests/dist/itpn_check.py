@@ -10,18 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
+from common import collectives_during
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config, to_dict
 from trainer.ds_config import build_ds_config
 from trainer.engine import apply_schedule, build_engine, init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-COLLECTIVES = ["all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "all_reduce",
-               "reduce_scatter_tensor"]
 
 
 def batch(step: int) -> dict:
@@ -40,29 +38,6 @@ def step(engine, ema, i: int, weights: dict) -> float:
     return loss.item()
 
 
-def ema_update_collectives(ema) -> int:
-    calls = {"n": 0}
-
-    def counting(fn):
-        def wrapped(*a, **k):
-            calls["n"] += 1
-            return fn(*a, **k)
-        return wrapped
-
-    saved = {n: getattr(dist, n) for n in COLLECTIVES}
-    gp = deepspeed.zero.GatheredParameters
-    for n in COLLECTIVES:
-        setattr(dist, n, counting(saved[n]))
-    deepspeed.zero.GatheredParameters = counting(gp)
-    try:
-        ema.update(0.99)
-    finally:
-        for n in COLLECTIVES:
-            setattr(dist, n, saved[n])
-        deepspeed.zero.GatheredParameters = gp
-    return calls["n"]
-
-
 def run(teacher: str, clip_file: str, work: Path) -> dict:
     cfg = load_config(ROOT / "configs" / "itpn_hivit_tiny.yaml", [
         "run.precision=bf16", "model.arch=hivit_test", "data.batch_size=4", f"itpn.teacher={teacher}",
@@ -77,7 +52,7 @@ def run(teacher: str, clip_file: str, work: Path) -> dict:
         teachers = list(method.teacher.parameters())
         report["ema_pairs_backbone_only"] = all(n.startswith("backbone.") for n in ema.names)
         report["ema_partitioned"] = all(t.ds_tensor.numel() < t.ds_numel for t in teachers if t.ds_numel >= 2)
-        report["ema_collectives"] = ema_update_collectives(ema)
+        report["ema_collectives"] = collectives_during(lambda: ema.update(0.99))
         report["teacher_is_cast_of_shadow"] = all(
             torch.equal(t.ds_tensor.data, sh.view_as(t.ds_tensor).to(t.ds_tensor.dtype))
             for t, sh in zip(ema.teachers, ema.shadow))

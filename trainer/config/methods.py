@@ -218,9 +218,9 @@ class ITPNConfig:
     unless the help says otherwise; model.arch must be a HiViT (hivit_base, hivit_large, ...)."""
 
     teacher: Literal["ema", "clip", "none"] = opt(
-        "ema", f"Target of masked feature modelling: ema = the moving-averaged backbone (the paper's MFM; its code is "
-               f"not public), clip = the frozen teacher.clip.* ({ITPN} itpn_clip), none = pixels only "
-               f"({ITPN} itpn_pixel).")
+        "none", f"Target of masked feature modelling: none = pixels only ({ITPN} itpn_pixel), ema = the moving-"
+                f"averaged backbone (the paper's MFM; its code is not public), clip = the frozen teacher.clip.* "
+                f"({ITPN} itpn_clip).")
     mask_ratio: float = opt(0.75, "Fraction of patches dropped before the first stage; int(N * (1 - r)) are "
                                   f"encoded, uniformly random per image ({ITPN} itpn_pixel --mask_ratio 0.75).")
     pos_embed: Literal["sincos", "learned"] = opt(
