@@ -14,7 +14,8 @@ yet as cheap as a plain ViT under masking). Position embeddings are absolute, ad
 (the reference's `ape`; its relative bias `rpe` is not built here, see the README).
 
 Parameter names follow the reference (`patch_embed`, one `blocks` list holding the merges,
-`absolute_pos_embed`; timm's Block names in the main stage), so its checkpoints map by name.
+`absolute_pos_embed`; timm's Block names in the main stage), so its backbone and pyramid weights
+map by name, except layer-scale (the reference's gamma_1 / gamma_2, timm's ls1.gamma / ls2.gamma).
 The attention blocks use the ViT's `Attention` (models/vit.py) with its swappable core, so the
 Triton kernel serves both backbones. `HiViTFPN` is backbone + feature pyramid (models/pyramid.py),
 what iTPN pretrains and exports together.
@@ -223,7 +224,7 @@ class HiViTFPN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> dict:
         """{"cls": the mean stride-16 token (no [CLS] exists), "patch": the stride-16 tokens,
         "pyramid": the levels as token grids (models/pyramid.py)}."""
-        out = self.backbone.forward_features(x)
+        out = self.backbone(x, pool=False)  # a module call: ZeRO-3 gathers the position table in its hooks
         return {"cls": out["patch"].mean(dim=1), "patch": out["patch"], "pyramid": self.pyramid(out["stages"])}
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .hivit import LayerNorm, MlpBlock
+from .hivit import LayerNorm, MlpBlock, init_weights
 
 
 class PatchSplit(nn.Module):
@@ -47,6 +47,7 @@ class FeaturePyramid(nn.Module):
         self.align_dim_8to4 = nn.Linear(d4, fpn_dim, bias=False)
         self.block_8to4 = nn.Sequential(*[MlpBlock(fpn_dim, mlp_ratio) for _ in range(fpn_depth)])
         self.fpn_modules = nn.ModuleList([MlpBlock(fpn_dim, mlp_ratio) for _ in range(3)])
+        self.apply(init_weights)  # the reference initialises the whole model so, pyramid included
 
     def forward(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
         """stages: the backbone's [stride 4 [B, K, 4, 4, d4], stride 8 [B, K, 2, 2, d8], stride 16

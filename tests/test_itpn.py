@@ -210,3 +210,20 @@ def test_export_file_rebuilds_strictly(tmp_path):
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
         load_itpn(tmp_path / "other.safetensors")
     assert json.loads(json.dumps(meta))  # plain JSON values
+
+
+def test_init_is_the_references_everywhere():
+    """iTPN's _init_weights over the whole model: linear weights trunc-normal 0.02, biases 0,
+    LayerNorms 1 / 0, the pyramid included; the position table starts as MAE's sin-cos table."""
+    from models.vit import sincos_pos_embed
+
+    torch.manual_seed(0)
+    model = build_itpn({"arch": "hivit_base", "image_size": 224, "patch_size": 16, "fpn_dim": 256, "fpn_depth": 2})
+    for part in (model.backbone, model.pyramid):
+        linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
+        weights = torch.cat([m.weight.flatten() for m in linears])
+        assert abs(weights.std().item() - 0.02) < 0.0015, type(part).__name__
+        assert all(m.bias is None or not m.bias.any() for m in linears)
+        norms = [m for m in part.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert norms and all((m.weight == 1).all() and not m.bias.any() for m in norms)
+    assert torch.equal(model.backbone.absolute_pos_embed.data, sincos_pos_embed(512, (14, 14), num_prefix=0))

@@ -239,8 +239,9 @@ class ITPN(nn.Module):
         dtype = self.student.pyramid.split_16to8.reduction.weight.dtype
         pred = self.predict(x.to(dtype), keep)["pixel"].float()
         target = pixel_targets(x, p, self.norm_pix)
-        totals = torch.tensor([pixel_loss(pred, target, masked).item() * real,
-                               pixel_loss(torch.zeros_like(target), target, masked).item() * real, float(real)],
+        n_masked = float(masked.sum()) * real  # sums over masked patches, so every rank's patch counts once
+        totals = torch.tensor([pixel_loss(pred, target, masked).item() * n_masked,
+                               pixel_loss(torch.zeros_like(target), target, masked).item() * n_masked, n_masked],
                               device=device, dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(totals)
