@@ -11,10 +11,12 @@ Output directory: config.json + model.safetensors (`ViTModel`, `Dinov2Model` for
 with layer-scale, `BeitModel` for a BEiT backbone: relative position bias, q/v biases),
 preprocessor_config.json (the run's resolution and normalisation), timm_model.safetensors (timm's
 layout, its `beit_*` models for BEiT; the command that loads it is printed and in the card) and
-README.md (the model card). Before it exits, the script loads what it wrote with `AutoModel` and
-timm and compares their [CLS] and patch features on two real photos with ours (`--no-check`
-skips this). Errors (not a checkpoint, incomplete, untrusted pickle, unknown architecture, an
-existing output) are one line on stderr and exit 2; nothing is left at the output path.
+README.md (the model card); an iTPN run (HiViT + pyramid, no transformers class) becomes
+itpn.safetensors, which `models.hivit.load_itpn` rebuilds strictly, and a short card. Before it
+exits, the script loads what it wrote with `AutoModel` and timm (or `load_itpn`) and compares
+their [CLS] and patch features on two real photos with ours (`--no-check` skips this). Errors
+(not a checkpoint, incomplete, untrusted pickle, unknown architecture, an existing output) are one
+line on stderr and exit 2; nothing is left at the output path.
 """
 
 from __future__ import annotations

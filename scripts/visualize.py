@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             print("visualize: attention maps need a run directory or checkpoint (the exported files are the same "
                   "weights)", file=sys.stderr)
             return 2
+        if not backbone.num_prefix_tokens:
+            print(f"visualize: {args.backbone} is a backbone without a [CLS] token (method {backbone.method}), so "
+                  "there is no [CLS] attention to draw; use `visualize.py clusters`", file=sys.stderr)
+            return 2
         path = pictures.attention_figure(backbone.model, x, backbone.mean, backbone.std,
                                          Path(args.out or "attention.png"))
     else:

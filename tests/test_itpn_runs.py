@@ -58,3 +58,16 @@ def test_tiny_run_learns_features_and_draws_reconstructions(tmp_path):
     with Image.open(run / "reconstructions.png") as im:
         assert im.size[0] > 400 and "reconstructions" in im.info.get("Description", "")
     assert (run / "clusters.png").is_file() and (run / "curves.png").is_file()
+
+    # the README's export: one file of backbone + pyramid, rebuilt strictly, equal to the checkpoint's model
+    out = tmp_path / "export"
+    converted = subprocess.run([sys.executable, "scripts/convert_to_hf.py", str(run), str(out)], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert re.search(r"check: patch 0\.0e\+00, pyramid16 0\.0e\+00, pyramid8 0\.0e\+00, pyramid4 0\.0e\+00",
+                     converted.stderr), converted.stderr[-2000:]
+    from models.hivit import load_itpn
+
+    model, meta = load_itpn(out / "itpn.safetensors")
+    assert meta["step"] == 600 and meta["itpn_arch"]["arch"] == "hivit_tiny"
+    assert abs(meta["knn"]["knn"] - trained) < 0.01
