@@ -37,12 +37,17 @@ from models.kernels.attention import get_attention
 from models.pyramid import FeaturePyramid
 
 from . import build_frozen_teacher, kernels, register
-from .maskalign import random_visible, visible_count
+from .maskalign import random_visible, step_generator, visible_count
 
 log = logging.getLogger(__name__)
 
 LEVELS = (16, 8, 4)  # the pyramid's strides, in its output order
 INNER = {16: 1, 8: 2, 4: 4}  # inner tokens per patch side at each stride
+
+
+def dropped(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[B, K] kept indices -> [B, N] bool, True at the dropped (masked) patches."""
+    return torch.ones(keep.shape[0], num_patches, dtype=torch.bool, device=keep.device).scatter(1, keep, False)
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -158,10 +163,8 @@ class ITPN(nn.Module):
         return self
 
     def visible(self, batch: int, num_patches: int, micro_step: int, device: torch.device) -> torch.Tensor:
-        # A pure function of (seed, rank, micro-step): resumes draw the same masks, ranks differ.
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        generator = torch.Generator().manual_seed(hash((self.seed, rank, micro_step)) & (2**62 - 1))
-        return random_visible(batch, num_patches, visible_count(num_patches, self.mask_ratio), generator, device)
+        keep = visible_count(num_patches, self.mask_ratio)
+        return random_visible(batch, num_patches, keep, step_generator(self.seed, micro_step), device)
 
     @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -196,7 +199,7 @@ class ITPN(nn.Module):
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         N = grid[0] * grid[1]
         keep = self.visible(images.shape[0], N, int(values["micro_step"]), images.device)
-        masked = torch.ones(images.shape[0], N, dtype=torch.bool, device=images.device).scatter(1, keep, False)
+        masked = dropped(keep, N)
         targets = self.teacher_targets(images, grid)
         preds = self.predict(images, keep)
         losses = {}
@@ -235,7 +238,7 @@ class ITPN(nn.Module):
         N = grid[0] * grid[1]
         keep = random_visible(x.shape[0], N, visible_count(N, self.mask_ratio), torch.Generator().manual_seed(0),
                               device)
-        masked = torch.ones(x.shape[0], N, dtype=torch.bool, device=device).scatter(1, keep, False)
+        masked = dropped(keep, N)
         dtype = self.student.pyramid.split_16to8.reduction.weight.dtype
         pred = self.predict(x.to(dtype), keep)["pixel"].float()
         target = pixel_targets(x, p, self.norm_pix)

@@ -33,6 +33,13 @@ def visible_count(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(num_patches * (1.0 - mask_ratio)))
 
 
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The masks' random numbers: a pure function of (seed, rank, micro-step), so a resume draws the
+    same masks and ranks draw different ones (hash of a tuple of ints: the same in every process)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return torch.Generator().manual_seed(hash((seed, rank, micro_step)) & (2**62 - 1))
+
+
 def random_visible(batch: int, num_patches: int, keep: int, generator: torch.Generator,
                    device: torch.device) -> torch.Tensor:
     """[B, keep] patch indices, uniformly random per image, in increasing order."""
@@ -116,9 +123,7 @@ class MaskAlign(nn.Module):
     def visible(self, cls_attn: torch.Tensor | None, batch: int, num_patches: int, micro_step: int,
                 device: torch.device) -> torch.Tensor:
         keep = visible_count(num_patches, self.mask_ratio)
-        # A pure function of (seed, rank, micro-step): resumes draw the same masks, ranks differ.
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        generator = torch.Generator().manual_seed(hash((self.seed, rank, micro_step)) & (2**62 - 1))
+        generator = step_generator(self.seed, micro_step)
         if self.masking == "attentive":
             return attentive_visible(cls_attn, keep, generator, self.attentive_sampling)
         return random_visible(batch, num_patches, keep, generator, device)
