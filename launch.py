@@ -137,7 +137,13 @@ def build_loader(cfg: Config, env: DistEnv):
                               rank=env.rank, world_size=env.world_size)
 
 
-def dry_run(cfg: Config, env: DistEnv, batches: int) -> None:
+def dry_run(cfg: Config, ds: dict, env: DistEnv, batches: int) -> None:
+    from trainer.plan.memory import plan_this_run
+
+    result = plan_this_run(cfg, ds, env.world_size, search=True)
+    if env.rank == 0:
+        print(result.table())
+        log.info("memory plan: %s", result.verdict())
     loader = build_loader(cfg, env)
     log.info("data: %d shards, %d per rank x %d workers, batch %d", len(loader.plan.urls),
              len(loader.plan.urls) // env.world_size, cfg.data.num_workers, cfg.data.batch_size)
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         say_ranks(env)
     if args.dry_run is not None:
         try:
-            dry_run(cfg, env, args.dry_run)
+            dry_run(cfg, ds, env, args.dry_run)
         except ValueError as e:
             say(f"mimscale: {e}")
             return 2

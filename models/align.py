@@ -25,8 +25,9 @@ def layerwise_matrix(student_blocks: list[int], teacher_blocks: list[int], stude
                      teacher_depth: int) -> torch.Tensor:
     """[T, S]: a single 1 per row, teacher block t <- the chosen student block nearest to the same
     relative depth. With equal depths and every block chosen it is the identity."""
-    w = torch.zeros(len(teacher_blocks), len(student_blocks))
-    s_rel = torch.tensor([b / max(student_depth - 1, 1) for b in student_blocks])
+    # On the CPU whatever the default device (a model built on the meta device needs its values)
+    w = torch.zeros(len(teacher_blocks), len(student_blocks), device="cpu")
+    s_rel = torch.tensor([b / max(student_depth - 1, 1) for b in student_blocks], device="cpu")
     for j, t in enumerate(teacher_blocks):
         w[j, (s_rel - t / max(teacher_depth - 1, 1)).abs().argmin()] = 1.0
     return w

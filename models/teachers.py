@@ -37,6 +37,7 @@ TEACHER_ARCHS: dict[str, tuple[str, dict]] = {
     "ViT-L-14-quickgelu": ("vit_large_patch14_clip_quickgelu_224", {}),
     "ViT-H-14": ("vit_huge_patch14_clip_224", {}),
     "ViT-g-14": ("vit_giant_patch14_clip_224", {}),
+    "ViT-bigG-14": ("vit_gigantic_patch14_clip_224", {}),
     "clip_vit_tiny": ("vit_base_patch16_clip_224", {
         "embed_dim": TINY_CLIP_VISION["width"], "depth": TINY_CLIP_VISION["layers"],
         "num_heads": TINY_CLIP_VISION["width"] // TINY_CLIP_VISION["head_width"],

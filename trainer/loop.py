@@ -126,6 +126,10 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         torch.cuda.set_device(device)
     dtype = DTYPES[cfg.run.precision]
 
+    if device.type == "cuda" and env.rank == 0:  # a config that cannot fit says so before the engine exists
+        from .plan.memory import warn_if_over
+
+        warn_if_over(cfg, ds_config, env.world_size)
     engine, ema = build_engine(cfg, ds_config, cfg.run.seed)
     loader = build_train_loader(cfg.data, patch_size=cfg.model.patch_size, seed=cfg.run.seed, rank=env.rank,
                                 world_size=env.world_size, pin_memory=device.type == "cuda")

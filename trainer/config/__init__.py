@@ -8,9 +8,10 @@ Every field carries its own help text (`python launch.py --help-config` prints t
 - `loading.py`: YAML files with `base:`, overrides, coercion, validation.
 """
 
-from .fields import ConfigError
+from .fields import ConfigError, files_unchecked
 from .loading import CONFIG_DIR, DEFAULT_CONFIG, PROJECT_ROOT, build_config, describe, dump_yaml, load_config, to_dict
 from .schema import Config
 
 __all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "PROJECT_ROOT", "Config", "ConfigError", "build_config", "describe",
+           "files_unchecked",
            "dump_yaml", "load_config", "to_dict"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import copy
 import dataclasses
 from dataclasses import field
@@ -22,6 +25,25 @@ class _Invalid(Exception):
     def __init__(self, key: str, problem: str):
         super().__init__(key, problem)
         self.key, self.problem = key, problem
+
+
+# Whether validation reads the files a config names (teacher and tokenizer weights). Off only while
+# sizing a run somewhere those files are not (scripts/plan_memory.py on a laptop): see `files_unchecked`.
+CHECK_FILES = [True]
+
+
+@contextlib.contextmanager
+def files_unchecked() -> Iterator[None]:
+    """Validate configs without reading the weights files they name (planning, not training)."""
+    CHECK_FILES.append(False)
+    try:
+        yield
+    finally:
+        CHECK_FILES.pop()
+
+
+def checking_files() -> bool:
+    return CHECK_FILES[-1]
 
 
 def _require(ok: bool, key: str, problem: str) -> None:

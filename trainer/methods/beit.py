@@ -16,12 +16,16 @@ fp16 on a GPU, its output layer in fp32).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from models.dvae import FrozenTokenizer, read_encoder_arch
+from models.dvae import DVAEArch, FrozenTokenizer, read_encoder_arch
 from models.kernels.softmax_ce import get_hard_ce, hard_ce_reference
 from models.vit import VisionTransformer, beit_normal_
+
+from trainer.config.fields import checking_files
 
 from . import build_student, kernels, register
 
@@ -40,6 +44,14 @@ def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, l
         freq = counts / counts.sum().clamp(min=1)
         blind = -torch.special.xlogy(freq, freq).sum()
     return {"mim": per_token.mean(), "token_accuracy": accuracy, "mim_blind": blind, "accuracy_blind": freq.max()}
+
+
+def tokenizer_arch(path: str, vocab_size: int) -> DVAEArch:
+    """The tokenizer file's architecture (checked by the config, and on load); where the file is not
+    there and the config was read without its files (sizing a run: trainer/plan), DALL-E's encoder."""
+    if not checking_files() and not Path(path).expanduser().is_file():
+        return DVAEArch(vocab_size=vocab_size)
+    return read_encoder_arch(path, check=False)
 
 
 @register("beit")
@@ -63,7 +75,7 @@ class BEiT(nn.Module):
         student = build_student(cfg, pos_embed="learned" if b.abs_pos_embed else "none",
                                 layer_scale=b.layer_scale or None, rel_pos_bias=b.rel_pos_bias, qkv_bias=b.qkv_bias,
                                 init=b.init)
-        tokenizer = FrozenTokenizer(read_encoder_arch(b.tokenizer, check=False))  # checked by the config, and on load
+        tokenizer = FrozenTokenizer(tokenizer_arch(b.tokenizer, b.vocab_size))
         return cls(student, tokenizer, b.vocab_size, get_hard_ce(kernels(cfg)), b.init)
 
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""The run planner (trainer/plan): parameter counts, activation memory against measured peaks,
+FLOPs against a hand count, the ViT-G configs fitting 64 x 80 GB, the CLI and the launch warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action, MemoryProfile
+
+from models.vit import VIT_ARCHS, build_vit
+from trainer.config import PROJECT_ROOT, files_unchecked, load_config
+from trainer.ds_config import build_ds_config
+from trainer.plan import workload
+from trainer.plan.flops import device_peak, step_flops
+from trainer.plan.memory import GiB, activations, plan, warn_if_over
+
+CONFIGS = PROJECT_ROOT / "configs"
+TINY = ["defaults", "ibot_vit_tiny", "ibot_clip_vit_tiny", "maskalign_vit_tiny", "beit_vit_tiny", "itpn_hivit_tiny",
+        "dvae_tiny"]
+
+
+def config(name: str, *overrides: str):
+    with files_unchecked():
+        return load_config(CONFIGS / f"{name}.yaml", list(overrides))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_counts_equal_the_instantiated_method(name):
+    """Every method: the planner's counts (meta device) are those of the module the engine builds."""
+    from trainer.methods import METHODS
+
+    cfg = config(name)
+    counts = workload.count_parameters(workload.build_meta(cfg))
+    torch.manual_seed(0)
+    with files_unchecked():
+        real = METHODS[cfg.method].from_config(cfg)
+    assert counts == workload.count_parameters(real)
+    assert counts.total == sum(p.numel() for p in real.parameters())
+    assert counts.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0
+
+
+TIMM_NAMES = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
+              "vit_large": "vit_large_patch16_224", "vit_huge": "vit_huge_patch14_224",
+              "vit_giant": "vit_giant_patch14_224", "vit_gigantic": "vit_gigantic_patch14_224"}
+
+
+@pytest.mark.parametrize("arch", [a for a in VIT_ARCHS if a in TIMM_NAMES])
+def test_every_registered_vit_has_timms_parameter_count(arch):
+    """Our backbones on the meta device against timm's registry (the published shapes), plus our [MASK]."""
+    width, depth, *_ = VIT_ARCHS[arch]
+    with torch.device("meta"):
+        ours = build_vit(arch, img_size=224)
+        theirs = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters()) + width  # + mask_token
+    if arch == "vit_gigantic":  # DESIGN.md: ViT-G/14 1.8B, depth 48, width 1664
+        assert (depth, width) == (48, 1664) and 1.84e9 < n < 1.85e9
+
+
+def _measured_peak(fn) -> int:
+    """Peak bytes allocated above what existed before `fn` (torch.profiler's memory timeline, CPU)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def drop_gradients(model: torch.nn.Module) -> None:
+    """Free each gradient as soon as it is complete, as ZeRO-3's reduce-scatter hands them off: the
+    planner counts gradients in rows of their own (fp32 partition, reduce bucket), not as activations."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+
+
+@pytest.mark.parametrize("every", [0, 1, 2])
+def test_activation_estimate_within_15_percent_of_measured_peak(every):
+    """A ViT-S forward + backward in bf16 on the CPU: the planner's activations (saved tensors,
+    the backward's working set, one recomputed block under checkpointing) vs the profiler's peak."""
+    def build(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            m = build_vit("vit_small", img_size=112, patch_size=16).to(torch.bfloat16)
+        m.set_grad_checkpointing(bool(every), every=every or 1)
+        return m
+
+    meta = build("meta")
+    x_meta = torch.empty(16, 3, 112, 112, device="meta", dtype=torch.bfloat16)
+    cost = workload.measure("vit", lambda: meta.forward_features(x_meta), True, meta)
+    recompute = 0
+    if every:
+        meta.set_grad_checkpointing(False)
+        full = workload.measure("vit", lambda: meta.forward_features(x_meta), True, meta).saved
+        recompute = full / 12 if 11 % every == 0 else 0  # as trainer/plan/memory.py activations()
+    estimate = cost.saved + 2 * cost.working + recompute
+
+    model, x = build("cpu"), torch.randn(16, 3, 112, 112).to(torch.bfloat16)
+    drop_gradients(model)
+
+    def step():
+        out = model.forward_features(x)
+        (out["patch"].float().square().mean() + out["cls"].float().mean()).backward()
+
+    step()  # warm-up: first-call allocations
+    model.zero_grad(set_to_none=True)
+    measured = _measured_peak(step)
+    print(f"every {every}: estimate {estimate / 2**20:.1f} MiB, measured peak {measured / 2**20:.1f} MiB, "
+          f"error {100 * (estimate / measured - 1):+.1f}%")
+    assert abs(estimate / measured - 1) < 0.15
+
+
+def test_method_step_estimate_against_measured_peak():
+    """The default iBOT step (student, EMA teacher, heads, loss) at micro-batch 64 on the CPU: the
+    planner's whole activation estimate vs the measured peak of the real forward + backward."""
+    from trainer.methods import METHODS
+
+    cfg = config("defaults", "run.kernels=torch", "run.precision=bf16")
+    b = cfg.data.batch_size
+    estimate = activations(workload.build_meta(cfg), cfg, b, 0, fused_ce=False).total
+    torch.manual_seed(0)
+    method = METHODS[cfg.method].from_config(cfg).to(torch.bfloat16)
+    drop_gradients(method)
+    s = workload.shapes(cfg, b)
+    masks = torch.zeros(s.global_n, b, s.grid * s.grid, dtype=torch.bool)
+    masks[..., : s.masked_per_view] = True  # the planner's worst case: every view masked at the top ratio
+    batch = {"global_crops": torch.randn(s.global_n, b, 3, s.global_size, s.global_size).to(torch.bfloat16),
+             "local_crops": torch.randn(s.local_n, b, 3, s.local_size, s.local_size).to(torch.bfloat16),
+             "masks": masks.view(s.global_n, b, s.grid, s.grid)}
+    values = {"teacher_temp": 0.04, "teacher_patch_temp": 0.04}
+
+    def step():
+        losses = method(batch, values)
+        sum(losses.values()).backward()
+
+    step()
+    method.zero_grad(set_to_none=True)
+    measured = _measured_peak(step)
+    print(f"iBOT default step: estimate {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert abs(estimate / measured - 1) < 0.15
+
+
+def test_flops_of_a_vit_b16_forward_equal_a_hand_count():
+    N, D, H, L = 197, 768, 12, 12  # tokens, width, heads, blocks
+    patch_embed = 2 * 196 * D * (3 * 16 * 16)
+    per_block = 2 * N * D * 3 * D + 2 * 2 * H * N * N * (D // H) + 2 * N * D * D + 2 * 2 * N * D * 4 * D
+    hand = patch_embed + L * per_block
+    assert hand == 35_126_120_448  # 17.56 GMACs: the usual "17.6 GFLOPs" of ViT-B/16 counts multiply-adds
+    with torch.device("meta"):
+        m = build_vit("vit_base", img_size=224)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        m.forward_features(torch.empty(1, 3, 224, 224, device="meta"))
+    assert counter.get_total_flops() == hand
+
+
+def test_step_flops_count_grad_passes_three_times():
+    cfg = config("ibot_l16_in22k", "data.local_crops.number=0")
+    f = step_flops(cfg)
+    with torch.device("meta"):
+        vit = build_vit("vit_large", img_size=224)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        vit.forward_features(torch.empty(2 * cfg.data.batch_size, 3, 224, 224, device="meta"))
+    backbone = counter.get_total_flops()
+    # the student's backbone costs 3x, the teacher's 1x; the heads add a few percent
+    assert 4 * backbone < f["total"] < 4.3 * backbone
+    assert device_peak("NVIDIA H100 80GB HBM3") == 989e12 and device_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert device_peak("a CPU") is None
+
+
+@pytest.mark.parametrize("name", ["ibot_l16_in22k", "ibot_h14_in22k", "ibot_g14_in22k", "ibot_G14_in22k",
+                                  "ibot_clip_vit_G14_in22k"])
+def test_large_configs_fit_64_gpus_of_80_gb(name):
+    cfg = config(name)
+    p = plan(cfg, build_ds_config("zero3.json", cfg, 64), 64, 80 * GiB, search=False)
+    print(p.table())
+    assert p.fits and p.micro_batch >= 16 and p.margin > 10 * GiB
+    if "G14" in name:
+        assert cfg.model.arch == "vit_gigantic" and cfg.ibot.out_dim == 65536 and cfg.model.sharded_init
+        assert 1.84e9 < p.counts.trainable < 1.91e9  # ViT-G/14 + iBOT heads
+
+
+def test_checkpointing_and_offload_change_the_plan_the_way_they_should():
+    cfg = config("ibot_l16_in22k", "model.grad_checkpointing=1")
+    z3 = build_ds_config("zero3.json", cfg, 8)
+    base = plan(cfg, z3, 8, 80 * GiB, search=False)
+    rows = {r.name: r for r in base.rows}
+    assert base.activations_without_checkpointing > 5 * rows["activations: student (saved for backward)"].gpu
+    off = plan(cfg, build_ds_config("zero3_offload.json", cfg, 8), 8, 80 * GiB, search=False)
+    off_rows = {r.name: r for r in off.rows}
+    assert off_rows["Adam moments (fp32 m, v)"].gpu == 0 and off_rows["Adam moments (fp32 m, v)"].host > 0
+    assert off.total < base.total
+    # ZeRO-3 shards the states: 8 -> 64 GPUs divides them by 8
+    wide = {r.name: r for r in plan(cfg, z3, 64, 80 * GiB, search=False).rows}
+    assert wide["fp32 master weights"].gpu == pytest.approx(rows["fp32 master weights"].gpu / 8)
+
+
+def test_largest_micro_batch_is_the_boundary():
+    cfg = config("ibot_l16_in22k")
+    ds = build_ds_config("zero3.json", cfg, 8)
+    p = plan(cfg, ds, 8, 24 * GiB, micro_batch=16)
+    b = p.largest_micro_batch
+    assert b and b > 16
+    method = workload.build_meta(cfg)
+    assert plan(cfg, ds, 8, 24 * GiB, micro_batch=b, method=method, search=False).fits
+    assert not plan(cfg, ds, 8, 24 * GiB, micro_batch=b + 1, method=method, search=False).fits
+
+
+def test_cli_says_whether_it_fits(capsys, tmp_path):
+    import json
+
+    from scripts.plan_memory import main
+
+    assert main(["--config", str(CONFIGS / "ibot_vit_tiny.yaml"), "--gpus", "2", "--gpu-mem", "16",
+                 "--json", str(tmp_path / "p.json"), "--flops"]) == 0
+    out = capsys.readouterr().out
+    assert "fits:" in out and "largest micro-batch" in out and "model FLOPs per optimizer step" in out
+    assert json.loads((tmp_path / "p.json").read_text())["fits"] is True
+    assert main(["--config", str(CONFIGS / "ibot_G14_in22k.yaml"), "--gpus", "1", "--gpu-mem", "16"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["--config", str(CONFIGS / "ibot_G14_in22k.yaml"), "--gpus", "0"]) == 2
+
+
+def test_launch_warns_before_the_engine_when_the_plan_does_not_fit(caplog):
+    cfg = config("ibot_G14_in22k")
+    with caplog.at_level(logging.WARNING):
+        result = warn_if_over(cfg, build_ds_config("zero3.json", cfg, 1), 1, available=8 * GiB)
+    assert not result.fits and "does NOT fit" in caplog.text and "plan_memory.py" in caplog.text

@@ -1,0 +1,307 @@
+"""Per-GPU memory of a run: what DeepSpeed keeps for the ZeRO stage, plus the step's activations.
+
+States, per parameter of each kind (P trainable, E EMA teacher, F frozen teachers; R ranks):
+
+    ZeRO-3                       ZeRO-1/2
+    bf16 weights     2P/R        2P
+    gradients        4P/R        2P (stage 1) / 2P/R (stage 2)    fp32 partition under ZeRO-3 (DeepSpeed
+                                                                  accumulates bf16 gradients in fp32 there)
+    fp32 master      4P/R        4P/R     } on the CPU (or NVMe) with offload_optimizer
+    Adam m, v        8P/R        8P/R     }
+    EMA teacher      2E/R        2E       bf16 working copy
+    EMA shadow       4E/R        4E       our fp32 shadow (trainer/ema.py), on the GPU
+    frozen teachers  2F/R        2F
+
+plus, under ZeRO-3, the parameters gathered at once (the largest module a forward gathers, and
+the prefetch bucket) and the gradient reduce bucket; then the step's activations (workload.py):
+the student's saved tensors, the teachers' outputs kept until the loss, the loss's logits, the
+largest working set, and under activation checkpointing one block's recomputed activations.
+
+What is not modelled is one row, a rule of thumb: the CUDA context, NCCL buffers and allocator
+fragmentation (1 GiB + 10% of the activations). The activation estimate is checked against
+measured peaks in tests/test_plan.py (CPU) and bench/results/ (GPU, where one was available).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from trainer.config import Config
+
+from . import workload
+
+log = logging.getLogger(__name__)
+
+GiB = 2 ** 30
+RESERVE_FIXED = 1 * GiB  # CUDA context + NCCL buffers (rule of thumb, not measured here)
+RESERVE_FRACTION = 0.10  # allocator fragmentation, as a fraction of the activations
+
+
+@dataclass
+class Zero:
+    """The memory-relevant part of a DeepSpeed config."""
+
+    stage: int
+    offload_optimizer: str  # none | cpu | nvme
+    offload_param: str
+    reduce_bucket: int  # elements
+    prefetch_bucket: int
+    max_live: int
+
+    @classmethod
+    def from_ds(cls, ds: dict) -> Zero:
+        z = ds.get("zero_optimization", {})
+
+        def device(key: str) -> str:
+            return (z.get(key) or {}).get("device", "none") or "none"
+
+        return cls(int(z.get("stage", 0)), device("offload_optimizer"), device("offload_param"),
+                   int(z.get("reduce_bucket_size", 5e8)), int(z.get("stage3_prefetch_bucket_size", 5e7)),
+                   int(z.get("stage3_max_live_parameters", 1e9)))
+
+
+@dataclass
+class Row:
+    name: str
+    gpu: float  # bytes per GPU
+    host: float = 0.0  # bytes per rank in CPU memory (offload)
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    config: str
+    gpus: int
+    gpu_bytes: float
+    micro_batch: int
+    rows: list[Row]
+    counts: workload.Counts
+    activations_without_checkpointing: float
+    largest_micro_batch: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(r.gpu for r in self.rows)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+    @property
+    def margin(self) -> float:
+        return self.gpu_bytes - self.total
+
+    def verdict(self) -> str:
+        need = self.total / GiB
+        if self.fits:
+            line = (f"fits: {need:.1f} of {self.gpu_bytes / GiB:.0f} GiB per GPU at micro-batch {self.micro_batch} "
+                    f"({self.margin / GiB:.1f} GiB, {100 * self.margin / self.gpu_bytes:.0f}% to spare)")
+        else:
+            line = (f"does NOT fit: {need:.1f} GiB per GPU needed at micro-batch {self.micro_batch}, "
+                    f"{self.gpu_bytes / GiB:.0f} GiB available ({-self.margin / GiB:.1f} GiB short)")
+        if self.largest_micro_batch:
+            line += f"; the largest micro-batch that fits is {self.largest_micro_batch}"
+        elif self.largest_micro_batch == 0:
+            line += "; not even micro-batch 1 fits (more GPUs, offload, or activation checkpointing)"
+        return line
+
+    def table(self) -> str:
+        c = self.counts
+        frozen = ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in c.frozen.items()) or "none"
+        lines = [f"{self.config}: {self.gpus} rank(s) of {self.gpu_bytes / GiB:.0f} GiB, micro-batch "
+                 f"{self.micro_batch} per rank",
+                 f"parameters: trainable {c.trainable / 1e6:,.1f}M (heads included: {c.heads / 1e6:,.1f}M), "
+                 f"EMA teacher {c.ema / 1e6:,.1f}M, frozen {frozen}; largest gather "
+                 f"{c.largest_gather / 1e6:,.1f}M ({c.largest_name})",
+                 f"{'':44} {'GPU GiB':>9} {'CPU GiB':>9}"]
+        for r in self.rows:
+            host = f"{r.host / GiB:9.2f}" if r.host else f"{'':9}"
+            lines.append(f"  {r.name:42} {r.gpu / GiB:9.2f} {host}  {r.note}")
+        lines.append(f"  {'total':42} {self.total / GiB:9.2f}")
+        lines += [f"  ({n})" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "gpus": self.gpus, "gpu_gib": self.gpu_bytes / GiB,
+                "micro_batch": self.micro_batch, "total_gib": self.total / GiB, "fits": self.fits,
+                "margin_gib": self.margin / GiB, "largest_micro_batch": self.largest_micro_batch,
+                "rows": [{"name": r.name, "gpu_gib": r.gpu / GiB, "cpu_gib": r.host / GiB, "note": r.note}
+                         for r in self.rows],
+                "parameters": {"trainable": self.counts.trainable, "ema": self.counts.ema,
+                               "frozen": self.counts.frozen, "heads": self.counts.heads},
+                "activations_without_checkpointing_gib": self.activations_without_checkpointing / GiB}
+
+
+def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int) -> list[Row]:
+    """Weights, gradients, optimizer states and teachers per GPU (module docstring)."""
+    P, E, F = counts.trainable, counts.ema, sum(counts.frozen.values())
+    shard = ranks if z.stage == 3 else 1
+    off_opt, off_par = z.offload_optimizer != "none", z.offload_param != "none"
+
+    def placed(name: str, nbytes: float, offloaded: bool, note: str) -> Row:
+        return Row(name, 0.0 if offloaded else nbytes, nbytes if offloaded else 0.0,
+                   note + (f" (offloaded: {z.offload_optimizer if 'fp32' in name or 'Adam' in name else z.offload_param})"
+                           if offloaded else ""))
+
+    grads = 4 * P / ranks if z.stage == 3 else 2 * P / (ranks if z.stage == 2 else 1)
+    rows = [placed("student weights (bf16)", e * P / shard, off_par, f"1/{shard}" if shard > 1 else "whole"),
+            placed("gradients", grads, off_opt and z.stage == 3,
+                   "fp32 partition" if z.stage == 3 else "bf16" + (" partition" if z.stage == 2 else "")),
+            placed("fp32 master weights", 4 * P / ranks if z.stage else 4 * P, off_opt, "partition"),
+            placed("Adam moments (fp32 m, v)", 8 * P / ranks if z.stage else 8 * P, off_opt, "partition")]
+    if E:
+        rows += [placed("EMA teacher (bf16)", e * E / shard, off_par, "shard-local"),
+                 Row("EMA shadow (fp32)", 4 * E / shard, 0.0, "trainer/ema.py, on the GPU")]
+    if F:
+        rows.append(placed("frozen teachers (bf16)", e * F / shard, off_par, ", ".join(counts.frozen)))
+    if z.stage == 3:
+        gathered = counts.largest_gather + min(z.prefetch_bucket, z.max_live, counts.total)
+        rows.append(Row("gathered weights (largest + prefetch)", e * gathered, 0.0,
+                        f"{counts.largest_gather / 1e6:.1f}M + prefetch {gathered / 1e6 - counts.largest_gather / 1e6:.0f}M"))
+    if z.stage >= 2:
+        rows.append(Row("gradient reduce bucket", e * min(z.reduce_bucket, P), 0.0,
+                        f"{min(z.reduce_bucket, P) / 1e6:.0f}M elements"))
+    return rows
+
+
+@dataclass
+class Activations:
+    saved: float  # the student's tensors kept for the backward
+    kept: float  # teacher outputs alive until the loss
+    logits: float  # the loss's logits
+    working: float  # the largest working set (backward: twice the forward's)
+    recompute: float  # one checkpointed block recomputed in the backward
+
+    @property
+    def total(self) -> float:
+        return self.saved + self.kept + self.logits + self.working + self.recompute
+
+
+def activations(method: nn.Module, cfg: Config, b: int, every: int, fused_ce: bool) -> Activations:
+    """Peak activation memory of one micro-batch of `b` images with checkpointing of every `every`-th
+    student block (0: none). `method` is on the meta device (workload.build_meta)."""
+    backbone = method.student["backbone"]
+    can_checkpoint = hasattr(backbone, "set_grad_checkpointing")
+    depth = len(getattr(backbone, "blocks", [])) or 1
+    recompute = 0.0
+    if can_checkpoint:
+        backbone.set_grad_checkpointing(bool(every), every=every or 1)
+    passes = workload.step_passes(method, cfg, b)
+    if can_checkpoint and every:
+        backbone.set_grad_checkpointing(False)
+        full = sum(p.saved for p in workload.step_passes(method, cfg, b) if p.grad)
+        backbone.set_grad_checkpointing(True, every=every)
+        # The backward recomputes one checkpointed block at a time. When the last block is not
+        # checkpointed, its saved tensors are freed before the first recomputation, which fits in their place.
+        recompute = full / depth if (depth - 1) % every == 0 else 0.0  # (embedding and head included: an upper bound)
+    grad = [p for p in passes if p.grad]
+    working = max([2 * p.working for p in grad] + [p.working for p in passes if not p.grad])
+    return Activations(sum(p.saved for p in grad), sum(p.kept for p in passes if not p.grad),
+                       workload.loss_bytes(method, cfg, b, fused_ce), working, recompute)
+
+
+def plans_fused_ce(cfg: Config) -> bool:
+    """Whether a GPU run of `cfg` uses the fused softmax-CE: run.kernels triton, or auto (the kernels pass
+    their self-check on a CUDA GPU with Triton; models/kernels resolve)."""
+    return cfg.run.kernels in ("auto", "triton")
+
+
+def plan(cfg: Config, ds: dict, gpus: int, gpu_bytes: float, micro_batch: int | None = None,
+         method: nn.Module | None = None, fused_ce: bool | None = None, name: str = "", search: bool = True) -> Plan:
+    """The per-GPU memory of `cfg` under DeepSpeed config `ds` on `gpus` ranks of `gpu_bytes` each;
+    `search`: also find the largest micro-batch that fits."""
+    method = method if method is not None else workload.build_meta(cfg)
+    fused = plans_fused_ce(cfg) if fused_ce is None else fused_ce
+    z = Zero.from_ds(ds)
+    e = workload.DTYPES[cfg.run.precision].itemsize
+    counts = workload.count_parameters(method)
+    b = micro_batch or cfg.data.batch_size
+    every = cfg.model.grad_checkpointing
+    states = state_rows(counts, z, gpus, e)
+
+    def rows_for(a: Activations) -> list[Row]:
+        what = f"checkpointing every {every}" if every else "no checkpointing"
+        act = [Row("activations: student (saved for backward)", a.saved, 0.0, what),
+               Row("activations: teacher outputs until the loss", a.kept, 0.0, ""),
+               Row("activations: loss logits", a.logits, 0.0, "fused softmax-CE chunks" if fused and a.logits else ""),
+               Row("activations: largest working set", a.working, 0.0, ""),
+               Row("activations: one block recomputed", a.recompute, 0.0, "")]
+        reserve = Row("CUDA context, NCCL, fragmentation", RESERVE_FIXED + RESERVE_FRACTION * a.total, 0.0,
+                      "rule of thumb")
+        return states + [r for r in act if r.gpu] + [reserve]
+
+    rows = rows_for(activations(method, cfg, b, every, fused))
+    no_ckpt = activations(method, cfg, b, 0, fused).total
+    largest = None
+    if search:
+        # Every activation is proportional to the micro-batch but for the loss's capped chunks (counted
+        # exactly for any b): measure b = 1 and 2, and search on the line through them.
+        one, two = (activations(method, cfg, n, every, fused) for n in (1, 2))
+
+        def at(n: int) -> float:
+            a = Activations(*(getattr(one, f) + (n - 1) * (getattr(two, f) - getattr(one, f))
+                              for f in ("saved", "kept", "logits", "working", "recompute")))
+            a.logits = workload.loss_bytes(method, cfg, n, fused)
+            return sum(r.gpu for r in rows_for(a))
+
+        largest = largest_micro_batch(at, gpu_bytes)
+    notes = []
+    if cfg.method in ("ibot", "ibot_clip") and cfg.data.local_crops.number:
+        notes.append("packed crops (run.kernels triton) run the same tokens through each block once: the same "
+                     "activations, and ZeRO-3 gathers each block once per step instead of once per resolution")
+    if not fused and cfg.method in ("ibot", "ibot_clip"):
+        notes.append("the PyTorch softmax-CE reference materialises the student's logits (run.kernels torch)")
+    if every:
+        notes.append(f"without activation checkpointing the activations would take {no_ckpt / GiB:.2f} GiB")
+    return Plan(name or cfg.run.output_dir, gpus, gpu_bytes, b, rows, counts, no_ckpt, largest, notes)
+
+
+def device_memory() -> tuple[float, str]:
+    """(bytes one rank may use, what that is): this GPU's memory, or without one the host's RAM
+    shared by the ranks of this node (LOCAL_WORLD_SIZE)."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return float(props.total_memory), props.name
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))), "host RAM per rank (no GPU)"
+
+
+def plan_this_run(cfg: Config, ds: dict, world_size: int, search: bool = False,
+                  available: float | None = None) -> Plan:
+    """The plan of the run about to start, against this machine's memory (or `available` bytes)."""
+    memory, what = device_memory()
+    return plan(cfg, ds, world_size, available or memory, search=search, name=f"this run ({what})")
+
+
+def warn_if_over(cfg: Config, ds: dict, world_size: int, available: float | None = None) -> Plan:
+    """Before the engine is built: a warning (not an error: the plan is an estimate) when the plan
+    needs more than the device has."""
+    result = plan_this_run(cfg, ds, world_size, available=available)
+    if not result.fits:
+        log.warning("memory plan: %s. The run may fail with out-of-memory; see python scripts/plan_memory.py "
+                    "--config ... --gpus %d (a smaller data.batch_size with optim.grad_accum, "
+                    "model.grad_checkpointing, or an offload ds_config)", result.verdict(), world_size)
+    else:
+        log.info("memory plan: %s", result.verdict())
+    return result
+
+
+def largest_micro_batch(total_at, budget: float, limit: int = 1 << 16) -> int:
+    """The largest b with total_at(b) <= budget (total_at grows with b), 0 if none: doubling, then bisection."""
+    if total_at(1) > budget:
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and total_at(hi) <= budget:
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total_at(mid) <= budget else (lo, mid)
+    return lo

@@ -1,0 +1,345 @@
+"""The config's networks on the meta device, and what one micro-batch of the method runs through them.
+
+A *pass* is one forward of the step: the student's (with gradients: autograd keeps tensors for the
+backward) or a teacher's (without: only its outputs stay alive, until the loss). Each pass runs on
+meta tensors, so its cost is counted from real shapes by the real module code:
+
+- saved: the bytes autograd keeps for the backward, counted by `saved_tensors_hooks` (each storage
+  once, parameters excluded);
+- kept: a no-grad pass's outputs (the teacher's targets, iBOT's teacher logits);
+- working: the largest input + output of one leaf module (a Linear, a GELU, attention): what is
+  alive beside the saved tensors while that module runs; the backward needs about twice that.
+
+Attention is counted as a flash kernel keeps it (q, k, v, output, an fp32 log-sum-exp per row; no
+N x N scores): the Triton kernel on a GPU, and PyTorch's CPU and CUDA SDPA kernels, do. On the
+meta device SDPA would fall back to its math form, which stores the scores.
+
+The fused softmax-CE head (`run.kernels` triton) holds [1024, K] logits at a time; the PyTorch
+reference materialises the student's logits (fp32) for every row that enters the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.config import Config, files_unchecked
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FUSED_CE_CHUNK_ROWS = 1024  # models/kernels/softmax_ce.py fused_linear_softmax_ce's default
+
+
+def build_meta(cfg: Config) -> nn.Module:
+    """The method module the engine would build for `cfg`, on the meta device, in the run's dtype
+    (DeepSpeed casts the module to bf16; the centers stay fp32 as the engine keeps them)."""
+    from trainer.methods import METHODS
+
+    with torch.device("meta"), files_unchecked():  # (shapes only: no weights file is read)
+        method = METHODS[cfg.method].from_config(cfg)
+    method.to(device="meta", dtype=DTYPES[cfg.run.precision])  # (buffers made from NumPy start on the CPU)
+    for name, buf in method.named_buffers():
+        if name.startswith("center"):
+            buf.data = buf.data.float()
+    return method
+
+
+@dataclass
+class Counts:
+    """Parameter counts of the method module, by what the engine does with them."""
+
+    trainable: int  # the optimizer's: student, heads, adapters, decoders, pyramid
+    ema: int  # the EMA teacher (`teacher`), a bf16 twin + fp32 shadow of (part of) the student
+    frozen: dict[str, int]  # frozen teachers loaded from files (CLIP, BEiT's tokenizer)
+    heads: int  # of which projection heads (student + teacher), for the table
+    largest_gather: int  # the most parameters one module owns directly: ZeRO-3 gathers module by module
+    largest_name: str
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.ema + sum(self.frozen.values())
+
+
+def count_parameters(method: nn.Module) -> Counts:
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    ema = sum(p.numel() for p in method.teacher.parameters()) if hasattr(method, "teacher") else 0
+    frozen = {name: sum(p.numel() for p in getattr(method, name).parameters())
+              for name in ("clip_teacher", "tokenizer") if hasattr(method, name)}
+    heads = sum(p.numel() for part in ("student", "teacher") if hasattr(method, part) and "head" in getattr(method, part)
+                for p in getattr(method, part)["head"].parameters())
+    name, largest = max(((n, sum(p.numel() for p in m.parameters(recurse=False))) for n, m in method.named_modules()),
+                        key=lambda x: x[1])
+    return Counts(trainable, ema, frozen, heads, largest, name)
+
+
+# ----------------------------------------------------------------------------- measuring a pass
+
+class _FlashAttention(torch.autograd.Function):
+    """Stands in for SDPA on meta tensors: keeps what a flash kernel keeps."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        if q.dim() == 4:  # [B, H, N, D] in the token-major layout the kernels write, so [B, N, C] is a view of it
+            o = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
+        else:
+            o = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    out = _FlashAttention.apply(q, k, v)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad:  # BEiT's bias keeps its gradient path
+        out = out + attn_mask.sum() * 0
+    return out
+
+
+@contextlib.contextmanager
+def flash_attention_on_meta() -> Iterator[None]:
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _flash_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+@dataclass
+class PassCost:
+    name: str
+    grad: bool
+    saved: int = 0  # bytes kept for the backward (grad passes)
+    kept: int = 0  # bytes of outputs alive until the loss (no-grad passes)
+    working: int = 0  # largest leaf-module input + output
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module) -> PassCost:
+    """Run `fn` (meta tensors) and count what it keeps; `modules`: where to watch the leaf modules."""
+    params = {p.untyped_storage()._cdata for p in modules.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s._cdata not in params:
+            storages[s._cdata] = max(storages.get(s._cdata, 0), s.nbytes())
+        return t
+
+    working = [0]
+
+    def hook(module, inputs, output):
+        working[0] = max(working[0], _nbytes(inputs) + _nbytes(output))
+
+    handles = [m.register_forward_hook(hook) for m in modules.modules() if not list(m.children())]
+    try:
+        with flash_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.set_grad_enabled(grad):
+            out = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    cost = PassCost(name, grad, working=working[0])
+    if grad:
+        cost.saved = sum(storages.values())
+    else:
+        cost.kept = _nbytes(out)
+    return cost
+
+
+# ----------------------------------------------------------------------------- what a step runs
+
+# The fraction of the worst-case masked patches a step is counted with: 1 for memory (every view
+# masked at the top of data.mask.ratio); trainer/plan/flops.py sets the expected fraction.
+MASKED_FRACTION = [1.0]
+
+
+@dataclass
+class Shapes:
+    """What one micro-batch of `b` images puts through the networks."""
+
+    b: int
+    global_n: int
+    global_size: int
+    local_n: int
+    local_size: int
+    patch: int
+    masked_per_view: int
+
+    @property
+    def grid(self) -> int:
+        return self.global_size // self.patch
+
+    @property
+    def patches(self) -> int:
+        return self.grid ** 2
+
+
+def shapes(cfg: Config, b: int) -> Shapes:
+    d, m = cfg.data, cfg.data.mask
+    N = (d.global_crops.size // cfg.model.patch_size) ** 2
+    masked = m.patches if m.patches is not None else int(N * m.ratio[1] * MASKED_FRACTION[0])
+    return Shapes(b, d.global_crops.number, d.global_crops.size, d.local_crops.number, d.local_crops.size,
+                  cfg.model.patch_size, masked)
+
+
+def _images(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(n, 3, size, size, device="meta", dtype=dtype)
+
+
+Call = tuple[str, Callable[[], object], bool, nn.Module]  # (name, run it, with gradients, where its modules are)
+
+
+def step_calls(method: nn.Module, cfg: Config, b: int) -> list[Call]:
+    """The passes one micro-batch of `b` images makes, teachers first (as the methods run them)."""
+    s, dt = shapes(cfg, b), DTYPES[cfg.run.precision]
+    return {"ibot": _ibot, "ibot_clip": _ibot, "maskalign": _maskalign, "beit": _beit, "itpn": _itpn,
+            "dvae": _dvae}[cfg.method](method, cfg, s, dt)
+
+
+def prototype_rows(method: nn.Module, cfg: Config, b: int) -> list[tuple[int, int, int]]:
+    """(rows, width, K) of each set of student scores computed inside the loss (iBOT's prototypes)."""
+    if cfg.method not in ("ibot", "ibot_clip"):
+        return []
+    s = shapes(cfg, b)
+    head = method.student.head
+    (_, cls_protos), (_, patch_protos) = head.cls_path(), head.patch_path()
+    pairs = s.global_n * (s.global_n + s.local_n - 1)  # each student crop against each other teacher view
+    return [(pairs * b, cls_protos.weight.shape[1], cls_protos.weight.shape[0]),
+            (s.global_n * b * s.masked_per_view, patch_protos.weight.shape[1], patch_protos.weight.shape[0])]
+
+
+def loss_bytes(method: nn.Module, cfg: Config, b: int, fused: bool) -> int:
+    """The logits that exist in the loss of one micro-batch: the fused softmax-CE holds one chunk of
+    logits and of their gradient at a time; the reference materialises them (bf16, an fp32 copy, the
+    fp32 log-softmax kept for the backward). BEiT: fp32 logits of the masked patches and their log-softmax."""
+    e = DTYPES[cfg.run.precision].itemsize
+    total = 0
+    for rows, _, K in prototype_rows(method, cfg, b):
+        total += min(rows, FUSED_CE_CHUNK_ROWS) * K * (e + 4) * 2 if fused else rows * K * (e + 8)
+    if cfg.method == "beit":
+        s = shapes(cfg, b)
+        total += s.b * s.masked_per_view * method.student.head.weight.shape[0] * 8
+    return total
+
+
+def step_passes(method: nn.Module, cfg: Config, b: int) -> list[PassCost]:
+    """Every pass of one micro-batch of `b` images, measured on the meta device."""
+    return [measure(name, fn, grad, modules) for name, fn, grad, modules in step_calls(method, cfg, b)]
+
+
+def _ibot(method, cfg, s: Shapes, dt) -> list[Call]:
+    G, L, b = s.global_n, s.local_n, s.b
+    masks = torch.zeros(G * b, s.grid, s.grid, dtype=torch.bool, device="meta")
+    M = G * b * s.masked_per_view
+
+    def teacher():
+        t = method.teacher.backbone.forward_features(_images(G * b, s.global_size, dt))
+        return method.teacher.head(t["cls"], t["patch"])
+
+    calls: list[Call] = [("EMA teacher (backbone + head)", teacher, False, method.teacher)]
+    clip = getattr(method, "clip_teacher", None)
+    if clip is not None:
+        def clip_pass():
+            images = _images(G * b, s.global_size, dt)
+            return clip(images, (s.grid, s.grid), cfg.data.augment.mean, cfg.data.augment.std, [method.clip_block])
+        calls.append(("frozen CLIP teacher", clip_pass, False, clip))
+    bb, head = method.student.backbone, method.student.head
+
+    def student():
+        outs = [bb.forward_features(_images(G * b, s.global_size, dt), masks)]
+        if L:
+            outs.append(bb.forward_features(_images(L * b, s.local_size, dt)))
+        (cls_mlp, _), (patch_mlp, _) = head.cls_path(), head.patch_path()
+        masked_tokens = outs[0]["patch"].flatten(0, 1)[:M]  # (a view: as many rows as `[flat_masks]` selects)
+        if head.batch_norm:
+            h = [head.bottlenecks(o["cls"], o["patch"]) for o in outs]
+        else:
+            h = [cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens)]
+        if clip is not None:
+            h.append(method.clip_head(masked_tokens))
+        return h
+
+    calls.append(("student (backbone + head MLP)", student, True, method.student))
+    return calls
+
+
+def _maskalign(method, cfg, s: Shapes, dt) -> list[Call]:
+    from trainer.methods.maskalign import visible_count
+
+    b, n = s.global_n * s.b, s.patches
+    keep = torch.zeros(b, visible_count(n, method.mask_ratio), dtype=torch.long, device="meta")
+    clip = method.clip_teacher
+
+    def teacher():
+        return clip(_images(b, s.global_size, dt), (s.grid, s.grid), cfg.data.augment.mean, cfg.data.augment.std,
+                    method.teacher_blocks, attention=method.masking == "attentive")
+
+    def student():
+        out = method.student.backbone.forward_features(_images(b, s.global_size, dt), keep=keep,
+                                                       blocks=method.student_blocks)
+        return method.align(out["blocks"])
+
+    return [("frozen CLIP teacher", teacher, False, clip), ("student (visible patches) + alignment", student, True,
+                                                            method)]
+
+
+def _beit(method, cfg, s: Shapes, dt) -> list[Call]:
+    b = s.b
+    second = cfg.data.global_crops.second_size or s.global_size
+    masks = torch.zeros(b, s.grid, s.grid, dtype=torch.bool, device="meta")
+    M = b * s.masked_per_view
+
+    def student():
+        out = method.student.backbone.forward_features(_images(b, s.global_size, dt), masks)
+        return method.student.head(out["patch"].flatten(0, 1)[:M])
+
+    return [("frozen tokenizer", lambda: method.tokenizer(torch.empty(b, 3, second, second, device="meta")), False,
+             method.tokenizer), ("student + head", student, True, method.student)]
+
+
+def _itpn(method, cfg, s: Shapes, dt) -> list[Call]:
+    from trainer.methods.maskalign import visible_count
+
+    b, n = s.b, s.patches
+    keep = torch.zeros(b, visible_count(n, method.mask_ratio), dtype=torch.long, device="meta")
+    images = _images(b, s.global_size, dt)
+    calls: list[Call] = []
+    teacher = getattr(method, "teacher", None) or getattr(method, "clip_teacher", None)
+    if teacher is not None:
+        calls.append(("teacher targets", lambda: method.teacher_targets(images, (s.grid, s.grid)), False, teacher))
+    calls.append(("student + pyramid + decoders", lambda: method.predict(images, keep), True, method.student))
+    return calls
+
+
+def _dvae(method, cfg, s: Shapes, dt) -> list[Call]:
+    from models.dvae import map_pixels
+    from trainer.methods.dvae import gumbel_softmax
+
+    vae = method.student.backbone
+
+    def student():
+        x = torch.empty(s.b, 3, s.global_size, s.global_size, device="meta")
+        logits = vae.encoder(map_pixels(x).to(dt)).float()
+        return vae.decoder(gumbel_softmax(logits, 1.0, hard=method.straight_through).to(dt)).float()
+
+    return [("dVAE encoder + decoder", student, True, method.student)]
