@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import field
 from typing import Any
 

@@ -24,7 +24,6 @@ import torch.nn as nn
 from models.dvae import DVAEArch, FrozenTokenizer, read_encoder_arch
 from models.kernels.softmax_ce import get_hard_ce, hard_ce_reference
 from models.vit import VisionTransformer, beit_normal_
-
 from trainer.config.fields import checking_files
 
 from . import build_student, kernels, register

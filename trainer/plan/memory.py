@@ -145,9 +145,9 @@ def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int) -> list[Row
     off_opt, off_par = z.offload_optimizer != "none", z.offload_param != "none"
 
     def placed(name: str, nbytes: float, offloaded: bool, note: str) -> Row:
+        where = z.offload_optimizer if "fp32" in name or "Adam" in name or name == "gradients" else z.offload_param
         return Row(name, 0.0 if offloaded else nbytes, nbytes if offloaded else 0.0,
-                   note + (f" (offloaded: {z.offload_optimizer if 'fp32' in name or 'Adam' in name else z.offload_param})"
-                           if offloaded else ""))
+                   note + (f" (offloaded: {where})" if offloaded else ""))
 
     grads = 4 * P / ranks if z.stage == 3 else 2 * P / (ranks if z.stage == 2 else 1)
     rows = [placed("student weights (bf16)", e * P / shard, off_par, f"1/{shard}" if shard > 1 else "whole"),
@@ -161,9 +161,9 @@ def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int) -> list[Row
     if F:
         rows.append(placed("frozen teachers (bf16)", e * F / shard, off_par, ", ".join(counts.frozen)))
     if z.stage == 3:
-        gathered = counts.largest_gather + min(z.prefetch_bucket, z.max_live, counts.total)
-        rows.append(Row("gathered weights (largest + prefetch)", e * gathered, 0.0,
-                        f"{counts.largest_gather / 1e6:.1f}M + prefetch {gathered / 1e6 - counts.largest_gather / 1e6:.0f}M"))
+        prefetch = min(z.prefetch_bucket, z.max_live, counts.total)
+        rows.append(Row("gathered weights (largest + prefetch)", e * (counts.largest_gather + prefetch), 0.0,
+                        f"{counts.largest_gather / 1e6:.1f}M + prefetch {prefetch / 1e6:.0f}M"))
     if z.stage >= 2:
         rows.append(Row("gradient reduce bucket", e * min(z.reduce_bucket, P), 0.0,
                         f"{min(z.reduce_bucket, P) / 1e6:.0f}M elements"))

@@ -69,8 +69,8 @@ def count_parameters(method: nn.Module) -> Counts:
     ema = sum(p.numel() for p in method.teacher.parameters()) if hasattr(method, "teacher") else 0
     frozen = {name: sum(p.numel() for p in getattr(method, name).parameters())
               for name in ("clip_teacher", "tokenizer") if hasattr(method, name)}
-    heads = sum(p.numel() for part in ("student", "teacher") if hasattr(method, part) and "head" in getattr(method, part)
-                for p in getattr(method, part)["head"].parameters())
+    parts = [getattr(method, n) for n in ("student", "teacher") if hasattr(method, n)]
+    heads = sum(p.numel() for part in parts if "head" in part for p in part["head"].parameters())
     name, largest = max(((n, sum(p.numel() for p in m.parameters(recurse=False))) for n, m in method.named_modules()),
                         key=lambda x: x[1])
     return Counts(trainable, ema, frozen, heads, largest, name)
