@@ -29,7 +29,9 @@ from .faults import JobDeadline, StepGuard
 from .grad_clip import PerParamClip
 from .methods import frozen_files
 from .metrics import MetricsWriter
+from .plan.flops import step_flops
 from .schedules import Schedules
+from .timing import StepTimer, throughput
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,19 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, floa
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return dict(zip(names, values.tolist()))
+
+
+def breakdown(record: dict) -> str:
+    """' (data 3% fwd 30% bwd 55% opt 10% ema 2%, 41.2 TFLOP/s, MFU 41.7%)' of a metrics record."""
+    total = record["step_time_s"]
+    parts = [f"{short} {100 * record[f'time_{k}_s'] / total:.0f}%" for k, short in
+             (("data", "data"), ("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt"), ("ema", "ema"))
+             if f"time_{k}_s" in record and total > 0]
+    if "model_tflops_per_s" in record:
+        parts.append(f"{record['model_tflops_per_s']:.3g} TFLOP/s")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None,
@@ -197,6 +212,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
+    timer = StepTimer(cfg.log.sync_timing, device)
+    # Counted once, on the meta device (a second for a ViT-G); rank 0 logs for all (the ranks are alike).
+    flops_per_step = step_flops(cfg)["total"] if env.rank == 0 else None
     a = cfg.data.augment
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
@@ -214,22 +232,27 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         before = [b.clone() for b in method.buffers() if b.is_floating_point()]
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.optim.grad_accum):
-            batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
-            losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
-            loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
-            engine.backward(guard.check(loss))
+            with timer.phase("data"):
+                batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
+            with timer.phase("forward"):
+                losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
+                loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
+            with timer.phase("backward"):
+                engine.backward(guard.check(loss))
             for k, v in {"loss": loss, **{logged(k): v for k, v in losses.items()}}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            if clipper is not None and engine.is_gradient_accumulation_boundary():
-                clipper(getattr(engine.optimizer, "loss_scale", 1.0))
-            engine.step()
+            with timer.phase("optimizer"):
+                if clipper is not None and engine.is_gradient_accumulation_boundary():
+                    clipper(getattr(engine.optimizer, "loss_scale", 1.0))
+                engine.step()
         step += 1
         window_steps += 1
         if deadline is not None:
             deadline.observe(time.perf_counter() - step_start)
         if guard.record(engine.was_step_applied(), step, losses, ckpt.latest):
             if ema is not None:
-                ema.update(values["momentum"])
+                with timer.phase("ema"):
+                    ema.update(values["momentum"])
             for k, v in sums.items():
                 window_sums[k] = window_sums.get(k, 0.0) + v
             window_count += cfg.optim.grad_accum
@@ -248,15 +271,18 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                       **{k: values[k] for k in getattr(method, "logged_schedules", ())},
                       "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
-                      "skipped_steps": guard.skipped, **data_failures(loader.counters, device)}
+                      "skipped_steps": guard.skipped, **data_failures(loader.counters, device),
+                      **timer.window(window_steps), "model_flops_per_step": flops_per_step,
+                      **throughput(flops_per_step, elapsed / window_steps, device)}
             if device.type == "cuda":
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:
                 record["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             metrics.write(step, record)
             shown = " ".join(f"{k} {record[logged(k)]:.4f}" for k in losses)
-            log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step", step, cfg.schedule.steps,
-                     record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"])
+            log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step%s", step, cfg.schedule.steps,
+                     record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"],
+                     breakdown(record))
             window_start, window_steps = time.perf_counter(), 0
             window_sums, window_count = {}, 0
         every = cfg.eval.knn_every_steps
