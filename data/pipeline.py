@@ -306,6 +306,13 @@ class ShardLoader:
         return {"layout": self.plan.layout(), "batches": self._batches,
                 "streams": copy.deepcopy(self._streams)}
 
+    def restart(self, epoch: int, counters: dict[str, int] | None = None) -> None:
+        """Every stream at the start of `epoch` (resuming under another layout: trainer/resharding.py),
+        keeping the failure counters of what was read before."""
+        self._streams = [{"epoch": epoch, "consumed": 0, "counters": {}} for _ in range(self.plan.num_streams)]
+        self._streams[0]["counters"] = dict(counters or {})
+        self._batches = 0
+
     def load_state_dict(self, state: dict) -> None:
         ours = self.plan.layout()
         if state["layout"] != ours:

@@ -182,7 +182,8 @@ class Checkpointer:
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
         own = path / f"rank{_rank():05d}.pt"
         if not own.is_file():
-            raise FileNotFoundError(f"{own} is missing: the checkpoint was written by fewer ranks")
+            raise FileNotFoundError(f"{own} is missing: the checkpoint was written by fewer ranks (trainer/loop.py "
+                                    "resumes it on another number of ranks through trainer/resharding.py)")
         try:
             return torch.load(own, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - report which file and why, in one line

@@ -103,7 +103,7 @@ class TeacherEMA:
         for sh, saved in zip(self.shadow, state["shadow"]):
             if saved.shape != sh.shape:
                 raise ValueError(f"EMA shadow slice has shape {tuple(saved.shape)}, expected {tuple(sh.shape)}: "
-                                 "resume with the same world size (or convert to a universal checkpoint)")
+                                 "saved by another number of ranks? trainer/resharding.py re-slices it")
             sh.copy_(saved)
         for sh, t in zip(self.shadow, self.teachers):
             local = self._teacher_local(t)

@@ -21,7 +21,8 @@ from evaluation.features import extract_features
 from evaluation.knn import knn_classify, percent
 from models.teachers import TeacherWeightsError
 
-from .checkpoint import Checkpointer, rng_state, set_rng_state
+from . import resharding
+from .checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from .config import Config, dump_yaml, to_dict
 from .distributed import DistEnv
 from .engine import apply_schedule, build_engine, init_distributed
@@ -145,11 +146,22 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         from .plan.memory import warn_if_over
 
         warn_if_over(cfg, ds_config, env.world_size)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
+    source = Path(resume) if resume else ckpt.latest()
+    # Written by another number of ranks: DeepSpeed's universal checkpoint (trainer/resharding.py),
+    # which the engine must be built to load.
+    reshard = source is not None and (source / "COMPLETE").is_file() and \
+        resharding.saved_world_size(source) != env.world_size
+    if reshard:
+        if ds_config.get("zero_optimization", {}).get("stage") != 3:
+            raise CheckpointError(f"{source} was written by {resharding.saved_world_size(source)} ranks, this run has "
+                                  f"{env.world_size}: resuming on another number of ranks needs ZeRO stage 3 "
+                                  "(--ds_config zero3.json), or the same number of ranks")
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, ema = build_engine(cfg, ds_config, cfg.run.seed)
     loader = build_train_loader(cfg.data, patch_size=cfg.model.patch_size, seed=cfg.run.seed, rank=env.rank,
                                 world_size=env.world_size, pin_memory=device.type == "cuda")
     schedules = Schedules.from_config(cfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
     # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
     # all-reduce makes every rank stop with it.
@@ -161,23 +173,42 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     method = engine.module
     frozen = {name: getattr(method, name) for name in frozen_files(cfg)}
     step, summary = 0, {}
-    source = Path(resume) if resume else ckpt.latest()
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
     if source is not None:
-        parts = ckpt.read_parts(source)
+        if reshard:
+            before = resharding.saved_world_size(source)
+            log.warning("%s was written by %d ranks; resuming on %d through a universal checkpoint. The global "
+                        "batch is now %d images (it was %d): the schedules go on by step, the lr is not rescaled",
+                        source, before, env.world_size, global_batch, global_batch // env.world_size * before)
+            universal = resharding.convert(source)
+            parts = resharding.merged_parts(source, env.rank, env.world_size, ema)
+        else:
+            parts = ckpt.read_parts(source)
         for name, path in frozen_files(cfg).items():
             sha, saved = frozen[name].weights_sha256, str(parts.get(f"{name}_sha256"))
             if saved != sha:
                 raise TeacherWeightsError(
                     f"{path} (sha256 {sha[:12]}), the frozen {name}'s weights, is not the file {source} was trained "
                     f"with (sha256 {saved[:12]}); point the config at that file")
-        ckpt.load_engine(engine, source)
+        if reshard:
+            resharding.load_engine(engine, universal)
+        else:
+            ckpt.load_engine(engine, source)
         step = parts["step"]
         if ema is not None:
             ema.load_state_dict(parts["ema"])
-        try:
-            loader.load_state_dict(parts["data"])
-        except PositionMismatch as e:  # e.g. data.num_workers changed: the model state is still good
-            log.warning("%s; the data stream starts over from its first epoch", e)
+        if reshard:
+            d = parts["data"]
+            loader.restart(d["restart_epoch"], d["counters"])
+            log.warning("data: %d samples taken by %d ranks' streams; the %d new ones start epoch %d (no sample "
+                        "seen is shown again before it; what no old stream reached in the epoch before is skipped)",
+                        d["consumed"], d["saved_ranks"], env.world_size * max(1, cfg.data.num_workers),
+                        d["restart_epoch"])
+        else:
+            try:
+                loader.load_state_dict(parts["data"])
+            except PositionMismatch as e:  # e.g. data.num_workers changed: the model state is still good
+                log.warning("%s; the data stream starts over from its first epoch", e)
         for name, buf in method.named_buffers():
             buf.copy_(parts["buffers"][name])
         set_rng_state(parts["rng"])
@@ -211,7 +242,6 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     clipper = None
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
-    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
     timer = StepTimer(cfg.log.sync_timing, device)
     # Counted once, on the meta device (a second for a ViT-G); rank 0 logs for all (the ranks are alike).
     flops_per_step = step_flops(cfg)["total"] if env.rank == 0 else None
