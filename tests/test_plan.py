@@ -238,3 +238,10 @@ def test_launch_warns_before_the_engine_when_the_plan_does_not_fit(caplog):
     with caplog.at_level(logging.WARNING):
         result = warn_if_over(cfg, build_ds_config("zero3.json", cfg, 1), 1, available=8 * GiB)
     assert not result.fits and "does NOT fit" in caplog.text and "plan_memory.py" in caplog.text
+
+
+def test_configs_for_vit_h_and_larger_build_sharded():
+    big = [p.stem for p in CONFIGS.glob("*.yaml")
+           if config(p.stem).model.arch in ("vit_huge", "vit_giant", "vit_gigantic")]
+    assert {"ibot_h14_in22k", "ibot_g14_in22k", "ibot_G14_in22k", "ibot_clip_vit_G14_in22k"} <= set(big)
+    assert all(config(name).model.sharded_init for name in big), big

@@ -121,8 +121,10 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def build_engine(cfg: Config, ds_config: dict, seed: int):
-    """-> (DeepSpeed engine, TeacherEMA or None). The process group must exist (`init_distributed`)."""
+def build_module(cfg: Config, ds_config: dict, seed: int) -> nn.Module:
+    """The method module, initialised; with `model.sharded_init` every network in it (student, heads,
+    EMA teacher, frozen teachers) is partitioned from construction on (`zero.Init`), so no rank ever
+    holds the whole model. The process group must exist."""
     torch.manual_seed(seed)  # the same initial weights on every rank
     if cfg.model.sharded_init:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -140,6 +142,12 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
             beit_init_sharded(method.student.backbone)
     else:
         method = build_method(cfg)
+    return method
+
+
+def build_engine(cfg: Config, ds_config: dict, seed: int):
+    """-> (DeepSpeed engine, TeacherEMA or None). The process group must exist (`init_distributed`)."""
+    method = build_module(cfg, ds_config, seed)
     for name, path in frozen_files(cfg).items():  # before training, so a wrong file stops the run here
         sha = getattr(method, name).load_weights(path)
         log.info("frozen %s loaded from %s (sha256 %s)", name, path, sha[:12])
