@@ -8,10 +8,9 @@ import logging
 import pytest
 import timm
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, MemoryProfile
 
 from models.vit import VIT_ARCHS, build_vit
+from scripts.bench_plan import cpu_peak, drop_gradients, run_case
 from trainer.config import PROJECT_ROOT, files_unchecked, load_config
 from trainer.ds_config import build_ds_config
 from trainer.plan import workload
@@ -61,62 +60,23 @@ def test_every_registered_vit_has_timms_parameter_count(arch):
         assert (depth, width) == (48, 1664) and 1.84e9 < n < 1.85e9
 
 
-def _measured_peak(fn) -> int:
-    """Peak bytes allocated above what existed before `fn` (torch.profiler's memory timeline, CPU)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
-
-
-def drop_gradients(model: torch.nn.Module) -> None:
-    """Free each gradient as soon as it is complete, as ZeRO-3's reduce-scatter hands them off: the
-    planner counts gradients in rows of their own (fp32 partition, reduce bucket), not as activations."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
-
-
 @pytest.mark.parametrize("every", [0, 1, 2])
 def test_activation_estimate_within_15_percent_of_measured_peak(every):
     """A ViT-S forward + backward in bf16 on the CPU: the planner's activations (saved tensors,
     the backward's working set, one recomputed block under checkpointing) vs the profiler's peak."""
-    def build(device):
-        torch.manual_seed(0)
-        with torch.device(device):
-            m = build_vit("vit_small", img_size=112, patch_size=16).to(torch.bfloat16)
-        m.set_grad_checkpointing(bool(every), every=every or 1)
-        return m
+    r = run_case(f"vit_small:112:16:{every}", torch.device("cpu"))
+    print(f"every {every}: estimate {r['estimate_bytes'] / 2**20:.1f} MiB, measured peak "
+          f"{r['measured_bytes'] / 2**20:.1f} MiB, error {100 * r['error']:+.1f}%")
+    assert abs(r["error"]) < 0.15
 
-    meta = build("meta")
-    x_meta = torch.empty(16, 3, 112, 112, device="meta", dtype=torch.bfloat16)
-    cost = workload.measure("vit", lambda: meta.forward_features(x_meta), True, meta)
-    recompute = 0
-    if every:
-        meta.set_grad_checkpointing(False)
-        full = workload.measure("vit", lambda: meta.forward_features(x_meta), True, meta).saved
-        recompute = full / 12 if 11 % every == 0 else 0  # as trainer/plan/memory.py activations()
-    estimate = cost.saved + 2 * cost.working + recompute
 
-    model, x = build("cpu"), torch.randn(16, 3, 112, 112).to(torch.bfloat16)
-    drop_gradients(model)
-
-    def step():
-        out = model.forward_features(x)
-        (out["patch"].float().square().mean() + out["cls"].float().mean()).backward()
-
-    step()  # warm-up: first-call allocations
-    model.zero_grad(set_to_none=True)
-    measured = _measured_peak(step)
-    print(f"every {every}: estimate {estimate / 2**20:.1f} MiB, measured peak {measured / 2**20:.1f} MiB, "
-          f"error {100 * (estimate / measured - 1):+.1f}%")
-    assert abs(estimate / measured - 1) < 0.15
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("every", [0, 1])
+def test_activation_estimate_against_cuda_peak_at_vit_l_shapes(every):
+    r = run_case(f"vit_large:224:32:{every}", torch.device("cuda"))
+    print(r)
+    assert abs(r["error"]) < 0.15
 
 
 def test_method_step_estimate_against_measured_peak():
@@ -144,7 +104,7 @@ def test_method_step_estimate_against_measured_peak():
 
     step()
     method.zero_grad(set_to_none=True)
-    measured = _measured_peak(step)
+    measured = cpu_peak(step)
     print(f"iBOT default step: estimate {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(estimate / measured - 1) < 0.15
 
