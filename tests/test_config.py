@@ -181,7 +181,10 @@ def test_launch_dry_run_streams_batches(tmp_path, capsys, digits_dirs):
     rc = launch.main([f"data.train_shards={digits_dirs['train']}", f"run.output_dir={tmp_path}",
                       "data.num_workers=0", "data.batch_size=16", "--dry-run", "3"])
     assert rc == 0
-    assert "streamed 3 batches" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "streamed 3 batches" in out.err
+    # the memory planner's table and verdict for this run, before any batch (trainer/plan)
+    assert "activations: student (saved for backward)" in out.out and "memory plan: fits:" in out.err
 
 
 # --------------------------------------------------------------------------- launchers
