@@ -42,6 +42,18 @@ def test_counts_equal_the_instantiated_method(name):
     assert counts.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_every_method_runs_its_step_on_the_meta_device(name):
+    """The passes the planner and the FLOP count run exist for every method and cost something."""
+    cfg = config(name)
+    method = workload.build_meta(cfg)
+    passes = workload.step_passes(method, cfg, 2)
+    assert any(p.grad and p.saved > 0 for p in passes)
+    assert all(p.kept > 0 for p in passes if not p.grad)
+    flops = step_flops(cfg, method)
+    assert flops["total"] > 0 and len(flops) == len(passes) + 1 + ("student prototype scores (in the loss)" in flops)
+
+
 TIMM_NAMES = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
               "vit_large": "vit_large_patch16_224", "vit_huge": "vit_huge_patch14_224",
               "vit_giant": "vit_giant_patch14_224", "vit_gigantic": "vit_gigantic_patch14_224"}
