@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.vit import VIT_ARCHS, build_vit  # noqa: E402
 from trainer.plan import workload  # noqa: E402
+from trainer.plan.memory import peak_bytes, recompute_bytes  # noqa: E402
 
 
 def drop_gradients(model: torch.nn.Module) -> None:
@@ -44,12 +45,9 @@ def estimate(arch: str, size: int, batch: int, every: int) -> int:
     x = torch.empty(batch, 3, size, size, device="meta", dtype=torch.bfloat16)
     m.set_grad_checkpointing(bool(every), every=every or 1)
     cost = workload.measure(arch, lambda: m.forward_features(x), True, m)
-    recompute = 0.0
-    depth = VIT_ARCHS[arch][1]
-    if every and (depth - 1) % every == 0:
-        m.set_grad_checkpointing(False)
-        recompute = workload.measure(arch, lambda: m.forward_features(x), True, m).saved / depth
-    return int(cost.saved + 2 * cost.working + recompute)
+    m.set_grad_checkpointing(False)
+    full = workload.measure(arch, lambda: m.forward_features(x), True, m).saved
+    return int(peak_bytes(cost.saved, cost.working, recompute_bytes(full, VIT_ARCHS[arch][1], every)))
 
 
 def cpu_peak(fn) -> int:

@@ -74,7 +74,9 @@ def check_weights_only(path: str | Path) -> None:
 def _all_ranks_ok(ok: bool) -> bool:
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
+    # On the collective backend's device: NCCL reduces no CPU tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
     dist.all_reduce(flag)
     return flag.item() == 0
 

@@ -163,11 +163,11 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     source = Path(resume) if resume else ckpt.latest()
     # Written by another number of ranks: DeepSpeed's universal checkpoint (trainer/resharding.py),
     # which the engine must be built to load.
-    reshard = source is not None and (source / "COMPLETE").is_file() and \
-        resharding.saved_world_size(source) != env.world_size
+    saved_ranks = resharding.saved_world_size(source) if source is not None else 0
+    reshard = source is not None and (source / "COMPLETE").is_file() and saved_ranks != env.world_size
     if reshard:
         if ds_config.get("zero_optimization", {}).get("stage") != 3:
-            raise CheckpointError(f"{source} was written by {resharding.saved_world_size(source)} ranks, this run has "
+            raise CheckpointError(f"{source} was written by {saved_ranks} ranks, this run has "
                                   f"{env.world_size}: resuming on another number of ranks needs ZeRO stage 3 "
                                   "(--ds_config zero3.json), or the same number of ranks")
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -189,12 +189,13 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
     if source is not None:
         if reshard:
-            before = resharding.saved_world_size(source)
-            log.warning("%s was written by %d ranks; resuming on %d through a universal checkpoint. The global "
-                        "batch is now %d images (it was %d): the schedules go on by step, the lr is not rescaled",
-                        source, before, env.world_size, global_batch, global_batch // env.world_size * before)
             universal = resharding.convert(source)
             parts = resharding.merged_parts(source, env.rank, env.world_size, ema)
+            saved = json.loads(parts["config"])
+            log.warning("%s was written by %d ranks; resumed on %d through a universal checkpoint. The global "
+                        "batch is now %d images (it was %d): the schedules go on by step, the lr is not rescaled",
+                        source, saved_ranks, env.world_size, global_batch,
+                        saved["data"]["batch_size"] * saved["optim"]["grad_accum"] * saved_ranks)
         else:
             parts = ckpt.read_parts(source)
         for name, path in frozen_files(cfg).items():
@@ -225,6 +226,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         for name, buf in method.named_buffers():
             buf.copy_(parts["buffers"][name])
         set_rng_state(parts["rng"])
+        if parts.get("rng_reseed") is not None:  # a new rank beyond the old count: not a copy of another's draws
+            resharding.reseed(parts["rng_reseed"])
         summary = parts.get("summary", {})
         guard.skipped = parts.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", source, step)
@@ -268,6 +271,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     stopped_by = None
     while step < last:
         step_start = time.perf_counter()
+        timer.start_step(logged_next=(step + 1) % cfg.log.every_steps == 0 or step + 1 == cfg.schedule.steps)
         values = schedules.at(step)
         apply_schedule(engine.optimizer, values)
         # The method's running statistics (iBOT's centers) move in its forward; a skipped step undoes them.
@@ -314,7 +318,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                       "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
                       "skipped_steps": guard.skipped, **data_failures(loader.counters, device),
-                      **timer.window(window_steps), "model_flops_per_step": flops_per_step,
+                      **timer.window(), **({"model_flops_per_step": flops_per_step} if flops_per_step else {}),
                       **throughput(flops_per_step, elapsed / window_steps, device)}
             if device.type == "cuda":
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

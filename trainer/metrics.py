@@ -27,7 +27,8 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
+                if isinstance(value, (int, float)):  # (a value that could not be measured is None)
+                    self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.enabled:

@@ -13,12 +13,17 @@ Our parts (`rank<N>.pt`) are re-sliced here:
   last slice's padding is not zeros), re-partitioned as ZeRO-3 partitions for R' (rank r owns
   [r k, (r + 1) k), k = ceil(numel / R'), zero-padded);
 - buffers (iBOT's centers), the step, the summary and the skip count are global: rank 0's;
-- RNG states: new rank r takes old rank r mod R's;
+- RNG states: new rank r takes old rank r's, and a rank beyond the old count is reseeded from
+  old rank r mod R's state and r (not a copy of another rank's draws);
 - the data position: a stream's shards depend on ranks x workers, so the old per-stream offsets mean
-  nothing to the new streams. The new streams start the epoch after the latest one any old stream
-  had begun: no sample seen before is shown again before that epoch, and the samples of that epoch
-  no old stream had reached are skipped (at most the remainder of one epoch). Failure counters are
-  carried over (old rank r's to new rank r mod R').
+  nothing to the new streams. The new streams start the first epoch no old stream has taken a
+  sample from: no sample seen before is shown again before that epoch, and the samples of the epoch
+  before it that no old stream had reached are skipped (at most the remainder of one epoch). Failure
+  counters are carried over (old rank r's to new rank r mod R').
+
+The conversion runs on rank 0 while the others wait in a collective: at a scale where it takes
+longer than the process group's timeout (30 minutes by default), run the logged command by hand
+first (a complete `<run>/universal/<tag>/COMPLETE` is reused).
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import CheckpointError, check_weights_only
+from .checkpoint import CheckpointError, _all_ranks_ok, _rank, check_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,6 @@ GROUP_KEYS = ("lr_scale", "wd_scale", "last_layer")
 def saved_world_size(path: str | Path) -> int:
     """How many ranks wrote the checkpoint at `path` (its rank<N>.pt files)."""
     return len(list(Path(path).glob("rank*.pt")))
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def universal_dir(path: Path) -> Path:
@@ -70,10 +70,7 @@ def convert(path: Path) -> Path:
             error = f"ds_to_universal failed on {path} (exit {proc.returncode}): {' | '.join(tail)}"
         else:
             (out / "COMPLETE").write_text("universal\n")
-    flag = torch.tensor([1.0 if error else 0.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag)
-    if flag.item():
+    if not _all_ranks_ok(not error):
         raise CheckpointError(error or "converting the checkpoint to a universal one failed on rank 0")
     return out
 
@@ -95,16 +92,11 @@ def load_engine(engine, universal: Path) -> None:
             state["step"] = state["step"].clone()
 
 
-def read_all_parts(path: Path) -> list[dict]:
-    files = sorted(path.glob("rank*.pt"))
-    return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-
-
 def reslice_shadow(old: list[list[torch.Tensor]], numels: list[int], rank: int, world: int) -> list[torch.Tensor]:
     """Per parameter: the R old slices -> this rank's slice of a `world`-way ZeRO-3 partition."""
     out = []
     for i, numel in enumerate(numels):
-        full = torch.cat([slices[i].flatten() for slices in old])[:numel]
+        full = torch.cat([slices[i].flatten() for slices in old])[:numel]  # the padding is not zeros
         k = -(-numel // world)
         padded = torch.cat([full, full.new_zeros(k * world - numel)])
         out.append(padded[rank * k:(rank + 1) * k].clone())
@@ -113,9 +105,11 @@ def reslice_shadow(old: list[list[torch.Tensor]], numels: list[int], rank: int, 
 
 def merged_parts(path: Path, rank: int, world: int, ema=None) -> dict:
     """This rank's parts for `world` ranks from a checkpoint written by another number of ranks."""
-    old = read_all_parts(path)
+    # Memory-mapped: each rank reads only what it copies, not R whole fp32 shadows
+    old = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in sorted(path.glob("rank*.pt"))]
     parts = dict(old[0])  # step, buffers, summary, skipped steps, frozen-teacher hashes, config: global
     parts["rng"] = old[rank % len(old)]["rng"]
+    parts["rng_reseed"] = rank if rank >= len(old) else None
     if ema is not None and "ema" in parts:
         if all(hasattr(p, "ds_tensor") for p in ema.teachers):
             numels = [p.ds_numel for p in ema.teachers]
@@ -123,14 +117,24 @@ def merged_parts(path: Path, rank: int, world: int, ema=None) -> dict:
         else:  # below ZeRO-3 every rank holds the whole shadow
             shadow = old[0]["ema"]["shadow"]
         parts["ema"] = {"names": old[0]["ema"]["names"], "shadow": shadow}
-    epochs = [s["epoch"] for o in old for s in o["data"]["streams"]]
+    # the first epoch no stream has taken from: a stream that has just begun epoch e took nothing of it
+    epochs = [s["epoch"] + (s["consumed"] > 0) for o in old for s in o["data"]["streams"]]
     counters: dict[str, int] = {}
     for r, o in enumerate(old):
         if r % world == rank:
             for s in o["data"]["streams"]:
                 for k, v in s["counters"].items():
                     counters[k] = counters.get(k, 0) + v
-    parts["data"] = {"restart_epoch": max(epochs) + 1, "counters": counters,
+    parts["data"] = {"restart_epoch": max(epochs), "counters": counters,
                      "consumed": sum(s["consumed"] for o in old for s in o["data"]["streams"]),
                      "saved_ranks": len(old)}
     return parts
+
+
+def reseed(rank: int) -> None:
+    """Derive this rank's generators from the state it was given and its rank."""
+    import random
+
+    base = int(torch.randint(0, 2**62, (1,)).item())
+    torch.manual_seed(base + rank)
+    random.seed(base + rank)

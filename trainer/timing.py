@@ -1,9 +1,11 @@
 """Where a step's time goes: data wait, forward, backward, optimizer step, EMA update.
 
 On a GPU the work of a phase is asynchronous: without a synchronisation its time would land in
-whichever later phase waits for the GPU. With `sync` each boundary synchronises first (what
-`log.sync_timing` turns on); without it only the whole step is timed. Achieved FLOP/s and model
-FLOP utilisation divide the step's model FLOPs (trainer/plan/flops.py) by the step time.
+whichever later phase waits for the GPU. With `sync` (`log.sync_timing`) each boundary of the last
+step before a log line synchronises first, and that step's phases are what the line reports: the
+other steps keep their overlap of data, compute and communication. On the CPU nothing is
+asynchronous and every step is timed. Achieved FLOP/s and model FLOP utilisation divide the step's
+model FLOPs (trainer/plan/flops.py) by the step time.
 """
 
 from __future__ import annotations
@@ -19,31 +21,36 @@ PHASES = ("data", "forward", "backward", "optimizer", "ema")
 
 class StepTimer:
     def __init__(self, sync: bool, device: torch.device):
-        self.sync = sync and device.type == "cuda"
-        self.enabled = sync
+        self.enabled, self.cuda = sync, device.type == "cuda"
         self.totals = dict.fromkeys(PHASES, 0.0)
+        self.timed_steps, self.active = 0, sync
+
+    def start_step(self, logged_next: bool) -> None:
+        """A new optimizer step; on a GPU it is timed (and synchronised) when its log line follows it."""
+        self.active = self.enabled and (logged_next or not self.cuda)
+        self.timed_steps += self.active
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        if not self.enabled:
+        if not self.active:
             yield
             return
-        if self.sync:
+        if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.sync:
+            if self.cuda:
                 torch.cuda.synchronize()
             self.totals[name] += time.perf_counter() - start
 
-    def window(self, steps: int) -> dict[str, float]:
-        """Mean seconds per optimizer step of each phase since the last call, then start again."""
-        if not self.enabled or not steps:
+    def window(self) -> dict[str, float]:
+        """Mean seconds per timed optimizer step of each phase since the last call, then start again."""
+        if not self.timed_steps:
             return {}
-        out = {f"time_{k}_s": v / steps for k, v in self.totals.items()}
-        self.totals = dict.fromkeys(PHASES, 0.0)
+        out = {f"time_{k}_s": v / self.timed_steps for k, v in self.totals.items()}
+        self.totals, self.timed_steps = dict.fromkeys(PHASES, 0.0), 0
         return out
 
 

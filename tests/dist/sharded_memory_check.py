@@ -42,8 +42,10 @@ def main(report_path):
     gc.collect()
     grown = rss() - before
     parts = {}
-    for name in ("student", "teacher", "clip_teacher"):
-        params = list(getattr(method, name).parameters())
+    for name, child in method.named_children():  # student, teacher, clip_teacher, clip_head
+        params = list(child.parameters())
+        if not params:
+            continue
         parts[name] = {"whole_bytes": sum(p.ds_numel * p.ds_tensor.element_size() for p in params),
                        "local_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params),
                        "unpartitioned": sum(p.numel() > 0 for p in params),

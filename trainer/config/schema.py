@@ -105,26 +105,25 @@ class Config:
                      "the dVAE has no blocks to recompute")
 
     def _validate_beit(self, grid: int) -> None:
-        from models.dvae import DVAEArch, TokenizerWeightsError, downsampling, read_encoder_arch
+        from models.dvae import TokenizerWeightsError, downsampling
+        from trainer.methods.beit import tokenizer_arch
 
         b, g = self.beit, self.data.global_crops
         _require(self.model.layer_scale is None, "model.layer_scale", "method beit sets it with beit.layer_scale")
         _require(b.tokenizer is not None, "beit.tokenizer",
                  "beit needs its tokenizer: a dVAE encoder file (train one with method dvae and export it with "
                  "scripts/export_tokenizer.py)")
-        if not checking_files() and not Path(b.tokenizer).expanduser().is_file():
-            arch = DVAEArch(vocab_size=b.vocab_size)  # sizing without the file: DALL-E's (as beit.tokenizer_arch)
-        else:
-            try:
-                arch = read_encoder_arch(b.tokenizer)
-            except TokenizerWeightsError as e:
-                raise _Invalid("beit.tokenizer", str(e)) from None
+        try:
+            arch = tokenizer_arch(b.tokenizer, b.vocab_size, check=True)
+        except TokenizerWeightsError as e:
+            raise _Invalid("beit.tokenizer", str(e)) from None
         _require(arch.vocab_size == b.vocab_size, "beit.tokenizer",
                  f"{b.tokenizer} has a vocabulary of {arch.vocab_size} codes, beit.vocab_size is {b.vocab_size}")
         _require(g.second_size is not None, "data.global_crops.second_size",
                  "beit needs the tokenizer's view of each crop (BEiT: 112 for a 224 crop)")
         side = int(round(grid ** 0.5))
         down = downsampling(arch)
+        # (sizing without the tokenizer file, its architecture is a guess: no check against it)
         _require(not checking_files() or g.second_size == side * down, "data.global_crops.second_size",
                  f"{g.second_size}: the tokenizer ({down}x down-sampling) must see a {side} x {side} grid like the "
                  f"student's patches, so it must be {side * down}")

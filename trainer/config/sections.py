@@ -243,9 +243,10 @@ class LogConfig:
     tensorboard: bool = opt(True, "Write TensorBoard event files into the run directory.")
     pictures: bool = opt(True, "When a run finishes, write curves.png (metrics.jsonl) and attention.png (the "
                                "backbone's [CLS] attention on held-out images) into the run directory.")
-    sync_timing: bool = opt(True, "Time each phase of a step (data wait, forward, backward, optimizer, EMA) with a "
-                                  "GPU synchronisation at each boundary, so the times are the GPU's (costs the "
-                                  "overlap of launching the next phase early); false: whole-step times only.")
+    sync_timing: bool = opt(True, "Time each phase of a step (data wait, forward, backward, optimizer, EMA). On a "
+                                  "GPU the last step before each log line synchronises at each boundary, so its "
+                                  "times are the GPU's (that step loses its overlap; the others keep it); false: "
+                                  "whole-step times only.")
 
     def validate(self) -> None:
         _at_least(self, 1, "every_steps")

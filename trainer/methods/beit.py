@@ -45,12 +45,13 @@ def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, l
     return {"mim": per_token.mean(), "token_accuracy": accuracy, "mim_blind": blind, "accuracy_blind": freq.max()}
 
 
-def tokenizer_arch(path: str, vocab_size: int) -> DVAEArch:
-    """The tokenizer file's architecture (checked by the config, and on load); where the file is not
-    there and the config was read without its files (sizing a run: trainer/plan), DALL-E's encoder."""
+def tokenizer_arch(path: str, vocab_size: int, check: bool = False) -> DVAEArch:
+    """The tokenizer file's architecture (`check`: and its tensors' shapes, as the config does); where
+    the file is not there and the config is read without its files (sizing a run: trainer/plan),
+    DALL-E's encoder with `vocab_size` codes."""
     if not checking_files() and not Path(path).expanduser().is_file():
         return DVAEArch(vocab_size=vocab_size)
-    return read_encoder_arch(path, check=False)
+    return read_encoder_arch(path, check=check)
 
 
 @register("beit")

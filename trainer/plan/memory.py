@@ -4,12 +4,13 @@ States, per parameter of each kind (P trainable, E EMA teacher, F frozen teacher
 
     ZeRO-3                       ZeRO-1/2
     bf16 weights     2P/R        2P
-    gradients        4P/R        2P (stage 1) / 2P/R (stage 2)    fp32 partition under ZeRO-3 (DeepSpeed
-                                                                  accumulates bf16 gradients in fp32 there)
-    fp32 master      4P/R        4P/R     } on the CPU (or NVMe) with offload_optimizer
-    Adam m, v        8P/R        8P/R     }
+    gradients        2P/R        2P (stage 1) / 2P/R (stage 2)    DeepSpeed 0.19 accumulates them in the
+                                                                  model dtype (data_types.grad_accum_dtype)
+    fp32 step copy   4 min(sub_group_size, P/R)                   the gradients of one sub-group in fp32
+    fp32 master      4P/R        4P/R     } on the CPU (or NVMe) with offload_optimizer, with the
+    Adam m, v        8P/R        8P/R     } gradient partition and our EMA shadow
     EMA teacher      2E/R        2E       bf16 working copy
-    EMA shadow       4E/R        4E       our fp32 shadow (trainer/ema.py), on the GPU
+    EMA shadow       4E/R        4E       our fp32 shadow (trainer/ema.py), beside the fp32 masters
     frozen teachers  2F/R        2F
 
 plus, under ZeRO-3, the parameters gathered at once (the largest module a forward gathers, and
@@ -52,6 +53,7 @@ class Zero:
     reduce_bucket: int  # elements
     prefetch_bucket: int
     max_live: int
+    sub_group: int
 
     @classmethod
     def from_ds(cls, ds: dict) -> Zero:
@@ -62,7 +64,7 @@ class Zero:
 
         return cls(int(z.get("stage", 0)), device("offload_optimizer"), device("offload_param"),
                    int(z.get("reduce_bucket_size", 5e8)), int(z.get("stage3_prefetch_bucket_size", 5e7)),
-                   int(z.get("stage3_max_live_parameters", 1e9)))
+                   int(z.get("stage3_max_live_parameters", 1e9)), int(z.get("sub_group_size", 1e9)))
 
 
 @dataclass
@@ -145,19 +147,21 @@ def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int) -> list[Row
     off_opt, off_par = z.offload_optimizer != "none", z.offload_param != "none"
 
     def placed(name: str, nbytes: float, offloaded: bool, note: str) -> Row:
-        where = z.offload_optimizer if "fp32" in name or "Adam" in name or name == "gradients" else z.offload_param
+        where = z.offload_param if "bf16" in name else z.offload_optimizer
         return Row(name, 0.0 if offloaded else nbytes, nbytes if offloaded else 0.0,
                    note + (f" (offloaded: {where})" if offloaded else ""))
 
-    grads = 4 * P / ranks if z.stage == 3 else 2 * P / (ranks if z.stage == 2 else 1)
+    grads = e * P / (ranks if z.stage >= 2 else 1)
+    local = P / ranks if z.stage else P
     rows = [placed("student weights (bf16)", e * P / shard, off_par, f"1/{shard}" if shard > 1 else "whole"),
-            placed("gradients", grads, off_opt and z.stage == 3,
-                   "fp32 partition" if z.stage == 3 else "bf16" + (" partition" if z.stage == 2 else "")),
-            placed("fp32 master weights", 4 * P / ranks if z.stage else 4 * P, off_opt, "partition"),
-            placed("Adam moments (fp32 m, v)", 8 * P / ranks if z.stage else 8 * P, off_opt, "partition")]
+            placed("gradients", grads, off_opt and z.stage == 3, "partition" if z.stage >= 2 else "whole"),
+            placed("fp32 gradients of one sub-group (step)", 4 * min(z.sub_group, local), off_opt,
+                   f"sub_group_size {z.sub_group / 1e6:.0f}M"),
+            placed("fp32 master weights", 4 * local, off_opt, "partition" if z.stage else "whole"),
+            placed("Adam moments (fp32 m, v)", 8 * local, off_opt, "partition" if z.stage else "whole")]
     if E:
-        rows += [placed("EMA teacher (bf16)", e * E / shard, off_par, "shard-local"),
-                 Row("EMA shadow (fp32)", 4 * E / shard, 0.0, "trainer/ema.py, on the GPU")]
+        rows += [placed("EMA teacher (bf16)", e * E / shard, off_par, "shard-local" if shard > 1 else "whole"),
+                 placed("EMA shadow (fp32)", 4 * E / shard, off_opt, "trainer/ema.py")]
     if F:
         rows.append(placed("frozen teachers (bf16)", e * F / shard, off_par, ", ".join(counts.frozen)))
     if z.stage == 3:
@@ -183,6 +187,22 @@ class Activations:
         return self.saved + self.kept + self.logits + self.working + self.recompute
 
 
+def recompute_bytes(saved_without_checkpointing: float, depth: int, every: int) -> float:
+    """What the backward recomputes at once under checkpointing of every `every`-th of `depth` blocks:
+    one block's saved tensors (the embedding's and head's included: an upper bound). When the last
+    block is not checkpointed, its saved tensors are freed before the first recomputation, which fits
+    in their place."""
+    if not every:
+        return 0.0
+    return saved_without_checkpointing / depth if (depth - 1) % every == 0 else 0.0
+
+
+def peak_bytes(saved: float, working: float, recompute: float) -> float:
+    """A gradient pass's peak: its saved tensors, the backward's working set (twice the largest leaf
+    module's input + output: the gradients of both), and one recomputed block."""
+    return saved + 2 * working + recompute
+
+
 def activations(method: nn.Module, cfg: Config, b: int, every: int, fused_ce: bool) -> Activations:
     """Peak activation memory of one micro-batch of `b` images with checkpointing of every `every`-th
     student block (0: none). `method` is on the meta device (workload.build_meta)."""
@@ -197,9 +217,7 @@ def activations(method: nn.Module, cfg: Config, b: int, every: int, fused_ce: bo
         backbone.set_grad_checkpointing(False)
         full = sum(p.saved for p in workload.step_passes(method, cfg, b) if p.grad)
         backbone.set_grad_checkpointing(True, every=every)
-        # The backward recomputes one checkpointed block at a time. When the last block is not
-        # checkpointed, its saved tensors are freed before the first recomputation, which fits in their place.
-        recompute = full / depth if (depth - 1) % every == 0 else 0.0  # (embedding and head included: an upper bound)
+        recompute = recompute_bytes(full, depth, every)
     grad = [p for p in passes if p.grad]
     working = max([2 * p.working for p in grad] + [p.working for p in passes if not p.grad])
     return Activations(sum(p.saved for p in grad), sum(p.kept for p in passes if not p.grad),

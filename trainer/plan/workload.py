@@ -21,6 +21,7 @@ reference materialises the student's logits (fp32) for every row that enters the
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +40,10 @@ def build_meta(cfg: Config) -> nn.Module:
     (DeepSpeed casts the module to bf16; the centers stay fp32 as the engine keeps them)."""
     from trainer.methods import METHODS
 
+    # The PyTorch references: a Triton kernel would be launched on meta tensors (null pointers). Their
+    # memory is the kernels' (flash-style attention below; the fused loss is counted in loss_bytes).
+    cfg = copy.deepcopy(cfg)
+    cfg.run.kernels = "torch"
     with torch.device("meta"), files_unchecked():  # (shapes only: no weights file is read)
         method = METHODS[cfg.method].from_config(cfg)
     method.to(device="meta", dtype=DTYPES[cfg.run.precision])  # (buffers made from NumPy start on the CPU)
@@ -252,9 +257,9 @@ def _ibot(method, cfg, s: Shapes, dt) -> list[Call]:
     masks = torch.zeros(G * b, s.grid, s.grid, dtype=torch.bool, device="meta")
     M = G * b * s.masked_per_view
 
-    def teacher():
+    def teacher():  # its features and its logits both stay alive until the loss (IBOT.ibot_step)
         t = method.teacher.backbone.forward_features(_images(G * b, s.global_size, dt))
-        return method.teacher.head(t["cls"], t["patch"])
+        return t, method.teacher.head(t["cls"], t["patch"])
 
     calls: list[Call] = [("EMA teacher (backbone + head)", teacher, False, method.teacher)]
     clip = getattr(method, "clip_teacher", None)
