@@ -72,5 +72,5 @@ def test_tiny_run_learns_features_and_draws_reconstructions(tmp_path):
     from models.hivit import load_itpn
 
     model, meta = load_itpn(out / "itpn.safetensors")
-    assert meta["step"] == 600 and meta["itpn_arch"]["arch"] == "hivit_tiny"
+    assert meta["step"] == 400 and meta["itpn_arch"]["arch"] == "hivit_tiny"
     assert abs(meta["knn"]["knn"] - trained) < 0.01

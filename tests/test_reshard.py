@@ -37,22 +37,26 @@ def test_universal_resume_restores_every_state(tmp_path, saved, resumed):
 
 def test_launch_resumes_a_two_rank_run_on_one_rank(ibot_two_rank_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(ibot_two_rank_run, run)
-    shutil.rmtree(run / "checkpoints" / "step00000006")
-    (run / "checkpoints" / "latest").write_text("step00000003")
+    shutil.copytree(ibot_two_rank_run, run)  # (a session fixture: other tests may have run it on)
+    from trainer import resharding
+    from trainer.checkpoint import Checkpointer
+
+    newest = Checkpointer(run / "checkpoints", 1).latest()
+    saved = int(newest.name[len("step"):])
+    assert resharding.saved_world_size(newest) == 2, newest
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *tiny_ibot_cmd(run, 6)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, *tiny_ibot_cmd(run, saved + 3)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "written by 2 ranks; resuming on 1 through a universal checkpoint" in result.stderr
-    assert (run / "universal" / "step00000003" / "COMPLETE").is_file()
+    assert "written by 2 ranks; resumed on 1 through a universal checkpoint" in result.stderr
+    assert (run / "universal" / newest.name / "COMPLETE").is_file()
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "finished" and status["step"] == 6
+    assert status["state"] == "finished" and status["step"] == saved + 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in records if "loss" in r and r["step"] > 3]
-    assert [r["step"] for r in resumed][-3:] == [4, 5, 6]
+    resumed = [r for r in records if "loss" in r and r["step"] > saved]
+    assert [r["step"] for r in resumed][-3:] == [saved + 1, saved + 2, saved + 3]
     assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in resumed)  # finite
     # and the same command again resumes the new 1-rank checkpoint the ordinary way
-    again = subprocess.run([sys.executable, *tiny_ibot_cmd(run, 7)], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run([sys.executable, *tiny_ibot_cmd(run, saved + 4)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "universal" not in again.stderr, again.stderr[-3000:]
