@@ -31,6 +31,8 @@ from .grad_clip import PerParamClip
 from .methods import frozen_files
 from .metrics import MetricsWriter
 from .plan.flops import step_flops
+from .plan.memory import warn_if_over
+from .plan.workload import build_meta
 from .schedules import Schedules
 from .timing import StepTimer, throughput
 
@@ -117,13 +119,17 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, floa
     return dict(zip(names, values.tolist()))
 
 
-def count_flops(cfg: Config) -> float | None:
-    """Model FLOPs per optimizer step, counted once on the meta device (a second for a ViT-G); rank 0
-    logs for all, the ranks being alike. Informational: a count that fails is a warning."""
+def size_run(cfg: Config, ds_config: dict, env: DistEnv, device: torch.device) -> float | None:
+    """Rank 0, before the engine: the method on the meta device (a second for a ViT-G), once for both
+    the memory plan (a GPU run that cannot fit warns) and the model FLOPs per optimizer step (-> the
+    count; the ranks are alike). Estimates: one that fails is a warning, never a stopped run."""
     try:
-        return step_flops(cfg)["total"]
+        meta = build_meta(cfg)
+        if device.type == "cuda":
+            warn_if_over(cfg, ds_config, env.world_size, method=meta)
+        return step_flops(cfg, meta)["total"]
     except Exception as e:  # noqa: BLE001
-        log.warning("could not count the model FLOPs of a step (%s: %s)", type(e).__name__, e)
+        log.warning("could not size this run (memory plan, FLOPs per step): %s: %s", type(e).__name__, e)
         return None
 
 
@@ -152,13 +158,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         torch.cuda.set_device(device)
     dtype = DTYPES[cfg.run.precision]
 
-    if device.type == "cuda" and env.rank == 0:  # a config that cannot fit says so before the engine exists
-        from .plan.memory import warn_if_over
-
-        try:
-            warn_if_over(cfg, ds_config, env.world_size)
-        except Exception as e:  # noqa: BLE001 - an estimate that fails must not stop a run
-            log.warning("could not plan this run's memory (%s: %s)", type(e).__name__, e)
+    flops_per_step = size_run(cfg, ds_config, env, device) if env.rank == 0 else None
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     source = Path(resume) if resume else ckpt.latest()
     # Written by another number of ranks: DeepSpeed's universal checkpoint (trainer/resharding.py),
@@ -259,7 +259,6 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
     timer = StepTimer(cfg.log.sync_timing, device)
-    flops_per_step = count_flops(cfg) if env.rank == 0 else None
     a = cfg.data.augment
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0

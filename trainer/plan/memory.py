@@ -254,8 +254,9 @@ def plan(cfg: Config, ds: dict, gpus: int, gpu_bytes: float, micro_batch: int | 
                       "rule of thumb")
         return states + [r for r in act if r.gpu] + [reserve]
 
-    rows = rows_for(activations(method, cfg, b, every, fused))
-    no_ckpt = activations(method, cfg, b, 0, fused).total
+    configured = activations(method, cfg, b, every, fused)
+    rows = rows_for(configured)
+    no_ckpt = activations(method, cfg, b, 0, fused).total if every else configured.total
     largest = None
     if search:
         # Every activation is proportional to the micro-batch but for the loss's capped chunks (counted
@@ -291,16 +292,17 @@ def device_memory() -> tuple[float, str]:
 
 
 def plan_this_run(cfg: Config, ds: dict, world_size: int, search: bool = False,
-                  available: float | None = None) -> Plan:
+                  available: float | None = None, method: nn.Module | None = None) -> Plan:
     """The plan of the run about to start, against this machine's memory (or `available` bytes)."""
     memory, what = device_memory()
-    return plan(cfg, ds, world_size, available or memory, search=search, name=f"this run ({what})")
+    return plan(cfg, ds, world_size, available or memory, search=search, name=f"this run ({what})", method=method)
 
 
-def warn_if_over(cfg: Config, ds: dict, world_size: int, available: float | None = None) -> Plan:
+def warn_if_over(cfg: Config, ds: dict, world_size: int, available: float | None = None,
+                 method: nn.Module | None = None) -> Plan:
     """Before the engine is built: a warning (not an error: the plan is an estimate) when the plan
-    needs more than the device has."""
-    result = plan_this_run(cfg, ds, world_size, available=available)
+    needs more than the device has. `method`: the meta-device build (workload.build_meta), if made."""
+    result = plan_this_run(cfg, ds, world_size, available=available, method=method)
     if not result.fits:
         log.warning("memory plan: %s. The run may fail with out-of-memory; see python scripts/plan_memory.py "
                     "--config ... --gpus %d (a smaller data.batch_size with optim.grad_accum, "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -136,7 +136,6 @@ class PassCost:
     saved: int = 0  # bytes kept for the backward (grad passes)
     kept: int = 0  # bytes of outputs alive until the loss (no-grad passes)
     working: int = 0  # largest leaf-module input + output
-    notes: list[str] = field(default_factory=list)
 
 
 def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module) -> PassCost:
