@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from common import TINY, random_batch
+from common import TINY, finish, random_batch
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
 from trainer.engine import apply_schedule, build_engine, init_distributed
@@ -60,3 +60,4 @@ def main(report_path, ds_name="zero3.json"):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

@@ -62,3 +62,11 @@ def collectives_during(fn) -> int:
             setattr(dist, n, saved[n])
         deepspeed.zero.GatheredParameters = gp
     return calls["n"]
+
+
+def finish():
+    """Leave the process group together: a rank exiting with a live gloo group can abort
+    ("terminate called without an active exception") while the other is still using it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

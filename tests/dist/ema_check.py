@@ -13,7 +13,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
-from common import TINY, collectives_during, random_batch, train_step
+from common import TINY, collectives_during, finish, random_batch, train_step
 from trainer.engine import build_engine, init_distributed
 
 MOMENTUM = 0.9995
@@ -81,3 +81,4 @@ def main(report_path, ds_name="zero3.json"):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import gathered, random_batch
+from common import finish, gathered, random_batch
 from models.teachers import convert_state_dict, read_state_dict
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config, to_dict
@@ -67,3 +67,4 @@ def main(report_path, clip_path, ckpt_dir):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import collectives_during
+from common import collectives_during, finish
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config, to_dict
 from trainer.ds_config import build_ds_config
@@ -89,3 +89,4 @@ def main(report_path, clip_file, work):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.loop import mean_over_ranks
+from common import finish
 
 
 def main(report_path):
@@ -24,3 +25,4 @@ def main(report_path):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import TINY, random_batch, train_step
+from common import TINY, finish, random_batch, train_step
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from trainer import resharding
@@ -99,3 +99,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
-from common import TINY, random_batch, train_step
+from common import TINY, finish, random_batch, train_step
 from trainer.engine import build_engine, init_distributed
 
 
@@ -56,3 +56,4 @@ def main(report_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from trainer.config import files_unchecked, load_config
 from trainer.ds_config import build_ds_config
 from trainer.engine import build_module, init_distributed
+from common import finish
 
 
 def rss() -> int:
@@ -62,3 +63,4 @@ def main(report_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from models.heads import TokenBatchNorm
 from trainer.methods.ibot import sum_over_ranks
+from common import finish
 
 
 def main(report_path):
@@ -49,3 +50,4 @@ def main(report_path):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import gathered
+from common import finish, gathered
 from models.dvae import read_encoder_file
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config, to_dict
@@ -76,3 +76,4 @@ def main(report_path, tokenizer_path, ckpt_dir):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()
