@@ -145,17 +145,22 @@ class StreamPlan:
             if decoded is None:
                 return None
             img, label = decoded
-            global_crops, local_crops, *second = self.augment(img)
+            views = self.augment(img)
         rng = np.random.default_rng(sample_seed)
-        masks = [torch.from_numpy(self.mask_sampler(rng)) for _ in global_crops]
-        return global_crops, local_crops, masks, label, raw["__key__"], (second or [None])[0]
+        masks = [torch.from_numpy(self.mask_sampler(rng)) for _ in views.global_crops]
+        return views, masks, label, raw["__key__"]
 
     def collate(self, items: list) -> dict:
-        g, loc, masks, labels, keys, second = zip(*items)
+        views, masks, labels, keys = zip(*items)
+        g, loc = [v.global_crops for v in views], [v.local_crops for v in views]
         n_local, size = self.augment.n_local, self.augment.local_size
         extra = {}
-        if second[0] is not None:  # BEiT: the tokenizer's view of each global crop, [G, B, 3, s, s] uint8
-            extra["second_crops"] = torch.stack([torch.stack(v) for v in zip(*second)])
+        if views[0].second_crops is not None:  # BEiT: the tokenizer's view of each global crop, [G, B, 3, s, s]
+            extra["second_crops"] = torch.stack([torch.stack(v) for v in zip(*(v.second_crops for v in views))])
+        for name in ("global_params", "local_params"):  # colour work left to the consumer: [V, B, N_PARAMS]
+            rows = [getattr(v, name) for v in views]
+            if rows[0] is not None and rows[0]:
+                extra[name] = torch.stack([torch.stack(r) for r in zip(*rows)])
         return {**extra,
             "global_crops": torch.stack([torch.stack(v) for v in zip(*g)]),  # [G, B, 3, H, W] uint8
             "local_crops": (torch.stack([torch.stack(v) for v in zip(*loc)]) if n_local

@@ -3,6 +3,8 @@
 Crops leave the loader as uint8 tensors; `normalize_batch` turns a whole batch into normalised
 floats on the consumer's device. Shipping uint8 moves 4x fewer bytes between processes and runs
 the normalisation once per batch, on the GPU in training, instead of once per crop on a loader CPU.
+With `photometric="device"` the colour work (jitter, grayscale, blur, solarisation: three quarters
+of the loader's CPU time on ImageNet-sized photos) moves there too, bit-identical.
 
 All randomness comes from torch's global generator, which the pipeline seeds per sample, so the
 crops of a sample are a pure function of its seed.
@@ -11,36 +13,13 @@ crops of a sample are a pure function of its seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from torchvision import transforms as T
 
-
-class RandomGaussianBlur:
-    """PIL Gaussian blur with a radius drawn from `sigma`, applied with probability `p` (DINO)."""
-
-    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)):
-        self.p, self.sigma = p, sigma
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if self.p <= 0 or torch.rand(()).item() >= self.p:
-            return img
-        radius = torch.empty(()).uniform_(*self.sigma).item()
-        return img.filter(ImageFilter.GaussianBlur(radius=radius))
-
-
-class RandomSolarize:
-    """PIL solarisation (threshold 128) with probability `p`."""
-
-    def __init__(self, p: float):
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if self.p <= 0 or torch.rand(()).item() >= self.p:
-            return img
-        return ImageOps.solarize(img, threshold=128)
+from . import photometric
 
 
 class TwoSizeCrop:
@@ -62,12 +41,26 @@ class TwoSizeCrop:
         return T.functional.pil_to_tensor(big), T.functional.pil_to_tensor(small)
 
 
-class MultiCrop:
-    """One image -> `n_global` global and `n_local` local crops (uint8 CHW tensors).
+class Views(NamedTuple):
+    """One image's crops (uint8 CHW tensors). With the colour work deferred to the consumer, each crop's
+    parameter row (data/photometric.py) comes with it and the crops are only cropped and flipped."""
 
-    Global crop i gets blur probability `blur_p[i]` and solarisation `solarize_p[i]` (iBOT/DINO:
-    1.0/0.0 for the first, 0.1/0.2 for the second); local crops get `local_blur_p` and no
-    solarisation. Flip, colour jitter and grayscale apply to every crop.
+    global_crops: list[torch.Tensor]
+    local_crops: list[torch.Tensor]
+    second_crops: list[torch.Tensor] | None = None  # BEiT: the tokenizer's view of each global crop
+    global_params: list[torch.Tensor] | None = None
+    local_params: list[torch.Tensor] | None = None
+
+
+class MultiCrop:
+    """One image -> `n_global` global and `n_local` local crops.
+
+    Each crop: random resized crop (bicubic), flip, then the colour work: jitter, grayscale, blur
+    (global crop i with probability `blur_p[i]`, local crops `local_blur_p`) and solarisation (global
+    crop i `solarize_p[i]`, never the local crops). iBOT/DINO: blur 1.0/0.1, solarisation 0.0/0.2.
+    `photometric`: "worker" does the colour work here with PIL (torchvision's transforms); "device"
+    only draws its parameters here and leaves it to `normalize_batch` on the consumer's device, with
+    the same draws and bit-identical results (data/photometric.py).
     """
 
     def __init__(
@@ -87,32 +80,20 @@ class MultiCrop:
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_p: Sequence[float] = (0.0, 0.2),
         second_size: int | None = None,
+        photometric: str = "worker",
     ):
         if len(blur_p) != n_global or len(solarize_p) != n_global:
             raise ValueError(f"blur_p and solarize_p need one entry per global crop ({n_global})")
+        if photometric not in ("worker", "device"):
+            raise ValueError(f"photometric must be 'worker' or 'device', not {photometric!r}")
         bicubic = T.InterpolationMode.BICUBIC
-        photometric = [
-            T.RandomHorizontalFlip(flip_p),
-            T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p),
-            T.RandomGrayscale(grayscale_p),
-        ]
-        self.global_transforms = [
-            T.Compose([
-                T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic),
-                *photometric,
-                RandomGaussianBlur(blur_p[i], blur_sigma),
-                RandomSolarize(solarize_p[i]),
-                T.PILToTensor(),
-            ])
-            for i in range(n_global)
-        ]
-        self.local_transform = T.Compose([
-            T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic),
-            *photometric,
-            RandomGaussianBlur(local_blur_p, blur_sigma),
-            T.PILToTensor(),
-        ])
-        self.n_local = n_local
+        self.global_crop = T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
+        self.local_crop = T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
+        self.flip = T.RandomHorizontalFlip(flip_p)
+        self.jitter, self.color_jitter_p, self.grayscale_p = T.ColorJitter(*color_jitter), color_jitter_p, grayscale_p
+        self.blur_p, self.local_blur_p, self.blur_sigma = list(blur_p), local_blur_p, tuple(blur_sigma)
+        self.solarize_p, self.photometric = list(solarize_p), photometric
+        self.n_global, self.n_local = n_global, n_local
         self.global_size, self.local_size, self.second_size = global_size, local_size, second_size
         # BEiT's two-resolution view replaces the global crops' pipeline (no grey-scale, blur or solarisation)
         self.two_sizes = (TwoSizeCrop(global_size, second_size, global_scale, flip_p, color_jitter_p, color_jitter)
@@ -120,24 +101,40 @@ class MultiCrop:
 
     @classmethod
     def from_config(cls, data: Any) -> MultiCrop:
-        """From a `DataConfig`-shaped object (`global_crops`, `local_crops`, `augment`)."""
+        """From a `DataConfig`-shaped object (`global_crops`, `local_crops`, `augment`); photometric
+        "auto" is "device" where a CUDA GPU trains, "worker" otherwise."""
         g, loc, a = data.global_crops, data.local_crops, data.augment
+        where = getattr(a, "photometric", "worker")
+        if where == "auto":
+            where = "device" if torch.cuda.is_available() else "worker"
         return cls(
             global_size=g.size, global_scale=tuple(g.scale), n_global=g.number,
             local_size=loc.size, local_scale=tuple(loc.scale), n_local=loc.number,
             flip_p=a.flip_p, color_jitter_p=a.color_jitter_p, color_jitter=a.color_jitter,
             grayscale_p=a.grayscale_p, blur_p=a.blur_p, local_blur_p=a.local_blur_p,
-            blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p, second_size=g.second_size,
+            blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p, second_size=g.second_size, photometric=where,
         )
 
-    def __call__(self, img: Image.Image) -> tuple[list[torch.Tensor], ...]:
-        """-> (global crops, local crops), and with `second_size` the global crops at that size third."""
+    def _view(self, img: Image.Image, crop, blur_p: float, solarize_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop, flip, and the colour work's draws (torchvision's order); applied here or deferred."""
+        img = self.flip(crop(img))
+        row = photometric.draw(self.jitter, self.color_jitter_p, self.grayscale_p, blur_p, self.blur_sigma,
+                               solarize_p)
+        if self.photometric == "worker":
+            img = photometric.apply_pil(img, row)
+        return T.functional.pil_to_tensor(img), row
+
+    def __call__(self, img: Image.Image) -> Views:
         if self.two_sizes is not None:
-            big, small = zip(*(self.two_sizes(img) for _ in self.global_transforms))
-            return list(big), [self.local_transform(img) for _ in range(self.n_local)], list(small)
-        global_crops = [t(img) for t in self.global_transforms]
-        local_crops = [self.local_transform(img) for _ in range(self.n_local)]
-        return global_crops, local_crops
+            big, small = zip(*(self.two_sizes(img) for _ in range(self.n_global)))
+            local = [self._view(img, self.local_crop, self.local_blur_p, 0.0) for _ in range(self.n_local)]
+            return Views(list(big), [c for c, _ in local], list(small), None,
+                         [r for _, r in local] if self.photometric == "device" else None)
+        views = [self._view(img, self.global_crop, self.blur_p[i], self.solarize_p[i]) for i in range(self.n_global)]
+        local = [self._view(img, self.local_crop, self.local_blur_p, 0.0) for _ in range(self.n_local)]
+        deferred = self.photometric == "device"
+        return Views([c for c, _ in views], [c for c, _ in local], None,
+                     [r for _, r in views] if deferred else None, [r for _, r in local] if deferred else None)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -152,12 +149,18 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
 
 def normalize_batch(batch: dict, mean: Sequence[float], std: Sequence[float],
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Move a loader batch to `device` and normalise its crops there; other entries just move."""
+    """Move a loader batch to `device`, do the colour work the loader deferred (its `*_params`), and
+    normalise the crops there; other entries just move."""
     out = {}
     for key, value in batch.items():
+        if key.endswith("_params"):
+            continue
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
             if key in ("global_crops", "local_crops"):
+                params = batch.get(key.replace("_crops", "_params"))
+                if params is not None and value.numel():  # [V, B, 3, H, W] crops, [V, B, N_PARAMS] rows
+                    value = photometric.apply_batch(value.flatten(0, 1), params.flatten(0, 1)).view(value.shape)
                 value = normalize(value, mean, std, dtype)
         out[key] = value
     return out

@@ -18,7 +18,7 @@ from models.init import init_module_
 
 from .config import Config
 from .ema import TeacherEMA
-from .methods import METHODS, frozen_files
+from .methods import METHODS, frozen_files, replicated_frozen
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,13 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     groups = param_groups(method, cfg.optim.layer_decay, cfg.optim.decay_embeddings)
     for g in groups:
         g.pop("names")
+    # A replicated frozen teacher is kept out of the engine: DeepSpeed would partition it and hook
+    # gathers onto it. It goes back in as a plain attribute, not a submodule, so the engine never sees it.
+    replicated = {name: method._modules.pop(name) for name in replicated_frozen(cfg)}
     engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=groups, config=ds_config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
+    for name, module in replicated.items():
+        object.__setattr__(engine.module, name, module.to(device=engine.device, dtype=dtype))
     # DeepSpeed cast buffers to bf16 with the module; the centers are averages and stay fp32.
     for name, buf in engine.module.named_buffers():
         if name.startswith("center"):

@@ -90,6 +90,12 @@ class FrozenTeacherConfig:
     antialias: bool = opt(False, "Resize the teacher's input and position embeddings with antialiasing (timm's "
                                  "default). false: bicubic without, as MaskAlign does (OpenDriveLab/MaskAlign "
                                  "models_pretrain.py: forward_clip, resize_pos_embed).")
+    replicate: bool = opt(False, "Under ZeRO-3, keep the frozen teacher whole on every rank (bf16, outside the "
+                                 "engine: never gathered) instead of partitioned and gathered block by block at "
+                                 "each forward. Costs its full size per GPU (ViT-L/14 0.6 GiB, bigG/14 3.4 GiB) and "
+                                 "saves that size in all-gather traffic per rank per micro-batch: worth it "
+                                 "whenever that memory is free (scripts/plan_memory.py shows it). The reference "
+                                 "code (DDP) always holds it whole.")
 
 
 @dataclass

@@ -91,6 +91,10 @@ class AugmentConfig:
     solarize_p: list[float] = opt([0.0, 0.2], "Solarisation probability of each global crop (iBOT: 0.0, 0.2).")
     mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "Normalisation mean (RGB).")
     std: tuple[float, float, float] = opt(IMAGENET_STD, "Normalisation std (RGB).")
+    photometric: Literal["auto", "worker", "device"] = opt(
+        "auto", "Where the colour work (jitter, grayscale, blur, solarisation) runs: 'worker' (PIL in the loader "
+                "processes, as the reference code), 'device' (batched on the training device, bit-identical: the "
+                "loader workers only decode, crop and flip), 'auto' (device on a CUDA GPU, worker otherwise).")
 
     def validate(self) -> None:
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "local_blur_p"):

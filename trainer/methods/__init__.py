@@ -56,10 +56,25 @@ def frozen_files(cfg) -> dict[str, str]:
     return {}
 
 
+def replicated_frozen(cfg) -> list[str]:
+    """The frozen networks kept whole on every rank, outside the DeepSpeed engine (teacher.clip.replicate)."""
+    return [name for name in frozen_files(cfg) if name == "clip_teacher" and cfg.teacher.clip.replicate]
+
+
 def build_frozen_teacher(cfg) -> FrozenTeacher:
-    """The frozen teacher's network (weights are loaded by the engine, see models.teachers)."""
+    """The frozen teacher's network (weights are loaded by the engine, see models.teachers). A
+    replicated one is built whole even inside `zero.Init` (model.sharded_init): DeepSpeed's own
+    switch for building outside the context it is in."""
     c = cfg.teacher.clip
-    return FrozenTeacher(c.arch, mean=c.mean, std=c.std, antialias=c.antialias)
+    if not c.replicate:
+        return FrozenTeacher(c.arch, mean=c.mean, std=c.std, antialias=c.antialias)
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        return FrozenTeacher(c.arch, mean=c.mean, std=c.std, antialias=c.antialias)
+    finally:
+        restore_init_context()
 
 
 from . import beit, dvae, ibot, ibot_clip, itpn, maskalign  # noqa: E402,F401  (register themselves)

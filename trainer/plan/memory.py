@@ -11,11 +11,12 @@ States, per parameter of each kind (P trainable, E EMA teacher, F frozen teacher
     Adam m, v        8P/R        8P/R     } gradient partition and our EMA shadow
     EMA teacher      2E/R        2E       bf16 working copy
     EMA shadow       4E/R        4E       our fp32 shadow (trainer/ema.py), beside the fp32 masters
-    frozen teachers  2F/R        2F
+    frozen teachers  2F/R        2F       2F under ZeRO-3 too with teacher.clip.replicate (never gathered)
 
-plus, under ZeRO-3, the parameters gathered at once (the largest module a forward gathers, and
-the prefetch bucket) and the gradient reduce bucket; then the step's activations (workload.py):
-the student's saved tensors, the teachers' outputs kept until the loss, the loss's logits, the
+plus, under ZeRO-3, the parameters gathered at once (those DeepSpeed keeps for reuse within
+stage3_max_reuse_distance, at least the largest module, and the prefetch bucket) and the gradient
+reduce bucket; then the step's activations (workload.py): the student's saved tensors, the
+teachers' outputs kept until the loss, the loss's logits, the
 largest working set, and under activation checkpointing one block's recomputed activations.
 
 What is not modelled is one row, a rule of thumb: the CUDA context, NCCL buffers and allocator
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from trainer.config import Config
+from trainer.methods import replicated_frozen
 
 from . import workload
 
@@ -54,6 +56,7 @@ class Zero:
     prefetch_bucket: int
     max_live: int
     sub_group: int
+    max_reuse: int = 10**9  # stage3_max_reuse_distance: parameters reused within it stay gathered
 
     @classmethod
     def from_ds(cls, ds: dict) -> Zero:
@@ -64,7 +67,8 @@ class Zero:
 
         return cls(int(z.get("stage", 0)), device("offload_optimizer"), device("offload_param"),
                    int(z.get("reduce_bucket_size", 5e8)), int(z.get("stage3_prefetch_bucket_size", 5e7)),
-                   int(z.get("stage3_max_live_parameters", 1e9)), int(z.get("sub_group_size", 1e9)))
+                   int(z.get("stage3_max_live_parameters", 1e9)), int(z.get("sub_group_size", 1e9)),
+                   int(z.get("stage3_max_reuse_distance", 1e9)))
 
 
 @dataclass
@@ -140,8 +144,9 @@ class Plan:
                 "activations_without_checkpointing_gib": self.activations_without_checkpointing / GiB}
 
 
-def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int) -> list[Row]:
-    """Weights, gradients, optimizer states and teachers per GPU (module docstring)."""
+def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int, replicated: tuple[str, ...] = ()) -> list[Row]:
+    """Weights, gradients, optimizer states and teachers per GPU (module docstring); `replicated`:
+    the frozen networks kept whole on every rank."""
     P, E, F = counts.trainable, counts.ema, sum(counts.frozen.values())
     shard = ranks if z.stage == 3 else 1
     off_opt, off_par = z.offload_optimizer != "none", z.offload_param != "none"
@@ -162,12 +167,23 @@ def state_rows(counts: workload.Counts, z: Zero, ranks: int, e: int) -> list[Row
     if E:
         rows += [placed("EMA teacher (bf16)", e * E / shard, off_par, "shard-local" if shard > 1 else "whole"),
                  placed("EMA shadow (fp32)", 4 * E / shard, off_opt, "trainer/ema.py")]
-    if F:
-        rows.append(placed("frozen teachers (bf16)", e * F / shard, off_par, ", ".join(counts.frozen)))
+    sharded = {k: v for k, v in counts.frozen.items() if k not in replicated}
+    if sharded:
+        rows.append(placed("frozen teachers (bf16)", e * sum(sharded.values()) / shard, off_par, ", ".join(sharded)))
+    if F - sum(sharded.values()):
+        rows.append(Row("frozen teachers (bf16), replicated", e * (F - sum(sharded.values())), 0.0,
+                        ", ".join(k for k in counts.frozen if k in replicated) + ": whole, never gathered"))
     if z.stage == 3:
+        # DeepSpeed releases a gathered parameter after its module ran unless the parameter trace uses it
+        # again within stage3_max_reuse_distance elements: with zero3.json's 1e9 (DeepSpeed's default),
+        # a student used by 2 crop sizes and its backward, and a teacher used every step, stay gathered
+        # (scripts/bench_comm.py shows it). Bounded by what the step gathers at all.
+        gathered = counts.total - sum(v for k, v in counts.frozen.items() if k in replicated)
         prefetch = min(z.prefetch_bucket, z.max_live, counts.total)
-        rows.append(Row("gathered weights (largest + prefetch)", e * (counts.largest_gather + prefetch), 0.0,
-                        f"{counts.largest_gather / 1e6:.1f}M + prefetch {prefetch / 1e6:.0f}M"))
+        live = min(gathered, max(min(z.max_reuse, gathered), counts.largest_gather) + prefetch)
+        rows.append(Row("gathered weights (kept for reuse + prefetch)", e * live, 0.0,
+                        f"{min(z.max_reuse, gathered) / 1e6:,.0f}M reuse distance, largest "
+                        f"{counts.largest_gather / 1e6:.1f}M, prefetch {prefetch / 1e6:.0f}M"))
     if z.stage >= 2:
         rows.append(Row("gradient reduce bucket", e * min(z.reduce_bucket, P), 0.0,
                         f"{min(z.reduce_bucket, P) / 1e6:.0f}M elements"))
@@ -238,10 +254,11 @@ def plan(cfg: Config, ds: dict, gpus: int, gpu_bytes: float, micro_batch: int | 
     fused = plans_fused_ce(cfg) if fused_ce is None else fused_ce
     z = Zero.from_ds(ds)
     e = workload.DTYPES[cfg.run.precision].itemsize
-    counts = workload.count_parameters(method)
+    replicated = tuple(replicated_frozen(cfg))
+    counts = workload.count_parameters(method, replicated)
     b = micro_batch or cfg.data.batch_size
     every = cfg.model.grad_checkpointing
-    states = state_rows(counts, z, gpus, e)
+    states = state_rows(counts, z, gpus, e, replicated)
 
     def rows_for(a: Activations) -> list[Row]:
         what = f"checkpointing every {every}" if every else "no checkpointing"

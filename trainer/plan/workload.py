@@ -69,15 +69,16 @@ class Counts:
         return self.trainable + self.ema + sum(self.frozen.values())
 
 
-def count_parameters(method: nn.Module) -> Counts:
+def count_parameters(method: nn.Module, replicated: tuple[str, ...] = ()) -> Counts:
+    """`replicated`: frozen networks kept whole outside the engine, which ZeRO-3 never gathers."""
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     ema = sum(p.numel() for p in method.teacher.parameters()) if hasattr(method, "teacher") else 0
     frozen = {name: sum(p.numel() for p in getattr(method, name).parameters())
               for name in ("clip_teacher", "tokenizer") if hasattr(method, name)}
     parts = [getattr(method, n) for n in ("student", "teacher") if hasattr(method, n)]
     heads = sum(p.numel() for part in parts if "head" in part for p in part["head"].parameters())
-    name, largest = max(((n, sum(p.numel() for p in m.parameters(recurse=False))) for n, m in method.named_modules()),
-                        key=lambda x: x[1])
+    name, largest = max(((n, sum(p.numel() for p in m.parameters(recurse=False))) for n, m in method.named_modules()
+                         if n.split(".")[0] not in replicated), key=lambda x: x[1])
     return Counts(trainable, ema, frozen, heads, largest, name)
 
 
