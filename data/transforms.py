@@ -81,11 +81,16 @@ class MultiCrop:
         solarize_p: Sequence[float] = (0.0, 0.2),
         second_size: int | None = None,
         photometric: str = "worker",
+        resize: str = "pil",
     ):
         if len(blur_p) != n_global or len(solarize_p) != n_global:
             raise ValueError(f"blur_p and solarize_p need one entry per global crop ({n_global})")
         if photometric not in ("worker", "device"):
             raise ValueError(f"photometric must be 'worker' or 'device', not {photometric!r}")
+        if resize not in ("pil", "torch") or (resize == "torch" and photometric != "device"):
+            raise ValueError(f"resize {resize!r}: 'pil', or 'torch' with photometric 'device' (PIL's colour work "
+                             "needs PIL crops)")
+        self.resize = resize
         bicubic = T.InterpolationMode.BICUBIC
         self.global_crop = T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
         self.local_crop = T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
@@ -107,16 +112,30 @@ class MultiCrop:
         where = getattr(a, "photometric", "worker")
         if where == "auto":
             where = "device" if torch.cuda.is_available() else "worker"
+        resize = getattr(a, "resize", "pil")
+        if resize == "auto":
+            resize = "torch" if where == "device" else "pil"
         return cls(
             global_size=g.size, global_scale=tuple(g.scale), n_global=g.number,
             local_size=loc.size, local_scale=tuple(loc.scale), n_local=loc.number,
             flip_p=a.flip_p, color_jitter_p=a.color_jitter_p, color_jitter=a.color_jitter,
             grayscale_p=a.grayscale_p, blur_p=a.blur_p, local_blur_p=a.local_blur_p,
             blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p, second_size=g.second_size, photometric=where,
+            resize=resize,
         )
 
-    def _view(self, img: Image.Image, crop, blur_p: float, solarize_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop, flip, and the colour work's draws (torchvision's order); applied here or deferred."""
+    def _view(self, img: Image.Image | torch.Tensor, crop, blur_p: float, solarize_p: float):
+        """Crop, flip, and the colour work's draws (torchvision's order); applied here or deferred.
+        `img` a uint8 [3, H, W] tensor (resize torch): the same draws, torch's antialiased bicubic."""
+        if isinstance(img, torch.Tensor):
+            top, left, h, w = crop.get_params(img, crop.scale, crop.ratio)
+            x = torch.nn.functional.interpolate(img[None, :, top:top + h, left:left + w], size=list(crop.size),
+                                                mode="bicubic", antialias=True)[0]
+            if torch.rand(1) < self.flip.p:
+                x = x.flip(-1)
+            row = photometric.draw(self.jitter, self.color_jitter_p, self.grayscale_p, blur_p, self.blur_sigma,
+                                   solarize_p)
+            return x.contiguous(), row
         img = self.flip(crop(img))
         row = photometric.draw(self.jitter, self.color_jitter_p, self.grayscale_p, blur_p, self.blur_sigma,
                                solarize_p)
@@ -125,6 +144,8 @@ class MultiCrop:
         return T.functional.pil_to_tensor(img), row
 
     def __call__(self, img: Image.Image) -> Views:
+        if self.resize == "torch" and self.two_sizes is None:  # one tensor (HWC memory, torch's fast uint8 path)
+            img = T.functional.pil_to_tensor(img)
         if self.two_sizes is not None:
             big, small = zip(*(self.two_sizes(img) for _ in range(self.n_global)))
             local = [self._view(img, self.local_crop, self.local_blur_p, 0.0) for _ in range(self.n_local)]

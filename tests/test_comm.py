@@ -27,6 +27,8 @@ def test_gathers_match_the_analytic_count_packing_halves_them_replication_remove
         # the rest of the student (embeddings, heads) at most once per call
         rest = "gathered_per_step student embeddings + heads"
         assert 0 < t[case][rest] <= t[case]["analytic_" + rest]
+    assert results["ibot_per_resolution"]["block_passes_per_step"] == 2  # global crops, then local crops
+    assert results["ibot_packed"]["block_passes_per_step"] == 1  # all crops in one packed sequence
     per_res, packed = t["ibot_per_resolution"], t["ibot_packed"]
     assert per_res["gathered_per_step student blocks"] == 2 * packed["gathered_per_step student blocks"] > 0
     partitioned, replicated = t["ibot_clip_partitioned"], t["ibot_clip_replicated"]

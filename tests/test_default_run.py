@@ -36,6 +36,11 @@ def test_default_run_learns_features(tmp_path):
     assert end["loss_cls"] < first["loss_cls"] - 1.0, (first, end)  # seen: 5.10 -> 3.18
     assert end["loss_mim"] < first["loss_mim"] - 0.15, (first, end)  # seen: 2.95 -> 2.62
     assert end["loss_cls"] < math.log(1024) - 2.0, end
+    # The loader keeps up: waiting for data is under 5% of the step time (the log's "data" share) after the
+    # first window, which includes starting the workers (seen: 0-1%, 3.5% in the first).
+    windows = [r for r in records if "time_data_s" in r][1:]
+    wait = sum(r["time_data_s"] for r in windows) / sum(r["step_time_s"] for r in windows)
+    assert len(windows) > 10 and wait < 0.05, wait
 
     # The kNN is measured during training too (eval.knn_every_steps: 200), and the final one is logged.
     knn = {r["step"]: r["knn"] for r in records if r.get("knn") is not None}

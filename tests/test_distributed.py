@@ -208,6 +208,14 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
     a, b = _losses(straight), _losses(split)
     assert [s for s, _ in a] == [1, 2, 3, 4] and a == b
 
+    # teacher.clip.replicate: the teacher whole on each rank, out of the engine, the same numbers; a resumed
+    # run reloads it from its file. (Built inside zero.Init with model.sharded_init: tests/test_comm.py.)
+    replicated = tmp_path / "replicated"
+    run = torchrun(*_maskalign_cmd(replicated, clip, 4, ["teacher.clip.replicate=true", "--stop-at", "2"]))
+    assert "whole on every rank (teacher.clip.replicate), never gathered" in run.stderr
+    torchrun(*_maskalign_cmd(replicated, clip, 4, ["teacher.clip.replicate=true"]))
+    assert _losses(replicated) == a
+
     # Resuming with a different teacher file stops before any step, naming the file.
     other = _tiny_clip(tmp_path / "other.pt", seed=1)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -148,3 +148,27 @@ def test_normalize_batch_applies_the_deferred_work():
     a, b = normalize_batch(batch(device), mean, std), normalize_batch(batch(worker), mean, std)
     assert set(a) == set(b) == {"global_crops", "local_crops"}  # the parameter rows are used up
     assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["local_crops"], b["local_crops"])
+
+
+def test_torch_resize_draws_the_same_and_resamples_within_a_level_or_so_of_pils():
+    """data.augment.resize torch: the same crops (same draws, same boxes), torch's antialiased bicubic
+    instead of PIL's: statistically the same images (seen: mean |diff| 0.03 levels, max 9)."""
+    img = _photo(375, 500)
+    pil = MultiCrop(photometric="device")
+    fast = MultiCrop(photometric="device", resize="torch")
+    diffs, means = [], []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = pil(img)
+        torch.manual_seed(seed)
+        b = fast(img)
+        for ra, rb in zip(a.global_params + a.local_params, b.global_params + b.local_params):
+            assert torch.equal(ra.nan_to_num(-1), rb.nan_to_num(-1))  # the same colour work drawn after
+        for x, y in zip(a.global_crops + a.local_crops, b.global_crops + b.local_crops):
+            assert x.shape == y.shape and y.dtype == torch.uint8
+            diffs.append((x.int() - y.int()).abs())
+            means.append(abs(x.float().mean() - y.float().mean()))
+    d = torch.cat([t.flatten() for t in diffs]).float()
+    assert d.mean() < 0.1 and d.max() <= 16 and max(means) < 0.05, (d.mean(), d.max(), max(means))
+    with pytest.raises(ValueError, match="resize 'torch'"):
+        MultiCrop(photometric="worker", resize="torch")

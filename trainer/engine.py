@@ -163,6 +163,8 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
     for name, module in replicated.items():
         object.__setattr__(engine.module, name, module.to(device=engine.device, dtype=dtype))
+        log.info("frozen %s whole on every rank (teacher.clip.replicate), never gathered: %.1fM parameters",
+                 name, sum(p.numel() for p in module.parameters()) / 1e6)
     # DeepSpeed cast buffers to bf16 with the module; the centers are averages and stay fp32.
     for name, buf in engine.module.named_buffers():
         if name.startswith("center"):

@@ -29,21 +29,28 @@ _LOG2E = tl.constexpr(LOG2E)  # inside the kernels
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Autotune candidates per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, the feature-tile widths
-# BLOCK_D it is offered at). Chosen by compiling, ahead of time for sm_80 and sm_90 at widths 64 and
-# 128, a grid of tiles (BLOCK_M 32/64/128 x BLOCK_N 32/64/128), 4 or 8 warps and 1 to 3 stages
-# (scripts/compile_kernels.py; the shipped lists over every head dim: bench/results/kernels_compiled.json).
-# Left out, at a width: configs that spill registers to local memory on either GPU (most 128-row
-# tiles with 4 warps, every 128 x 128 tile at width 128; of the earlier lists (128, 128, 8, 2),
-# (64, 128, 4, 2), (128, 32, 4, 3), (64, 128, 8, 2), and for dK/dV (128, 64, 8, 2)), and configs whose
-# dots compile to HMMA (mma.sync) instead of HGMMA (wgmma) on sm_90: wgmma takes 64-row tiles per
-# warpgroup, so BLOCK_M = 32 in dQ, and (32, 32, 4, 3) in dK/dV, lose Hopper's tensor-core instruction.
-_FWD = ((128, 64, 8, 3, (64, 128)), (64, 128, 8, 3, (64, 128)), (64, 64, 4, 3, (64, 128)), (128, 32, 8, 3, (64, 128)),
-        (128, 128, 8, 3, (64,)), (128, 64, 4, 3, (64,)))
-_DKDV = ((64, 64, 4, 2, (64,)), (64, 64, 8, 2, (64,)), (32, 64, 4, 2, (64,)), (128, 32, 8, 2, (64, 128)),
-         (64, 32, 8, 2, (64, 128)), (32, 64, 8, 2, (64, 128)))
-_DQ = ((64, 64, 4, 2, (64,)), (128, 64, 8, 2, (64,)), (64, 64, 8, 2, (64,)), (128, 32, 8, 2, (64,)),
-       (64, 32, 8, 2, (64, 128)), (64, 32, 8, 1, (64, 128)))
+# Autotune candidates per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, where it is offered):
+# "64" / "128" is the feature-tile width BLOCK_D (head dims up to 64; 80 to 128), "b" with BEiT's
+# relative position bias (and its gradient). Chosen by compiling, ahead of time for sm_80 and sm_90,
+# a grid of tiles (BLOCK_M 32/64/128 x BLOCK_N 32/64/128), 4 or 8 warps and 1 to 3 stages at head
+# dims 64, 80 and 88, fixed-length, packed and biased (scripts/compile_kernels.py; the shipped lists
+# over every head dim, layout and dtype: bench/results/kernels_compiled.json). Left out where they
+# spill registers to local memory on either GPU (128-row tiles with 4 warps, 128 x 128 tiles, most
+# configs once the bias tile is added at width 128; of the earlier lists (128, 128, 8, 2),
+# (64, 128, 4, 2), (128, 32, 4, 3), (64, 128, 8, 2) and (128, 64, 8, 2)), and where their dots compile
+# to HMMA (mma.sync) instead of HGMMA (wgmma) on sm_90: wgmma takes 64-row tiles per warpgroup, so
+# BLOCK_M = 32 in dQ, and (32, 32, 4, 3) in dK/dV, lose Hopper's tensor-core instruction.
+_FWD = ((128, 64, 8, 3, ("64", "128", "64b")), (64, 128, 8, 3, ("64",)), (64, 64, 4, 3, ("64", "64b")),
+        (128, 32, 8, 3, ("64", "128", "64b")), (128, 128, 8, 3, ("64",)), (128, 64, 4, 3, ("64",)),
+        (64, 32, 8, 3, ("128", "64b", "128b")))
+# dK/dV needs BLOCK_M and BLOCK_N >= 64 for all three of its dots to be wgmma; at width 128, and with the
+# bias at 64, every such tile spills, so those lists keep spill-free tiles with a 32 side, whose
+# P^T dO and dS^T Q (or Q K^T) dots are mma.sync: the compiled code's trade, recorded in the JSON.
+_DKDV = ((64, 64, 4, 2, ("64",)), (64, 64, 8, 2, ("64",)), (128, 32, 8, 2, ("128",)), (64, 32, 8, 2, ("128", "64b")),
+         (32, 64, 8, 2, ("128",)), (128, 32, 8, 1, ("64b",)), (64, 32, 8, 1, ("64b",)), (32, 64, 8, 1, ("64b", "128b")))
+_DQ = ((64, 64, 4, 2, ("64",)), (128, 64, 8, 2, ("64",)), (64, 64, 8, 2, ("64",)), (128, 32, 8, 2, ("64", "64b")),
+       (64, 32, 8, 2, ("64", "128", "64b", "128b")), (64, 32, 8, 1, ("64", "128", "128b")), (64, 64, 8, 1, ("64b",)),
+       (64, 64, 4, 1, ("64b",)))
 
 
 def _configs(table):
@@ -52,17 +59,16 @@ def _configs(table):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s, _ in table]
 
 
-def _for_width(table):
-    """early_config_prune: the configs offered at this launch's BLOCK_D (the 64 list below 64, the
-    128 list above 128)."""
-    widths = {(bm, bn, w, s): ws for bm, bn, w, s, ws in table}
+def _offered(table):
+    """early_config_prune: the configs offered at this launch's tile width (the 64 list below 64, the
+    128 list above 128) and bias."""
+    where = {(bm, bn, w, s): tags for bm, bn, w, s, tags in table}
 
     def prune(configs, named_args, **kwargs):
         if _INTERPRET:
             return configs
-        width = min(max(kwargs["BLOCK_D"], 64), 128)
-        return [c for c in configs
-                if width in widths[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages]]
+        tag = f"{min(max(kwargs['BLOCK_D'], 64), 128)}{'b' if kwargs.get('HAS_BIAS') else ''}"
+        return [c for c in configs if tag in where[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages]]
     return {"early_config_prune": prune}
 
 
@@ -119,7 +125,7 @@ def _recompute(q, k, v, do, lse, delta, valid, scale_log2, bias, HAS_BIAS: tl.co
     return p, p * (_dot(do, tl.trans(v), UPCAST) - delta[:, None])
 
 
-@triton.autotune(configs=_configs(_FWD), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS"], prune_configs_by=_for_width(_FWD))
+@triton.autotune(configs=_configs(_FWD), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS"], prune_configs_by=_offered(_FWD))
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, BIAS, scale_log2,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
@@ -179,7 +185,7 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, son, slb, slh, CU, H, N, D, VARLEN: 
 
 # DBIAS is added to atomically: benchmarking a config must start it from zero again.
 @triton.autotune(configs=_configs(_DKDV), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS", "BIAS_GRAD"],
-                 reset_to_zero=["DBIAS"], prune_configs_by=_for_width(_DKDV))
+                 reset_to_zero=["DBIAS"], prune_configs_by=_offered(_DKDV))
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, BIAS, DBIAS, sm_scale, scale_log2,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
@@ -225,7 +231,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, BIAS, DBIAS, sm_scale, s
     tl.store(DV + v_off + offs_n[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs(_DQ), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS"], prune_configs_by=_for_width(_DQ))
+@triton.autotune(configs=_configs(_DQ), key=["D", "MAX_LEN", "VARLEN", "HAS_BIAS"], prune_configs_by=_offered(_DQ))
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, BIAS, sm_scale, scale_log2,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
