@@ -172,3 +172,20 @@ def test_torch_resize_draws_the_same_and_resamples_within_a_level_or_so_of_pils(
     assert d.mean() < 0.1 and d.max() <= 16 and max(means) < 0.05, (d.mean(), d.max(), max(means))
     with pytest.raises(ValueError, match="resize 'torch'"):
         MultiCrop(photometric="worker", resize="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_batch_on_the_gpu_equals_pil():
+    """The deferred colour work where it is meant to run: a CUDA batch, against PIL crop by crop."""
+    img = _photo(375, 500)
+    device = MultiCrop(photometric="device", resize="torch")
+    crops, rows = [], []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        v = device(img)
+        crops += v.local_crops
+        rows += v.local_params
+    got = P.apply_batch(torch.stack(crops).cuda(), torch.stack(rows).cuda()).cpu()
+    want = torch.stack([F.pil_to_tensor(P.apply_pil(F.to_pil_image(c), r)) for c, r in zip(crops, rows)])
+    assert torch.equal(got, want)
