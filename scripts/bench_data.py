@@ -6,7 +6,7 @@ worker processes. The baseline does what the DINO/iBOT code does: ToTensor + Nor
 the worker, default collate. Ours draws the block masks too and ships uint8 crops, normalised by
 the training process on its device; measured twice: with the colour work in the workers (PIL,
 data.augment.photometric worker) and with it left to the consumer's device (photometric device and
-resize torch, the default on a GPU: the workers decode, crop with torch's uint8 antialiased bicubic
+resize torch, opt-in: the workers decode, crop with torch's uint8 antialiased bicubic
 and flip, and ship each crop's drawn parameters).
 Printed: images/s of each, per worker, the ratios to the baseline (target >= 2 for the second), and
 what the consumer's share costs on this CPU, for scale (on a GPU, a few batched kernels).
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--samples-per-shard", "64", "--workers", str(args.workers)], check=True)
 
     mc = MultiCrop(n_local=args.local_crops)  # iBOT defaults: 2 x 224 (0.32-1), N x 96 (0.05-0.32)
-    deferred = MultiCrop(n_local=args.local_crops, photometric="device", resize="torch")  # what 'auto' is on a GPU
+    deferred = MultiCrop(n_local=args.local_crops, photometric="device", resize="torch")  # resize torch: opt-in
     masks = MaskSampler((14, 14), "block", (0.1, 0.5), 0.5)
     urls = expand_shards(str(shards))
 

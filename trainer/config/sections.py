@@ -96,7 +96,8 @@ class AugmentConfig:
                 "processes, as the reference code), 'device' (batched on the training device, bit-identical: the "
                 "loader workers only decode, crop and flip), 'auto' (device on a CUDA GPU, worker otherwise).")
     resize: Literal["auto", "pil", "torch"] = opt(
-        "auto", "Random-resized-crop resampling: 'pil' (torchvision's PIL bicubic, the reference), 'torch' (torch's "
+        "pil", "Random-resized-crop resampling: 'pil' (torchvision's PIL bicubic, as bytedance/ibot main_ibot.py "
+               "DataAugmentationiBOT), 'torch' (torch's "
                 "uint8 antialiased bicubic, about 2x faster; within 1 level of PIL's on ~1% of pixels, "
                 "tests/test_photometric.py; needs photometric 'device'), 'auto' (torch where photometric is 'device').")
 
