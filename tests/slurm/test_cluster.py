@@ -78,6 +78,16 @@ def logs(run: Path) -> str:
     return "".join(p.read_text() for p in sorted((run / "logs").glob("slurm-*")))
 
 
+def slurm_state(env: dict, job: str, run: Path | None = None) -> str:
+    """What Slurm says of `job` now, for a failure message: scontrol, slurmctld's log lines that name
+    it, and the end of the job's own log."""
+    show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    ctld = Path(env["MIMSCALE_SLURM_DIR"]) / "log" / "slurmctld.log"
+    lines = [ln for ln in ctld.read_text(errors="replace").splitlines() if re.search(rf"JobId={job}\b", ln)]
+    tail = logs(run)[-4000:] if run is not None and (run / "logs").exists() else ""
+    return f"scontrol show job {job}:\n{show}\nslurmctld.log:\n" + "\n".join(lines[-30:]) + f"\njob log:\n{tail}"
+
+
 def until(predicate, timeout: float = 300, what: str = "") -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -149,7 +159,8 @@ def test_usr1_a_killed_rank_and_scancel_on_three_jobs_at_once(slurm, tmp_path, i
     all_running = set(states(slurm, f"{a},{b},{c}").values()) == {"RUNNING"}
 
     until(lambda: max((s for s, _ in losses(signalled)), default=0) >= 2, what="usr1 job at step 2")
-    subprocess.run(["scancel", "--batch", "--signal=USR1", a], env=slurm, check=True)
+    sent = subprocess.run(["scancel", "--batch", "--signal=USR1", a], env=slurm, capture_output=True, text=True)
+    assert sent.returncode == 0, sent.stderr + slurm_state(slurm, a, signalled)
     until(lambda: max((s for s, _ in losses(cancelled)), default=0) >= 2, what="cancel job at step 2")
     subprocess.run(["scancel", c], env=slurm, check=True)
     until(lambda: (killed / "checkpoints" / "step00000003" / "COMPLETE").exists(), what="kill9 job's checkpoint")

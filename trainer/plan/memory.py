@@ -195,7 +195,7 @@ class Activations:
     saved: float  # the student's tensors kept for the backward
     kept: float  # teacher outputs alive until the loss
     logits: float  # the loss's logits
-    working: float  # the largest working set (backward: twice the forward's)
+    working: float  # the largest working set (a leaf module's input + output, or their gradients)
     recompute: float  # one checkpointed block recomputed in the backward
 
     @property
@@ -203,20 +203,21 @@ class Activations:
         return self.saved + self.kept + self.logits + self.working + self.recompute
 
 
-def recompute_bytes(saved_without_checkpointing: float, depth: int, every: int) -> float:
+def recompute_bytes(block: float, depth: int, every: int) -> float:
     """What the backward recomputes at once under checkpointing of every `every`-th of `depth` blocks:
-    one block's saved tensors (the embedding's and head's included: an upper bound). When the last
-    block is not checkpointed, its saved tensors are freed before the first recomputation, which fits
-    in their place."""
+    the largest block's saved tensors beyond its input (the input is what checkpointing keeps). When
+    the last block is not checkpointed, its saved tensors are freed before the first recomputation,
+    which fits in their place."""
     if not every:
         return 0.0
-    return saved_without_checkpointing / depth if (depth - 1) % every == 0 else 0.0
+    return block if (depth - 1) % every == 0 else 0.0
 
 
 def peak_bytes(saved: float, working: float, recompute: float) -> float:
-    """A gradient pass's peak: its saved tensors, the backward's working set (twice the largest leaf
-    module's input + output: the gradients of both), and one recomputed block."""
-    return saved + 2 * working + recompute
+    """A gradient pass's peak: its saved tensors, the backward's working set (the gradients of the
+    largest leaf module's input and output: the two themselves are saved tensors already), and one
+    recomputed block."""
+    return saved + working + recompute
 
 
 def activations(method: nn.Module, cfg: Config, b: int, every: int, fused_ce: bool) -> Activations:
@@ -224,18 +225,18 @@ def activations(method: nn.Module, cfg: Config, b: int, every: int, fused_ce: bo
     student block (0: none). `method` is on the meta device (workload.build_meta)."""
     backbone = method.student["backbone"]
     can_checkpoint = hasattr(backbone, "set_grad_checkpointing")
-    depth = len(getattr(backbone, "blocks", [])) or 1
+    blocks = tuple(getattr(backbone, "blocks", ()))
     recompute = 0.0
     if can_checkpoint:
         backbone.set_grad_checkpointing(bool(every), every=every or 1)
     passes = workload.step_passes(method, cfg, b)
     if can_checkpoint and every:
         backbone.set_grad_checkpointing(False)
-        full = sum(p.saved for p in workload.step_passes(method, cfg, b) if p.grad)
+        block = max(p.unit for p in workload.step_passes(method, cfg, b, units=blocks) if p.grad)
         backbone.set_grad_checkpointing(True, every=every)
-        recompute = recompute_bytes(full, depth, every)
+        recompute = recompute_bytes(block, len(blocks) or 1, every)
     grad = [p for p in passes if p.grad]
-    working = max([2 * p.working for p in grad] + [p.working for p in passes if not p.grad])
+    working = max(p.working for p in passes)
     return Activations(sum(p.saved for p in grad), sum(p.kept for p in passes if not p.grad),
                        workload.loss_bytes(method, cfg, b, fused_ce), working, recompute)
 

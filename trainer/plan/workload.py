@@ -8,7 +8,10 @@ meta tensors, so its cost is counted from real shapes by the real module code:
   once, parameters excluded);
 - kept: a no-grad pass's outputs (the teacher's targets, iBOT's teacher logits);
 - working: the largest input + output of one leaf module (a Linear, a GELU, attention): what is
-  alive beside the saved tensors while that module runs; the backward needs about twice that.
+  alive beside the saved tensors while that module runs, and in the backward the gradients of the
+  two (the forward's input and output are saved tensors already);
+- unit: the most one block (`units`) keeps for the backward beyond its inputs, which activation
+  checkpointing recomputes at once.
 
 Attention is counted as a flash kernel keeps it (q, k, v, output, an fp32 log-sum-exp per row; no
 N x N scores): the Triton kernel on a GPU, and PyTorch's CPU and CUDA SDPA kernels, do. On the
@@ -137,12 +140,23 @@ class PassCost:
     saved: int = 0  # bytes kept for the backward (grad passes)
     kept: int = 0  # bytes of outputs alive until the loss (no-grad passes)
     working: int = 0  # largest leaf-module input + output
+    unit: int = 0  # the most one call of a unit (a block) saves beyond its inputs
 
 
-def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module) -> PassCost:
-    """Run `fn` (meta tensors) and count what it keeps; `modules`: where to watch the leaf modules."""
+def _storages(x) -> set[int]:
+    if isinstance(x, torch.Tensor):
+        return {x.untyped_storage()._cdata}
+    if isinstance(x, (list, tuple)):
+        return set().union(*map(_storages, x)) if x else set()
+    return set()
+
+
+def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module,
+            units: tuple[nn.Module, ...] = ()) -> PassCost:
+    """Run `fn` (meta tensors) and count what it keeps; `modules`: where to watch the leaf modules;
+    `units`: the modules whose calls checkpointing would recompute one at a time."""
     params = {p.untyped_storage()._cdata for p in modules.parameters()}
-    storages: dict[int, int] = {}
+    storages: dict[int, int] = {}  # (insertion-ordered: a unit's own storages are the ones added during its call)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
@@ -156,6 +170,18 @@ def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module)
         working[0] = max(working[0], _nbytes(inputs) + _nbytes(output))
 
     handles = [m.register_forward_hook(hook) for m in modules.modules() if not list(m.children())]
+    unit, starts = [0], []
+
+    def unit_start(module, inputs):
+        starts.append((len(storages), _storages(inputs)))
+
+    def unit_end(module, inputs, output):
+        first, own_inputs = starts.pop()
+        added = list(storages.items())[first:]
+        unit[0] = max(unit[0], sum(n for k, n in added if k not in own_inputs))
+
+    for u in units:
+        handles += [u.register_forward_pre_hook(unit_start), u.register_forward_hook(unit_end)]
     try:
         with flash_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.set_grad_enabled(grad):
@@ -163,7 +189,7 @@ def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module)
     finally:
         for h in handles:
             h.remove()
-    cost = PassCost(name, grad, working=working[0])
+    cost = PassCost(name, grad, working=working[0], unit=unit[0])
     if grad:
         cost.saved = sum(storages.values())
     else:
@@ -247,9 +273,9 @@ def loss_bytes(method: nn.Module, cfg: Config, b: int, fused: bool) -> int:
     return total
 
 
-def step_passes(method: nn.Module, cfg: Config, b: int) -> list[PassCost]:
-    """Every pass of one micro-batch of `b` images, measured on the meta device."""
-    return [measure(name, fn, grad, modules) for name, fn, grad, modules in step_calls(method, cfg, b)]
+def step_passes(method: nn.Module, cfg: Config, b: int, units: tuple[nn.Module, ...] = ()) -> list[PassCost]:
+    """Every pass of one micro-batch of `b` images, measured on the meta device; `units`: as measure's."""
+    return [measure(name, fn, grad, modules, units) for name, fn, grad, modules in step_calls(method, cfg, b)]
 
 
 def _ibot(method, cfg, s: Shapes, dt) -> list[Call]:
