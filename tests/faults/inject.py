@@ -8,8 +8,11 @@ FAULT is one of
                            before our own parts and the COMPLETE marker exist
     fail-save:STEP@RANK    writing step STEP's checkpoint raises ENOSPC on RANK (disk full)
     disk-free:BYTES        every rank sees only BYTES free on the checkpoint file system
-    slow:SECONDS           every rank sleeps SECONDS per batch (time for a test to signal or kill
-                           it mid-run; the losses do not change)
+    hold:STEP              after optimizer step STEP every rank waits, before its next batch, until a
+                           stop signal reaches it or it is killed (at most HOLD_S): a test signals or
+                           kills a job that is certainly running, however slow the machine. Only in
+                           a Slurm job's first run (SLURM_RESTART_COUNT 0): the requeued run goes on.
+                           The losses do not change.
 """
 
 import errno
@@ -54,14 +57,25 @@ def inject_nan(first: int, last: int, who: int) -> None:
     trainer.loop.normalize_batch = poisoned
 
 
-def slow_down(seconds: float) -> None:
-    normalize = trainer.loop.normalize_batch
+HOLD_S = 300.0
 
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
+
+def hold_after(step: int) -> None:
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return
+    normalize = trainer.loop.normalize_batch
+    calls = {"n": 0}
+
+    def held(*args, **kwargs):
+        calls["n"] += 1  # optim.grad_accum is 1 in these tests: call n is optimizer step n
+        if calls["n"] == step + 1:
+            sys.stderr.write(f"inject: rank {rank()} holds after step {step} until a stop signal\n")
+            end = time.monotonic() + HOLD_S
+            while launch.stop_signals.received is None and time.monotonic() < end:
+                time.sleep(0.05)  # (the signal's handler runs between sleeps)
         return normalize(*args, **kwargs)
 
-    trainer.loop.normalize_batch = slow
+    trainer.loop.normalize_batch = held
 
 
 def wrap_save(step: int, who: int, action) -> None:
@@ -103,8 +117,8 @@ def main() -> int:
             wrap_save(int(value), who, disk_full)
         elif kind == "disk-free":
             report_free(int(value))
-        elif kind == "slow":
-            slow_down(float(value))
+        elif kind == "hold":
+            hold_after(int(value))
         else:
             raise SystemExit(f"unknown fault {spec!r}")
     torch.set_num_threads(1)

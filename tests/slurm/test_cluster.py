@@ -150,27 +150,32 @@ def test_usr1_a_killed_rank_and_scancel_on_three_jobs_at_once(slurm, tmp_path, i
       itself and resumes from that save;
     - kill -9 of a rank after the step-3 checkpoint: the job requeues itself and resumes from it;
     - a plain scancel (SIGTERM): both ranks save, and the job stays cancelled (no requeue).
-    The two requeued runs end with the uninterrupted run's losses."""
+    The two requeued runs end with the uninterrupted run's losses. Each job's first run holds after a
+    step until it is signalled or killed (tests/faults/inject.py hold), so the test acts on a job that
+    is running its batch script however slow the machine is, and the save comes at a known step."""
     signalled, killed, cancelled = tmp_path / "usr1", tmp_path / "kill9", tmp_path / "cancel"
-    a, b, c = (sbatch(slurm, tmp_path, r.name, r, tiny_args(tmp_path), faults=(f"slow:{delay}",))
-               for r, delay in ((signalled, 1.5), (killed, 3.0), (cancelled, 1.5)))
+    a, b, c = (sbatch(slurm, tmp_path, r.name, r, tiny_args(tmp_path), faults=(f"hold:{step}",))
+               for r, step in ((signalled, 2), (killed, 3), (cancelled, 2)))
     runs = (signalled, killed, cancelled)
-    until(lambda: all((r / "metrics.jsonl").exists() for r in runs), what="the three jobs to train")
-    all_running = set(states(slurm, f"{a},{b},{c}").values()) == {"RUNNING"}
 
-    until(lambda: max((s for s, _ in losses(signalled)), default=0) >= 2, what="usr1 job at step 2")
+    def held(run: Path, step: int) -> bool:  # rank 0 logged `step`: the job now waits for the test
+        return (run / "metrics.jsonl").exists() and max((s for s, _ in losses(run)), default=0) >= step
+
+    until(lambda: held(signalled, 2) and held(cancelled, 2) and held(killed, 3)
+          and (killed / "checkpoints" / "step00000003" / "COMPLETE").exists(), what="the three jobs to hold")
+    now = states(slurm, f"{a},{b},{c}")
+    assert now == {a: "RUNNING", b: "RUNNING", c: "RUNNING"}, "\n".join(
+        slurm_state(slurm, j, r) for j, r in ((a, signalled), (b, killed), (c, cancelled)) if now.get(j) != "RUNNING")
+
     sent = subprocess.run(["scancel", "--batch", "--signal=USR1", a], env=slurm, capture_output=True, text=True)
     assert sent.returncode == 0, sent.stderr + slurm_state(slurm, a, signalled)
-    until(lambda: max((s for s, _ in losses(cancelled)), default=0) >= 2, what="cancel job at step 2")
     subprocess.run(["scancel", c], env=slurm, check=True)
-    until(lambda: (killed / "checkpoints" / "step00000003" / "COMPLETE").exists(), what="kill9 job's checkpoint")
     victim = rank_pid(b, 1)
-    assert victim is not None
+    assert victim is not None, slurm_state(slurm, b, killed)
     os.kill(victim, signal.SIGKILL)
     assert wait(slurm, a) == {a: "COMPLETED"} and wait(slurm, b) == {b: "COMPLETED"}
     assert wait(slurm, c) == {c: "CANCELLED"}
     assert (restarts(slurm, a), restarts(slurm, b), restarts(slurm, c)) == (1, 1, 0)
-    assert all_running
 
     sig_log = logs(signalled)
     assert "SIGUSR1: passing it to every rank" in sig_log
@@ -178,7 +183,7 @@ def test_usr1_a_killed_rank_and_scancel_on_three_jobs_at_once(slurm, tmp_path, i
         assert "SIGUSR1: saving step" in (signalled / "logs" / f"rank{rank}.log").read_text()
     assert "requeueing: stopped before the end of the schedule" in sig_log
     stopped = re.search(r"resumed from \S+step(\d+) at step", (signalled / "logs" / "rank0.log").read_text())
-    assert stopped and 2 <= int(stopped.group(1)) < 6  # the requeued job resumed from the USR1 save
+    assert stopped and int(stopped.group(1)) == 3  # the requeued job resumed from the USR1 save (held before step 3)
     limit = re.search(r"job time limit in (\d+) s", (signalled / "logs" / "rank0.log").read_text())
     assert limit and 400 < int(limit.group(1)) <= 600  # read from the real squeue: --time=10 minutes
     kill_log = logs(killed)
@@ -189,6 +194,7 @@ def test_usr1_a_killed_rank_and_scancel_on_three_jobs_at_once(slurm, tmp_path, i
 
     status = json.loads((cancelled / "status.json").read_text())
     assert status["state"] == "stopped" and status["stopped_by"] in ("SIGTERM", "SIGUSR1"), status
+    assert status["step"] == 3  # held before step 3 until the signal
     assert (cancelled / "checkpoints" / f"step{status['step']:08d}" / "COMPLETE").exists()
     assert "not requeueing" in logs(cancelled) and "the job was sent SIGTERM" in logs(cancelled)
     ports = {re.search(r"rendezvous \S+:(\d+)", logs(r)).group(1) for r in runs}
