@@ -43,6 +43,7 @@ from models.kernels.softmax_ce import (  # noqa: E402
     softmax_ce_reference,
     softmax_ce_triton,
 )
+from trainer.plan.measured import allocator_peak  # noqa: E402
 
 FULL = {
     "attention": [("ViT-L/16", 64, 16, 197, 64), ("ViT-L/16", 64, 16, 257, 64), ("ViT-H/14", 64, 16, 257, 80),
@@ -78,14 +79,7 @@ def timed(fn, device: torch.device, repeats: int, warmup: int) -> float:
 
 
 def peak_memory(fn, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return allocator_peak(fn, device) if device.type == "cuda" else None  # CPU kernels: time only
 
 
 def fwd_bwd(fn, *inputs):
