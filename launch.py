@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from data.pipeline import DataFailureError
     from models.dvae import TokenizerWeightsError
+    from models.kernels import KernelFault
     from models.teachers import TeacherWeightsError
     from trainer.checkpoint import CheckpointError, UntrustedFileError
     from trainer.faults import NumericalFault
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = {TeacherWeightsError: ("teacher error", 2), TokenizerWeightsError: ("tokenizer error", 2),
               UntrustedFileError: ("untrusted file", 2),
               CheckpointError: ("checkpoint error", 3), NumericalFault: ("numerical fault", 3),
-              DataFailureError: ("data error", 3)}
+              DataFailureError: ("data error", 3), KernelFault: ("kernel error", 3)}
     try:
         summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at, stop_after=args.stop_after)
         stop_signals.ignore()  # saved: a late signal must not turn this into a killed process

@@ -290,3 +290,19 @@ def test_sharded_init_holds_half_the_model_per_rank_from_construction(tmp_path):
         print(f"rank {r['rank']}: local partitions {r['local_bytes'] / 2**20:.0f} MiB of {whole / 2**20:.0f} MiB; "
               f"resident memory grew {r['rss_growth_bytes'] / 2**20:.0f} MiB while building")
         assert r["rss_growth_bytes"] < 0.65 * whole  # measured 0.55: half the model, and the init's fp32 scratch
+
+
+def test_kernels_auto_resolves_alike_under_sharded_init_and_ranks_agree(tmp_path):
+    """Issue 28 (1, 3): 'auto' is resolved before zero.Init (inside it the check's fp32 tensors became
+    bf16 and it fell back silently), and a self-check failing on one rank makes every rank fall back."""
+    report = tmp_path / "kernels.json"
+    torchrun(str(ROOT / "tests" / "dist" / "kernels_agree.py"), str(report))
+    ranks = json.loads(report.read_text())
+    triton = {"attention": "attention_triton", "pack_crops": True, "loss_fn": "fused_linear_softmax_ce"}
+    for r in ranks:
+        assert r["dense"] == r["sharded"] == triton, r
+        assert r["agreed"][0] == "torch" and r["agreed"][1].startswith("rank 1 of 2: "), r["agreed"]
+        assert "forced to fail by the test" in r["agreed"][1]
+        assert r["forced"] == {"attention": "attention_reference", "pack_crops": False,
+                               "loss_fn": "fused_linear_softmax_ce_reference"}, r["forced"]
+    assert "head dim 16, tokens 17/5" in ranks[0]["shapes"] and "softmax-CE K 64" in ranks[0]["shapes"]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import models.kernels as kernels_module
 import models.kernels.attention_triton as attention_triton_module
-from models.kernels import resolve, self_check, triton_available
+from models.kernels import CheckShapes, KernelFault, resolve, self_check, triton_available
 from models.kernels.attention import attention_reference, attention_triton, get_attention
 from models.kernels.softmax_ce import (
     fused_linear_softmax_ce,
@@ -111,7 +112,32 @@ def test_auto_takes_the_kernels_where_their_self_check_passes(monkeypatch):
                         lambda q, k, v, bias=None: flash(q, k, v, bias) * 1.1)
     resolve.cache_clear()
     impl, why = resolve("auto", 80, "cpu")
-    assert impl == "torch" and "failed their self-check on cpu" in why and "attention output" in why
+    assert impl == "torch" and "failed their self-check on cpu" in why and "attention N=50 output" in why
+    resolve.cache_clear()
+
+
+def test_self_check_at_the_runs_shapes_and_a_broken_context_stops(monkeypatch):
+    """Issue 28 (4): the check runs at the shapes it is given (several K tiles, several row chunks),
+    says what it checked, and a CUDA error that leaves the context unusable stops the run (one line)
+    instead of falling back onto a broken context; an ordinary failure still falls back."""
+    shapes = CheckShapes(24, tokens=(65, 17), classes=(2500,), hard_classes=(1100,))
+    assert shapes.describe() == ("head dim 24, tokens 65/17 (fixed, packed, biased), softmax-CE K 2500, "
+                                 "hard CE K 1100")
+    resolve.cache_clear()
+    assert resolve("auto", shapes, "cpu") == ("triton", "")
+    for error, fatal in ((RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+                         (RuntimeError("Triton Error [CUDA]: unspecified launch failure"), True),
+                         (RuntimeError("out of resource: shared memory, Required: 200000"), False)):
+        def broken(shapes, device, error=error):
+            raise error
+
+        monkeypatch.setattr(kernels_module, "self_check", broken)
+        resolve.cache_clear()
+        if fatal:
+            with pytest.raises(KernelFault, match="broke the CUDA context on cpu .*head dim 24.*run.kernels=torch"):
+                resolve("auto", shapes, "cpu")
+        else:
+            assert resolve("auto", shapes, "cpu")[0] == "torch"
     resolve.cache_clear()
 
 
@@ -459,3 +485,7 @@ def test_auto_picks_the_kernels_on_this_gpu(head_dim):
     self_check(head_dim, "cuda")  # raises with the kernel's name if one disagrees or fails to compile
     resolve.cache_clear()
     assert resolve("auto", head_dim) == ("triton", "")
+    # at production shapes: ViT-L/16 and /14 crops, iBOT's K, BEiT's vocabulary
+    resolve.cache_clear()
+    shapes = CheckShapes(head_dim, tokens=(197, 257, 37, 50), classes=(8192, 65536), hard_classes=(8192,))
+    assert resolve("auto", shapes) == ("triton", "")

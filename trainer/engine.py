@@ -7,6 +7,7 @@ teacher weights -> activation checkpointing -> parameter groups (trainable only)
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 
@@ -15,10 +16,11 @@ import torch
 import torch.nn as nn
 
 from models.init import init_module_
+from models.kernels import resolve
 
 from .config import Config
 from .ema import TeacherEMA
-from .methods import METHODS, frozen_files, replicated_frozen
+from .methods import METHODS, check_shapes, frozen_files, replicated_frozen
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,28 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def agree_on_kernels(cfg: Config, device: torch.device) -> tuple[str, str]:
+    """`run.kernels` resolved once per rank, at the run's shapes, and agreed: 'triton' only if every
+    rank's self-check passed (ranks that chose differently would pack crops differently, issue
+    different ZeRO-3 gathers and hang), with why it fell back, naming the rank. Outside `zero.Init`:
+    its patched constructors would make the check's fp32 tensors bf16."""
+    shapes = check_shapes(cfg)
+    impl, why = resolve(cfg.run.kernels, shapes, str(device))
+    if cfg.run.kernels != "auto" or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return impl, why
+    reasons = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reasons, why if impl == "torch" else "")
+    failed = [(rank, reason) for rank, reason in enumerate(reasons) if reason]
+    if failed:
+        rank, reason = failed[0]
+        why = f"rank {rank} of {len(reasons)}: {reason}"
+        log.warning("run.kernels auto: the PyTorch references on every rank, because on %s", why)
+        return "torch", why
+    if not failed:
+        log.info("run.kernels auto: the Triton kernels on all %d ranks (%s)", len(reasons), shapes.describe())
+    return impl, why
+
+
 def build_module(cfg: Config, ds_config: dict, seed: int) -> nn.Module:
     """The method module, initialised; with `model.sharded_init` every network in it (student, heads,
     EMA teacher, frozen teachers) is partitioned from construction on (`zero.Init`), so no rank ever
@@ -146,7 +170,13 @@ def build_module(cfg: Config, ds_config: dict, seed: int) -> nn.Module:
 
 
 def build_engine(cfg: Config, ds_config: dict, seed: int):
-    """-> (DeepSpeed engine, TeacherEMA or None). The process group must exist (`init_distributed`)."""
+    """-> (DeepSpeed engine, TeacherEMA or None). The process group must exist (`init_distributed`).
+    `run.kernels: auto` is resolved first and the method built with the answer."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    impl, _ = agree_on_kernels(cfg, device)
+    if impl != cfg.run.kernels:
+        cfg = copy.deepcopy(cfg)
+        cfg.run.kernels = impl
     method = build_module(cfg, ds_config, seed)
     for name, path in frozen_files(cfg).items():  # before training, so a wrong file stops the run here
         sha = getattr(method, name).load_weights(path)

@@ -9,7 +9,7 @@ and provides `from_config(cfg)`, `forward(batch, values) -> {name: unweighted lo
 from __future__ import annotations
 
 from models.hivit import HIVIT_ARCHS
-from models.kernels import resolve
+from models.kernels import CheckShapes, resolve
 from models.kernels.attention import get_attention, get_attention_varlen
 from models.teachers import FrozenTeacher
 from models.vit import VIT_ARCHS, VisionTransformer, build_vit
@@ -25,14 +25,26 @@ def register(name: str):
     return deco
 
 
-def kernels(cfg) -> str:
-    """`run.kernels` as 'triton' or 'torch': 'auto' resolved for this model's head dim on this machine."""
+def check_shapes(cfg) -> CheckShapes:
+    """What the kernels' self-check runs for this config: the model's head dim, each crop's token
+    count ([CLS] included) and the method's loss widths (its `loss_classes(cfg)`, if it has one)."""
     arch = cfg.model.arch
     if arch in HIVIT_ARCHS:
         width, _, _, heads, _ = HIVIT_ARCHS[arch]
     else:
         width, _, heads, *_ = VIT_ARCHS[arch]
-    return resolve(cfg.run.kernels, width // heads)[0]
+    crops = (cfg.data.global_crops, cfg.data.local_crops)
+    tokens = tuple(dict.fromkeys((c.size // cfg.model.patch_size) ** 2 + 1 for c in crops if c.number))
+    classes = getattr(METHODS[cfg.method], "loss_classes", lambda cfg: {})(cfg)
+    return CheckShapes(width // heads, tokens or (50,), tuple(classes.get("softmax_ce", ())),
+                       tuple(classes.get("hard_ce", ())))
+
+
+def kernels(cfg, device: str = "cuda") -> str:
+    """`run.kernels` as 'triton' or 'torch': 'auto' resolved at this run's shapes on `device`. The
+    engine resolves it once, before `zero.Init` and agreed over ranks (trainer.engine.agree_on_kernels),
+    and builds the method with the answer; here 'auto' only remains outside a run."""
+    return resolve(cfg.run.kernels, check_shapes(cfg), device)[0]
 
 
 def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned", **options) -> VisionTransformer:

@@ -70,6 +70,11 @@ class BEiT(nn.Module):
         self.loss_weights = {"mim": 1.0}
 
     @classmethod
+    def loss_classes(cls, cfg) -> dict[str, tuple[int, ...]]:
+        """The hard-label CE width the kernels' self-check runs at: the tokenizer's vocabulary."""
+        return {"hard_ce": (cfg.beit.vocab_size,)}
+
+    @classmethod
     def from_config(cls, cfg) -> BEiT:
         b = cfg.beit
         student = build_student(cfg, pos_embed="learned" if b.abs_pos_embed else "none",

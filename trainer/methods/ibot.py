@@ -137,6 +137,11 @@ class IBOT(nn.Module):
                 "pack_crops": impl == "triton"}
 
     @classmethod
+    def loss_classes(cls, cfg) -> dict[str, tuple[int, ...]]:
+        """The softmax-CE widths the kernels' self-check runs at: the [CLS] and patch prototypes."""
+        return {"softmax_ce": tuple(dict.fromkeys((cfg.ibot.out_dim, cfg.ibot.patch_out_dim or cfg.ibot.out_dim)))}
+
+    @classmethod
     def from_config(cls, cfg) -> IBOT:
         return cls(**cls.networks(cfg))
 
