@@ -201,6 +201,34 @@ def test_dist_env_from_each_launcher():
     assert s.master_port == 20000 + 4242
 
 
+# What one task of an 8-GPU node (its fourth: SLURM_LOCALID 3) has under each binding, and what it must use.
+SLURM_TASK = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "gpu[1-2]"}
+
+
+@pytest.mark.parametrize("how,environ,visible,index", [
+    ("srun --gpus-per-task=1", {**SLURM_TASK, "CUDA_VISIBLE_DEVICES": "3"}, 1, 0),
+    ("srun --gpus-per-task=1, cgroup-constrained", {**SLURM_TASK, "CUDA_VISIBLE_DEVICES": "0"}, 1, 0),
+    ("srun --gpus-per-node=8", {**SLURM_TASK, "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, 8, 3),
+    ("srun --gpus-per-node=8 --gpu-bind=single:1", {**SLURM_TASK, "CUDA_VISIBLE_DEVICES": "3"}, 1, 0),
+    ("srun --gpus-per-node=8 --gpu-bind=map_gpu:0,1,2,3,4,5,6,7", {**SLURM_TASK, "CUDA_VISIBLE_DEVICES": "3"}, 1, 0),
+    ("torchrun --nproc_per_node 8", {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3"}, 8, 3),
+])
+def test_each_task_uses_a_gpu_it_can_see(how, environ, visible, index):
+    """Issue 28 (2): the device is chosen from what the task sees, not cuda:SLURM_LOCALID (an invalid
+    ordinal for local ranks 1-7 when each task sees one GPU)."""
+    from trainer.distributed import cuda_index
+
+    assert cuda_index(dist_env(environ).local_rank, visible, environ) == index, how
+
+
+def test_a_task_that_sees_too_few_gpus_says_so():
+    from trainer.distributed import cuda_index
+
+    environ = {**SLURM_TASK, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "0,1"}
+    with pytest.raises(RuntimeError, match=r"local rank 5 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        cuda_index(dist_env(environ).local_rank, 2, environ)
+
+
 @pytest.mark.parametrize("nodes,first", [("node1", "node1"), ("a[1-4]", "a1"), ("gpu[003-010,012],x2", "gpu003"),
                                          ("n[07,09]", "n07"), ("h1,h2", "h1")])
 def test_first_host(nodes, first):

@@ -65,3 +65,18 @@ def first_host(nodelist: str) -> str:
         return prefix
     first = ranges.split(",")[0].split("-")[0]
     return prefix + first
+
+
+def cuda_index(local_rank: int, visible: int, environ: Mapping[str, str] | None = None) -> int:
+    """The CUDA device (an index into the GPUs this process can see) for the task with `local_rank`
+    on a node. `srun --gpus-per-task=1` or `--gpu-bind=single:1` / `map_gpu` give each task its own one
+    GPU (its index 0 whatever SLURM_LOCALID is); `--gpus-per-node` without a binding, torchrun and the
+    deepspeed launcher show every task all of the node's GPUs (its local rank's)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    env = os.environ if environ is None else environ
+    raise RuntimeError(f"local rank {local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each task one GPU (srun --gpus-per-task=1) "
+                       "or every task all of the node's (--gpus-per-node without --gpu-bind)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -189,7 +190,10 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     # A replicated frozen teacher is kept out of the engine: DeepSpeed would partition it and hook
     # gathers onto it. It goes back in as a plain attribute, not a submodule, so the engine never sees it.
     replicated = {name: method._modules.pop(name) for name in replicated_frozen(cfg)}
-    engine, _, _, _ = deepspeed.initialize(model=method, model_parameters=groups, config=ds_config)
+    # DeepSpeed binds cuda:LOCAL_RANK unless told the device (`args.device_rank`); the loop chose the
+    # one this task can see (trainer.distributed.cuda_index) and made it current.
+    args = SimpleNamespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=method, model_parameters=groups, config=ds_config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
     for name, module in replicated.items():
         object.__setattr__(engine.module, name, module.to(device=engine.device, dtype=dtype))

@@ -24,7 +24,7 @@ from models.teachers import TeacherWeightsError
 from . import resharding
 from .checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from .config import Config, dump_yaml, to_dict
-from .distributed import DistEnv
+from .distributed import DistEnv, cuda_index
 from .engine import apply_schedule, build_engine, init_distributed
 from .faults import JobDeadline, StepGuard
 from .grad_clip import PerParamClip
@@ -153,7 +153,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
     env.export()
     init_distributed()
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    # Not cuda:LOCAL_RANK: under `srun --gpus-per-task=1` every task sees one GPU, its cuda:0.
+    device = (torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
+              if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = DTYPES[cfg.run.precision]
