@@ -5,17 +5,47 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data.shards import write_shard
 
 # Loader workers and the tests share 2 cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It is chosen when a
-# kernel is defined, so it must be set before any test imports models.kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def gpu_session(markexpr: str) -> bool:
+    """Whether `-m markexpr` selects the GPU tests and nothing else (`pytest -m gpu`)."""
+    if not markexpr.strip():
+        return False
+    from _pytest.mark.expression import Expression
+
+    expr = Expression.compile(markexpr)
+    others = [set(), {"slow"}, {"slurm"}, {"slow", "slurm"}]  # the marks a test can carry beside gpu
+    def selects(marks: set) -> bool:
+        return expr.evaluate(lambda name, **kw: name in marks)
+    return any(selects(m | {"gpu"}) for m in others) and not any(selects(m) for m in others)
+
+
+def pytest_configure(config):
+    """A session is either the CPU tests or the GPU ones (`pytest -m gpu`), because Triton decides
+    when a kernel is defined whether it is compiled or interpreted. The CPU session runs the kernels
+    in Triton's interpreter on CPU tensors and hides any GPU (so a 2-rank test on a 1-GPU machine
+    does not ask for cuda:1, and nothing compiled meets a CPU tensor); the GPU session leaves both.
+    Set before any test module imports torch's CUDA state or models.kernels."""
+    config.gpu_session = gpu_session(config.option.markexpr or "")
+    if not config.gpu_session:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.gpu_session:
+        return
+    skip = pytest.mark.skip(reason="a GPU test: they run in their own session, `pytest -m gpu` (this one keeps to "
+                                   "the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
