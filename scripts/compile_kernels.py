@@ -56,6 +56,7 @@ HEAD_DIMS = (64, 80, 88, 104, 128)  # ViT-S/B/L: 64, H/14: 80, g/14: 88, G/14: 1
 # divisible by 16, which Triton specialises on.
 SHAPES = {64: (197, 16), 80: (257, 16), 88: (257, 16), 104: (257, 16), 128: (257, 12)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+EXTRA_DTYPES = {"fp32": torch.float32}  # run.precision fp32: IEEE dots, no tensor cores; only when asked for
 LAYOUTS = ("fixed", "varlen", "bias")  # [B, H, N, D]; packed crops with cu_seqlens; BEiT's relative position bias
 ATTENTION = ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -153,7 +154,7 @@ def model_launches(head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), layouts=LAYOUTS, p
         for d in head_dims:
             n, h = SHAPES[d]
             for dt_name in dtypes:
-                dt = DTYPES[dt_name]
+                dt = {**DTYPES, **EXTRA_DTYPES}[dt_name]
                 for layout in layouts:
                     if pairs and (d, layout) not in pairs:
                         continue
@@ -174,7 +175,7 @@ def model_launches(head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), layouts=LAYOUTS, p
                         o.backward(torch.empty_like(o))
                     yield f"attention D={d} {dt_name} {layout}", attention
         for dt_name in dtypes:
-            dt = DTYPES[dt_name]
+            dt = {**DTYPES, **EXTRA_DTYPES}[dt_name]
 
             def losses(dt=dt):
                 rows, k = 1024, 8192  # prototypes: iBOT 8192, DINOv2 65536 (same code, larger K loop)
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", choices=sorted(SUBSETS), help="a named subset instead of the full sweep")
     ap.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=sorted(TARGETS))
     ap.add_argument("--head-dims", nargs="+", type=int, choices=HEAD_DIMS, default=list(HEAD_DIMS))
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES))
+    ap.add_argument("--dtypes", nargs="+", choices=sorted({**DTYPES, **EXTRA_DTYPES}), default=sorted(DTYPES))
     ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     ap.add_argument("--kernels", nargs="+", help="kernel names (default: all)")
     ap.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1)

@@ -489,3 +489,21 @@ def test_auto_picks_the_kernels_on_this_gpu(head_dim):
     resolve.cache_clear()
     shapes = CheckShapes(head_dim, tokens=(197, 257, 37, 50), classes=(8192, 65536), hard_classes=(8192,))
     assert resolve("auto", shapes) == ("triton", "")
+
+
+def test_the_declared_triton_range_is_the_tested_one(monkeypatch):
+    """Issue 28 (12): pyproject declares the Triton range the kernels are tested with, and a Triton
+    outside it is refused (auto falls back to the references, saying why) instead of half-working."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    import triton
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    triton_dep = next(d for d in deps if d.startswith("triton"))
+    low, high = kernels_module.TESTED_TRITON
+    assert re.match(rf"triton>={low[0]}\.{low[1]},<{high[0]}\.{high[1]};", triton_dep), triton_dep
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    ok, why = triton_available()
+    assert not ok and "triton 3.1.0 is outside the range the kernels are tested with (>=3.8,<3.9)" in why

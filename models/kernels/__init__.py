@@ -41,12 +41,22 @@ class CheckShapes:
                 f"hard CE K {'/'.join(map(str, self.hard_classes)) or '-'}")
 
 
+# The Triton releases the kernels are tested with (pyproject.toml declares the same range); older ones
+# call None.zero_() in the autotuner's reset_to_zero when BEiT's bias is absent.
+TESTED_TRITON = ((3, 8), (3, 9))
+
+
 def triton_available() -> tuple[bool, str]:
     """(can Triton kernels run in this process?, why not)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False, "the triton package is not installed"
+    version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
+    low, high = TESTED_TRITON
+    if not low <= version < high:
+        return False, (f"triton {triton.__version__} is outside the range the kernels are tested with "
+                       f"(>={'.'.join(map(str, low))},<{'.'.join(map(str, high))})")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter, slowly)"

@@ -77,7 +77,11 @@ def _dot(a, b, UPCAST: tl.constexpr):
     # Triton's CPU interpreter multiplies bf16 blocks wrongly; bf16 x bf16 products are exact in
     # fp32, so upcasting first gives what the GPU's bf16 dot with fp32 accumulation gives.
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    # fp32 operands (run.precision fp32): true fp32 products, as torch's matmuls default to
+    # (allow_tf32 off), not tl.dot's default TF32 (10-bit mantissa inputs); bf16/fp16 use the tensor cores.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 

@@ -15,7 +15,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class RunConfig:
     output_dir: str = opt("runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard events, log.")
     seed: int = opt(0, "Global seed; data order, augmentations and masks are pure functions of it.")
-    precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "Training precision of the student.")
+    precision: Literal["bf16", "fp16", "fp32"] = opt(
+        "bf16", "Training precision of the student. fp32 is true fp32 everywhere, the Triton attention's dots "
+                "included (IEEE, not tl.dot's default TF32), as torch's matmuls default to.")
     kernels: Literal["auto", "triton", "torch"] = opt(
         "auto", "Attention / softmax-CE implementations: 'torch' (PyTorch references), 'triton' (Triton kernels "
                 "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (the kernels on a CUDA GPU "
