@@ -1,7 +1,9 @@
 import json
+import os
 import textwrap
 
 import pytest
+import torch
 
 import launch
 from trainer.config import DEFAULT_CONFIG, Config, ConfigError, describe, load_config
@@ -257,3 +259,37 @@ def test_every_shipped_config_is_valid(tmp_path):
             overrides.append(f"beit.tokenizer={tokenizers.get(path.name, tokenizers['*'])}")
         cfg = load_config(path, overrides)
         assert cfg.method in ("ibot", "maskalign", "ibot_clip", "beit", "dvae", "itpn"), path
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_no_run_jit_compiles_deepspeeds_optimizer_ops(monkeypatch, name):
+    """Issue 28 (7): torch's AdamW (fused on a GPU, also for the offloaded CPU states) instead of
+    DeepSpeed's FusedAdam / cpu_adam, which every node would JIT-compile on its first step."""
+    cfg = load_config(None, ["run.precision=bf16"])
+    assert build_ds_config(name, cfg, 1)["optimizer"]["params"]["torch_adam"] is True  # the CPU: exact resume
+    assert "fused" not in build_ds_config(name, cfg, 1)["optimizer"]["params"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    params = build_ds_config(name, cfg, 1)["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+
+
+def test_a_first_run_builds_no_extension(tmp_path):
+    """Issue 28 (7): with an empty TORCH_EXTENSIONS_DIR the first step needs no C++ build (DeepSpeed's
+    CPU backend compiled its shared-memory comm op first: ~20 s of the first step's 25 s here)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    ext = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "launch.py", f"run.output_dir={tmp_path / 'run'}", "schedule.steps=1",
+                        "eval.knn_at_end=false", "log.pictures=false", "log.tensorboard=false"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - start
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step 1/1" in p.stderr and "built successfully" not in p.stdout + p.stderr
+    assert not ext.exists() or not any(ext.iterdir()), f"built: {sorted(x.name for x in ext.iterdir())}"
+    print(f"first step after {elapsed:.1f} s")

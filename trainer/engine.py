@@ -120,6 +120,14 @@ def apply_schedule(optimizer, values: dict[str, float]) -> None:
 
 
 def init_distributed() -> None:
+    """The process group (NCCL on GPUs, gloo on the CPU), without DeepSpeed's shared-memory comm op:
+    its backend JIT-compiles that C++ op whenever it starts on the CPU (about 20 s on 2 cores before
+    the first step of `python launch.py`, on one process as on many), but only its
+    `inference_all_reduce` uses it, which training never calls."""
+    import importlib
+
+    # (by its module path: the attribute `deepspeed.comm.torch` is PyTorch itself, re-exported)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 
