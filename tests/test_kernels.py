@@ -495,9 +495,9 @@ def test_the_declared_triton_range_is_the_tested_one(monkeypatch):
     """Issue 28 (12): pyproject declares the Triton range the kernels are tested with, and a Triton
     outside it is refused (auto falls back to the references, saying why) instead of half-working."""
     import re
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     import triton
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
