@@ -507,3 +507,40 @@ def test_the_declared_triton_range_is_the_tested_one(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.1.0")
     ok, why = triton_available()
     assert not ok and "triton 3.1.0 is outside the range the kernels are tested with (>=3.8,<3.9)" in why
+
+
+def test_fused_softmax_ce_backward_keeps_bf16_operands():
+    """Issue 28 (9): the backward's dL/dW GEMMs take the bf16 operands (tensor cores) instead of fp32
+    copies of each [chunk, K] gradient block, and the result still matches the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            shapes = [(tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor)]
+            self.ops.append((str(func), shapes, kwargs.get("dtype")))
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    K, R, C = 700, 40, 24
+    hidden = torch.nn.functional.normalize(torch.randn(R, C, generator=g), dim=-1).bfloat16().requires_grad_()
+    weight = torch.nn.functional.normalize(torch.randn(K, C, generator=g), dim=-1).bfloat16().requires_grad_()
+    teacher, center = torch.randn(R, K, generator=g) * 5, torch.zeros(K)
+    loss = fused_linear_softmax_ce(hidden, weight, teacher, center, 0.1, 0.04, chunk_rows=16)
+    rec = Record()
+    with rec:
+        loss.sum().backward()
+    fp32_blocks = [op for op in rec.ops if op[0].startswith("aten._to_copy") and op[2] == torch.float32
+                   and K in op[1][0][0]]
+    assert not fp32_blocks, fp32_blocks
+    mms = [op for op in rec.ops if op[0].split(".")[1] in ("mm", "addmm", "addmm_")]
+    assert mms and all(dtype == torch.bfloat16 for op in mms for _, dtype in op[1]), mms
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    fused_linear_softmax_ce_reference(h, w, teacher, center, 0.1, 0.04).sum().backward()
+    torch.testing.assert_close(weight.grad.float(), w.grad.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(hidden.grad.float(), h.grad.float(), atol=5e-2, rtol=5e-2)

@@ -314,7 +314,10 @@ class _FusedLinearSoftmaxCE(torch.autograd.Function):
             grad_logits = torch.empty_like(logits)
             _launch_bwd(logits, t, i, center, stats[a:b], grad_loss[a:b], grad_logits, ts, tt)
             grad_hidden[a:b] = grad_logits @ weight
-            grad_weight.addmm_(grad_logits.t().float(), hidden[a:b].float())
+            # bf16 operands on the tensor cores, fp32 accumulation inside the GEMM, as the forward's
+            # logits; only the chunk's [K, C] product is rounded before it is summed in fp32 (casting
+            # the operands first cost an fp32 [chunk_rows, K] copy, 512 MB at K = 131072, and fp32 math).
+            grad_weight.add_(grad_logits.t() @ hidden[a:b])
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None, None
 
 

@@ -261,12 +261,13 @@ def prototype_rows(method: nn.Module, cfg: Config, b: int) -> list[tuple[int, in
 
 def loss_bytes(method: nn.Module, cfg: Config, b: int, fused: bool) -> int:
     """The logits that exist in the loss of one micro-batch: the fused softmax-CE holds one chunk of
-    logits and of their gradient at a time; the reference materialises them (bf16, an fp32 copy, the
-    fp32 log-softmax kept for the backward). BEiT: fp32 logits of the masked patches and their log-softmax."""
+    logits and of their gradient at a time, and in its backward the fp32 sum of dL/dW [K, C] beside
+    one chunk's product; the reference materialises them (bf16, an fp32 copy, the fp32 log-softmax
+    kept for the backward). BEiT: fp32 logits of the masked patches and their log-softmax."""
     e = DTYPES[cfg.run.precision].itemsize
     total = 0
-    for rows, _, K in prototype_rows(method, cfg, b):
-        total += min(rows, FUSED_CE_CHUNK_ROWS) * K * (e + 4) * 2 if fused else rows * K * (e + 8)
+    for rows, width, K in prototype_rows(method, cfg, b):
+        total += (min(rows, FUSED_CE_CHUNK_ROWS) * K * e * 2 + K * width * (4 + e)) if fused else rows * K * (e + 8)
     if cfg.method == "beit":
         s = shapes(cfg, b)
         total += s.b * s.masked_per_view * method.student.head.weight.shape[0] * 8
