@@ -15,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_shard_local_ema_matches_dense_fp32_ema(tmp_path):
+@pytest.mark.parametrize("ds_name", ["zero3.json", "zero3_offload.json"])
+def test_shard_local_ema_matches_dense_fp32_ema(tmp_path, ds_name):
     report = tmp_path / "ema.json"
-    torchrun(str(ROOT / "tests" / "dist" / "ema_check.py"), str(report), "zero3.json")
+    torchrun(str(ROOT / "tests" / "dist" / "ema_check.py"), str(report), ds_name)
     r = json.loads(report.read_text())
     assert r["world"] == 2 and r["zero3"] and r["partitioned"]  # each rank holds a slice of every teacher weight
+    # issue 28 (10): read in place where the optimizer keeps them (offload: CPU memory, as planned)
+    assert r["masters_in_place"] and r["shadow_devices"] == ["cpu"]
     assert r["collectives_in_update"] == 0  # no gather, broadcast or reduce inside ema.update()
     # the fp32 shadow is the dense fp32 EMA of the student's fp32 masters, up to summation order
     assert r["err_shadow"] < 1e-6 * max(1.0, r["moved"] * 1e4)
@@ -290,6 +293,21 @@ def test_sharded_init_holds_half_the_model_per_rank_from_construction(tmp_path):
         print(f"rank {r['rank']}: local partitions {r['local_bytes'] / 2**20:.0f} MiB of {whole / 2**20:.0f} MiB; "
               f"resident memory grew {r['rss_growth_bytes'] / 2**20:.0f} MiB while building")
         assert r["rss_growth_bytes"] < 0.65 * whole  # measured 0.55: half the model, and the init's fp32 scratch
+
+
+def test_the_ema_orders_its_writes_before_deepspeeds_gathers():
+    """Issue 28 (11): the private stream trainer.engine.gather_stream reads is where DeepSpeed launches
+    ZeRO-3's all-gathers, and it does not wait for the compute stream by itself."""
+    import inspect
+
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator, stage3
+
+    offload = inspect.getsource(parameter_offload.DeepSpeedZeRoOffload.__init__)
+    assert "self.__allgather_stream = " in offload and "allgather_stream=self.__allgather_stream" in offload
+    assert "self.parameter_offload = " in inspect.getsource(stage3)
+    fetch = inspect.getsource(partitioned_param_coordinator.PartitionedParameterCoordinator)
+    assert "with get_accelerator().stream(self.__allgather_stream)" in fetch
+    assert "self.__allgather_stream.wait_stream" not in fetch  # hence ours
 
 
 def test_kernels_auto_resolves_alike_under_sharded_init_and_ranks_agree(tmp_path):

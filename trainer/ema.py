@@ -9,6 +9,13 @@ gather (writes inside `GatheredParameters` without `modifier_rank` are silently 
 The shadow matters: at momentum 0.9995 an update moves a weight by 0.0005 of its distance to the
 student, far below bf16's resolution (2^-8 relative), so a bf16-only EMA rounds most updates away.
 
+The student's master slices are read as views of the optimizer's own flat fp32 partitions, found
+once: no copy and no host synchronisation per parameter (`safe_get_local_fp32_param` synchronises
+DeepSpeed's reduce stream and copies the slice to the GPU on every call). So the shadow lives where
+the masters do: on the GPU, or in CPU memory under `offload_optimizer` (as the memory planner counts
+it), and each update writes only the bf16 cast of the teacher's slice to the GPU. Under NVMe
+offload, whose partitions are swapped in and out, the reads go through DeepSpeed's accessor.
+
 The pairs are the parameters the two have in common, by name. The teacher may lack some of the
 student's (iBOT's --shared_head_teacher: a student with its own patch prototypes, a teacher
 without); it may not have any the student lacks, and a common pair must have the same shape.
@@ -31,6 +38,18 @@ def _is_zero3(p: torch.Tensor) -> bool:
 
 def _shape(p: torch.Tensor) -> torch.Size:
     return p.ds_shape if _is_zero3(p) else p.shape
+
+
+def _master_view(p: torch.Tensor) -> torch.Tensor | None:
+    """This rank's fp32 master slice of a ZeRO-3 parameter as a view into the optimizer's flat fp32
+    partition (where DeepSpeed keeps it: GPU or CPU), or None where that partition is swapped (NVMe)."""
+    opt = getattr(p, "_z3_optimizer", None)
+    if opt is None or not p.requires_grad:
+        return None
+    group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+    if opt._swappable_optimizer_subgroup(group):
+        return None
+    return opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
 
 
 class TeacherEMA:
@@ -56,9 +75,15 @@ class TeacherEMA:
                 raise RuntimeError(f"EMA pair {name}: student slice has {a.numel()} elements, teacher "
                                    f"slice {b.numel()}; student and teacher must be partitioned alike")
         self.shadow = [self._student_start(s) for s in self.students]
+        # DeepSpeed's all-gather stream where there is one (trainer.engine.gather_stream), or
+        # "synchronize" where it could not be found on a GPU
+        self.gather_stream = None
 
     def _student_local(self, p: torch.Tensor) -> torch.Tensor:
         if _is_zero3(p):
+            view = _master_view(p)
+            if view is not None:
+                return view
             from deepspeed.utils import safe_get_local_fp32_param  # only reached under ZeRO-3
 
             return safe_get_local_fp32_param(p)
@@ -84,13 +109,19 @@ class TeacherEMA:
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        """shadow = m * shadow + (1 - m) * student; teacher = cast(shadow)."""
+        """shadow = m * shadow + (1 - m) * student; teacher = cast(shadow). On a GPU the teacher's
+        partitions are written on the current stream, and the stream DeepSpeed all-gathers them on is
+        made to wait for it (`gather_stream`), so the next forward cannot gather a half-written slice."""
         students = [self._student_local(s).float().view_as(sh) for s, sh in zip(self.students, self.shadow)]
         torch._foreach_mul_(self.shadow, momentum)
         torch._foreach_add_(self.shadow, students, alpha=1.0 - momentum)
         for sh, t in zip(self.shadow, self.teachers):
             local = self._teacher_local(t)
-            local.copy_(sh.view_as(local))
+            local.copy_(sh.to(local.dtype).view_as(local))  # cast where the shadow is: half the bytes to move
+        if self.gather_stream == "synchronize":
+            torch.cuda.current_stream().synchronize()
+        elif self.gather_stream is not None:
+            self.gather_stream.wait_stream(torch.cuda.current_stream())
 
     def state_dict(self) -> dict:
         """This rank's slices (each rank saves its own; the layout must match on load)."""

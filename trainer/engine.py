@@ -154,6 +154,22 @@ def agree_on_kernels(cfg: Config, device: torch.device) -> tuple[str, str]:
     return impl, why
 
 
+def gather_stream(engine):
+    """The CUDA stream DeepSpeed's ZeRO-3 all-gathers parameters on (None: no GPU, no stage 3, or the
+    compute stream itself), which the EMA's writes to the teacher's partitions must precede. DeepSpeed
+    keeps it private (`DeepSpeedZeRoOffload.__allgather_stream`, launched without waiting for the
+    compute stream); if a DeepSpeed release renames it, the EMA synchronises instead, and says so."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if not torch.cuda.is_available() or offload is None:
+        return None
+    stream = getattr(offload, "_DeepSpeedZeRoOffload__allgather_stream", "missing")
+    if stream == "missing":
+        log.warning("DeepSpeed's all-gather stream not found (DeepSpeed %s): the EMA synchronises the compute "
+                    "stream after each update instead", deepspeed.__version__)
+        return "synchronize"
+    return None if stream is None or stream == torch.cuda.current_stream() else stream
+
+
 def build_module(cfg: Config, ds_config: dict, seed: int) -> nn.Module:
     """The method module, initialised; with `model.sharded_init` every network in it (student, heads,
     EMA teacher, frozen teachers) is partitioned from construction on (`zero.Init`), so no rank ever
@@ -214,6 +230,7 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     ema = None
     if hasattr(engine.module, "teacher"):
         ema = TeacherEMA(engine.module.student, engine.module.teacher)
+        ema.gather_stream = gather_stream(engine)
         ema.copy_student_to_teacher()
         if ema.student_only:
             log.info("EMA teacher has no twin of (student only): %s", ", ".join(ema.student_only))

@@ -38,6 +38,10 @@ def main(report_path, ds_name="zero3.json"):
     zero3 = hasattr(teachers[0], "ds_tensor")
     partitioned = zero3 and all(t.ds_tensor.numel() < t.ds_numel for t in teachers if t.ds_numel >= 2)
 
+    # the masters are read in place: views of the optimizer's flat fp32 partitions (no copy, no sync)
+    flats = {t.untyped_storage().data_ptr() for t in getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])}
+    masters_in_place = zero3 and all(ema._student_local(p).untyped_storage().data_ptr() in flats for p in ema.students)
+    shadow_devices = sorted({str(s.device) for s in ema.shadow})
     dense = [safe_get_full_fp32_param(p).float().clone() for p in students]  # fp32 EMA reference
     start = [d.clone() for d in dense]
     rounding = 0.0  # largest bf16 rounding error of a student master weight seen
@@ -75,7 +79,8 @@ def main(report_path, ds_name="zero3.json"):
         json.dump({"partitioned": partitioned, "err_ours": err_ours, "err_shadow": err_shadow,
                    "teacher_is_cast_of_shadow": teacher_is_cast, "err_bf16": err_bf16, "moved": moved, "bf16_frozen_fraction": frozen,
                    "bf16_read_bound": (1 - MOMENTUM ** STEPS) * rounding,
-                   "collectives_in_update": collectives, "world": dist.get_world_size(), "zero3": zero3},
+                   "collectives_in_update": collectives, "masters_in_place": masters_in_place,
+                   "shadow_devices": shadow_devices, "world": dist.get_world_size(), "zero3": zero3},
                   open(report_path, "w"))
 
 
