@@ -194,21 +194,29 @@ def apply_batch(crops: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """uint8 crops [N, 3, H, W] and their rows [N, N_PARAMS] (on any device) -> the augmented uint8
     crops, equal to `apply_pil` on each."""
     x = crops.float()
-    rows = rows.to(x.device)
-    jitter = rows[:, 0] > 0
+    # Which crops each op takes is read from the rows where the loader made them, on the host (NumPy):
+    # a nonzero or a .tolist() of device tensors would make the host wait for the GPU at every op.
+    host = rows.detach().cpu().numpy() if rows.device.type != "cpu" else rows.numpy()
+    rows = rows.to(x.device, non_blocking=True)
+
+    def where(flags: np.ndarray) -> torch.Tensor | None:
+        sel = np.flatnonzero(flags)
+        return torch.from_numpy(sel).to(x.device, non_blocking=True) if sel.size else None
+
+    jitter = host[:, 0] > 0
     for k in range(4):
         for op, fn in enumerate(_JITTER):
-            factor = rows[:, 5 + op]
-            sel = (jitter & (rows[:, 1 + k] == op) & ~factor.isnan()).nonzero().flatten()
-            if sel.numel():
-                x[sel] = fn(x[sel], factor[sel])
-    sel = (rows[:, 9] > 0).nonzero().flatten()
-    if sel.numel():
+            sel = where(jitter & (host[:, 1 + k] == op) & ~np.isnan(host[:, 5 + op]))
+            if sel is not None:
+                x[sel] = fn(x[sel], rows[:, 5 + op][sel])
+    sel = where(host[:, 9] > 0)
+    if sel is not None:
         x[sel] = grayscale(x[sel])
-    sel = (rows[:, 10] > 0).nonzero().flatten()
-    if sel.numel():
-        x[sel] = gaussian_blur(x[sel], rows[sel, 10].tolist())
-    sel = (rows[:, 11] > 0).nonzero().flatten()
-    if sel.numel():
+    blurred = np.flatnonzero(host[:, 10] > 0)
+    if blurred.size:
+        sel = torch.from_numpy(blurred).to(x.device, non_blocking=True)
+        x[sel] = gaussian_blur(x[sel], host[blurred, 10].tolist())
+    sel = where(host[:, 11] > 0)
+    if sel is not None:
         x[sel] = solarize(x[sel])
     return x.to(torch.uint8)

@@ -12,9 +12,11 @@ crops of a sample are a pure function of its seed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -158,12 +160,17 @@ class MultiCrop:
                      [r for _, r in views] if deferred else None, [r for _, r in local] if deferred else None)
 
 
+@functools.cache
+def _scaled(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """255 * values as a [3, 1, 1] fp32 tensor on `device`, made once (torch.tensor(..., device=cuda)
+    is a blocking copy: once per batch it made the host wait for the GPU)."""
+    return (torch.tensor(values, dtype=torch.float32) * 255).view(3, 1, 1).to(device)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> (x / 255 - mean) / std in `dtype` (computed in fp32)."""
-    shape = (3, 1, 1)
-    m = torch.tensor(mean, device=images.device).view(shape) * 255
-    s = torch.tensor(std, device=images.device).view(shape) * 255
+    m, s = _scaled(tuple(mean), images.device), _scaled(tuple(std), images.device)
     out = images.to(torch.float32).sub_(m).div_(s)  # in place: one float tensor, not three
     return out if dtype == torch.float32 else out.to(dtype)
 
@@ -173,6 +180,11 @@ def normalize_batch(batch: dict, mean: Sequence[float], std: Sequence[float],
     """Move a loader batch to `device`, do the colour work the loader deferred (its `*_params`), and
     normalise the crops there; other entries just move."""
     out = {}
+    if isinstance(batch.get("masks"), torch.Tensor) and batch["masks"].device.type == "cpu":
+        # The masked positions, found here on the host, where the loader's masks are: on the GPU a
+        # nonzero or a boolean-mask index makes the host wait for the device (methods read them).
+        index = np.flatnonzero(batch["masks"].numpy())
+        out["mask_index"] = torch.from_numpy(index).to(device, non_blocking=True)
     for key, value in batch.items():
         if key.endswith("_params"):
             continue

@@ -240,7 +240,8 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
 def code_stats(tokens: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (perplexity, usage) of token ids: exp(entropy) of their histogram (V when all codes are
     equally frequent, 1 for a single code) and the fraction of codes used at least once; 0-d tensors."""
-    counts = torch.bincount(tokens.flatten(), minlength=vocab_size).float()
+    flat = tokens.flatten()  # (not bincount: it reads the largest id on the host, a GPU sync per step)
+    counts = torch.zeros(vocab_size, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
     p = counts / counts.sum()
     perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
     return perplexity, (counts > 0).float().mean()

@@ -14,6 +14,7 @@ interpolates its position embeddings to that grid.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -44,6 +45,12 @@ TEACHER_ARCHS: dict[str, tuple[str, dict]] = {
         "patch_size": TINY_CLIP_VISION["patch_size"], "img_size": TINY_CLIP_VISION["image_size"]}),
 }
 
+
+
+@functools.cache
+def channel_column(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """[1, 3, 1, 1] fp32 on `device`, made once: torch.tensor(..., device=cuda) per call is a blocking copy."""
+    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
 class TeacherWeightsError(ValueError):
     """The teacher's weights file is missing, unreadable, or of another architecture."""
@@ -110,7 +117,7 @@ class FrozenTeacher(nn.Module):
     def prepare(self, images: torch.Tensor, grid: tuple[int, int], mean, std) -> torch.Tensor:
         """Student-normalised images -> this teacher's normalisation, resized to grid * patch."""
         def col(v):
-            return torch.tensor(v, device=images.device).view(1, 3, 1, 1)
+            return channel_column(tuple(float(x) for x in v), images.device)
 
         x = images.float() * col(std) + col(mean)
         x = (x - col(self.mean)) / col(self.std)

@@ -326,9 +326,11 @@ class VisionTransformer(TimmVisionTransformer):
         lengths = [s.shape[1] for s in seqs for _ in range(s.shape[0])]
         device = seqs[0].device
         x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seqs]).unsqueeze(0)
-        packed = Packed(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device),
-                        max(lengths), torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                                              torch.tensor(lengths, device=device)), len(lengths))
+        # built on the host and sent without blocking (torch.tensor(..., device=cuda) waits for the GPU)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        seq_ids = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
+        packed = Packed(cu.to(device, non_blocking=True), max(lengths), seq_ids.to(device, non_blocking=True),
+                        len(lengths))
         for i, block in enumerate(self.blocks):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
                 x = checkpoint(_packed_block, block, x, packed, use_reentrant=False)

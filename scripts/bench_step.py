@@ -12,6 +12,10 @@ achieved TFLOP/s and, on a known GPU, model FLOP utilisation. Beside them, the b
 same run: each phase as a share of the step, the FLOP/s as a share of the device's bf16 peak, and
 the measured peak memory against the planner's estimate (trainer/plan/memory.py).
 
+`--syncs` counts instead what makes the host wait for the GPU in each optimizer step (reads of
+device values, data-dependent shapes, blocking copies; trainer/syncs.py), by the line that does it;
+it works on the CPU too, counting what the same code does on a GPU.
+
 The JSON (device, versions, command, every per-step record) goes to --out (default
 bench/results/step_<config>_<device>.json).
 """
@@ -52,8 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", default="", help='e.g. "deepspeed --num_gpus 8" or "torchrun --nproc_per_node 2" '
                                                   "(default: one process)")
     p.add_argument("--out", help="JSON path (default: bench/results/step_<config>_<device>.json)")
+    p.add_argument("--syncs", action="store_true",
+                   help="count the host-device synchronisations per optimizer step instead (trainer/syncs.py)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_intermixed_args(argv)
+    if args.syncs:  # host-device synchronisations per optimizer step, counted on any device
+        from trainer.syncs import per_step
+
+        result = per_step(["--config", args.config, *args.overrides])
+        print(f"{args.config}: host syncs per optimizer step (outside logging steps): {result['ours']:g} in "
+              f"mimscale, {result['deepspeed']:g} in DeepSpeed's step")
+        for site, n in result["sites"].items():
+            print(f"  {n:5g}  {site}")
+        if args.out:
+            command = shlex.join(["python", "scripts/bench_step.py", *(argv if argv is not None else sys.argv[1:])])
+            out = {"config": args.config, "overrides": args.overrides, **result, "command": command}
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        return 0
     if args.steps <= args.warmup:
         print("bench_step: --steps must exceed --warmup", file=sys.stderr)
         return 2

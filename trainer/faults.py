@@ -70,9 +70,9 @@ class StepGuard:
     def record(self, applied: bool, step: int, losses: dict[str, torch.Tensor], newest_checkpoint) -> bool:
         """After the optimizer step of `step` (1-based): count it if it was skipped, and stop the run
         after `max_consecutive` skips in a row. -> whether the step was applied."""
-        flags, self._flags = self._flags.cpu(), None
+        flags, self._flags = self._flags.tolist(), None  # the one read of the step (a host sync on a GPU)
         world = len(flags) - 1
-        self.stop_requested = self.stop_requested or bool(flags[world] > 0)
+        self.stop_requested = self.stop_requested or flags[world] > 0
         bad = [r for r in range(world) if flags[r] > 0]
         if applied:
             self.consecutive = 0

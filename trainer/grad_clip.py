@@ -59,8 +59,10 @@ class PerParamClip:
         if self.zero3 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sq)  # slices of one parameter on different ranks: their squares add up
         sq = sq / loss_scale**2
+        # iBOT scales where `clip_coef < 1`; scaling every gradient by min(coef, 1) is the same (x 1.0 is
+        # exact; a NaN gradient stays NaN either way) without reading the coefficients on the host.
         coef = clip_coefficients(sq, self.max_norm)
-        for p, g, c in zip(self.params, grads, coef.tolist()):
-            if g is not None and c < 1.0:  # iBOT: `if clip_coef < 1` (a NaN gradient stays NaN either way)
-                self._set(p, g * c)
+        for p, g, c in zip(self.params, grads, coef.unbind() if len(grads) else ()):
+            if g is not None:  # the product in fp32, rounded once, as `g * float(c)` computes it
+                self._set(p, (g.float() * c).to(g.dtype))
         return sq.sqrt()

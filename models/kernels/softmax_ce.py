@@ -164,11 +164,15 @@ def _pairing(teacher_rows: torch.Tensor | None, n_student: int, teacher: torch.T
     idx = teacher_rows.to(teacher.device, torch.int64).contiguous()
     if teacher_sum is None:
         return idx, None
-    seen = torch.zeros(teacher.shape[0], dtype=torch.bool, device=teacher.device)
-    seen[idx] = True
-    extra = (~seen).nonzero().squeeze(1)
-    if extra.numel() + n_student != teacher.shape[0]:
+    if n_student > teacher.shape[0]:
         raise ValueError("teacher_rows names a teacher row twice: its column sums would count it twice")
+    seen = torch.zeros(teacher.shape[0], dtype=torch.int8, device=teacher.device)
+    seen[idx] = 1
+    # the unpaired rows: a stable sort puts them first, and there are n_teacher - n_student of them if no
+    # row is named twice, so the size is known on the host (a nonzero would make it wait for the GPU);
+    # the check runs on the device (asynchronously: a CUDA assert if a row is named twice)
+    torch._assert_async(seen.sum() == n_student, "teacher_rows names a teacher row twice")
+    extra = torch.argsort(seen, stable=True)[: teacher.shape[0] - n_student]
     return idx, extra
 
 

@@ -29,17 +29,21 @@ from trainer.config.fields import checking_files
 from . import build_student, kernels, register
 
 
-def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference) -> dict:
+def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference,
+              mask_index: torch.Tensor | None = None) -> dict:
     """logits: [M, V] at the masked positions, in the row order of `masks.nonzero()`; tokens: [B, N]
     the tokenizer's ids; masks: [B, N] bool. -> the mean cross-entropy ("mim", the loss) and the
     accuracy, each beside what a predictor that never looks at the image gets on the same tokens:
     the batch's own token frequencies as its prediction (their entropy, `mim_blind`) and the most
     frequent token (`accuracy_blind`). A MIM loss at `mim_blind` has learned nothing from context."""
-    labels = tokens[masks]
+    # (`mask_index`: masks.flatten().nonzero() found on the host; indexing by the boolean mask, or a
+    # bincount, makes the host wait for the GPU)
+    labels = tokens[masks] if mask_index is None else tokens.flatten().index_select(0, mask_index)
     per_token = loss_fn(logits, labels)
     with torch.no_grad():
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
-        counts = torch.bincount(labels, minlength=logits.shape[-1]).float()
+        counts = torch.zeros(logits.shape[-1], device=labels.device).index_add_(
+            0, labels, torch.ones_like(labels, dtype=torch.float32))
         freq = counts / counts.sum().clamp(min=1)
         blind = -torch.special.xlogy(freq, freq).sum()
     return {"mim": per_token.mean(), "token_accuracy": accuracy, "mim_blind": blind, "accuracy_blind": freq.max()}
@@ -102,5 +106,8 @@ class BEiT(nn.Module):
                              f"{masks[0].numel()} patches")
         flat = masks.flatten(1)
         s = self.student.backbone.forward_features(images, masks)
-        logits = self.student.head(s["patch"][flat])  # only the masked positions
-        return beit_loss(logits, tokens, flat, self.loss_fn)
+        index = batch.get("mask_index")  # the masked positions, found on the host (data/transforms.py)
+        if index is None:
+            index = flat.flatten().nonzero().squeeze(1)
+        logits = self.student.head(s["patch"].flatten(0, 1).index_select(0, index))  # only the masked positions
+        return beit_loss(logits, tokens, flat, self.loss_fn, index)

@@ -36,6 +36,7 @@ from models.dvae import (
     reconstruction,
     reconstruction_loss,
 )
+from models.teachers import channel_column
 
 from . import register
 
@@ -72,8 +73,8 @@ class DVAE(nn.Module):
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Loader-normalised images -> [0, 1] (the dVAE maps pixels its own way)."""
-        mean = torch.tensor(self.input_mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.input_std, device=images.device).view(1, 3, 1, 1)
+        mean = channel_column(tuple(self.input_mean), images.device)
+        std = channel_column(tuple(self.input_std), images.device)
         return (images.float() * std + mean).clamp(0, 1)
 
     def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:

@@ -43,7 +43,8 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
                 teacher_cls: torch.Tensor, teacher_patch: torch.Tensor, center: torch.Tensor,
                 center_patch: torch.Tensor, student_temp: float, teacher_temp: float, teacher_patch_temp: float,
                 loss_fn: SoftmaxCEFn = softmax_ce_reference, last_layers: tuple = (None, None),
-                teacher_sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                teacher_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The iBOT loss terms.
 
     student_cls: [C*B, X], every student crop (globals first); student_patch: [M, X] at the masked
@@ -55,6 +56,8 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
     center: [K]; center_patch: [K'].
     teacher_sums: ([K], [K']) fp32 that get the column sums of teacher_cls and teacher_patch, the
         center statistics, out of the loss pass itself.
+    mask_index: `patch_masks.flatten().nonzero()[:, 0]` where the caller has it already (found on the
+        host from the loader's masks: a `nonzero` on the GPU makes the host wait for it).
     """
     G, B, N = patch_masks.shape
     cls_sum, patch_sum = teacher_sums or (None, None)
@@ -76,7 +79,7 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
             cls_total = cls_total + ce(last_layers[0], student_cls[s_rows], teacher_cls, t_rows, center, total,
                                        teacher_temp).sum()
     # MIM: per image over its masked patches, then over images (unmasked images count 0) and views.
-    t_rows = patch_masks.flatten().nonzero().squeeze(1)
+    t_rows = patch_masks.flatten().nonzero().squeeze(1) if mask_index is None else mask_index
     per_patch = ce(last_layers[1], student_patch, teacher_patch, t_rows, center_patch, patch_sum, teacher_patch_temp)
     per_image = torch.zeros(G * B, device=per_patch.device, dtype=per_patch.dtype).index_add_(0, t_rows // N, per_patch)
     mim = (per_image / patch_masks.flatten(0, 1).sum(dim=1).clamp(min=1)).mean()
@@ -165,6 +168,10 @@ class IBOT(nn.Module):
         g, loc = batch["global_crops"], batch["local_crops"]
         masks = batch["masks"].flatten(2)  # [G, B, N]
         flat_masks = masks.flatten(0, 1)  # [G*B, N]
+        # the masked positions, row-major: from the batch (found on the host, see data/transforms.py)
+        index = batch.get("mask_index")
+        if index is None:
+            index = flat_masks.flatten().nonzero().squeeze(1)
 
         with torch.no_grad():
             t = self.teacher.backbone.forward_features(g.flatten(0, 1))
@@ -181,18 +188,19 @@ class IBOT(nn.Module):
         head = self.student.head
         (cls_mlp, cls_protos), (patch_mlp, patch_protos) = head.cls_path(), head.patch_path()
         # The heads' last layers run inside the loss (fused where the kernels are on).
-        masked_tokens = s["patch"][flat_masks]
+        masked_tokens = s["patch"].flatten(0, 1).index_select(0, index)  # (not [flat_masks]: a host sync)
         if head.batch_norm:  # statistics per forward, grouped as iBOT's: global crops, then local crops
             h_cls, h_patch = head.bottlenecks(s["cls"], s["patch"])
             h_cls = torch.cat([h_cls] + [head.bottlenecks(o["cls"], o["patch"])[0] for o in outs[1:]])
-            h_patch = h_patch[flat_masks]
+            h_patch = h_patch.flatten(0, 1).index_select(0, index)
         else:  # rows are independent: the patch MLP sees the masked tokens only, the rest never enters the loss
             h_cls, h_patch = cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens)
         sums = (self.center.new_zeros(self.center.shape, dtype=torch.float32),
                 self.center_patch.new_zeros(self.center_patch.shape, dtype=torch.float32))
         losses = ibot_losses(
             h_cls, h_patch, masks, t_cls, t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp,
-            values["teacher_temp"], values["teacher_patch_temp"], self.loss_fn, (cls_protos, patch_protos), sums)
+            values["teacher_temp"], values["teacher_patch_temp"], self.loss_fn, (cls_protos, patch_protos), sums,
+            index)
         self.update_centers(sums[0] / t_cls.shape[0], sums[1] / (t_patch.shape[0] * t_patch.shape[1]))
         return losses, masked_tokens
 

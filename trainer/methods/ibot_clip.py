@@ -51,6 +51,10 @@ class IBOTCLIP(IBOT):
         images = batch["global_crops"].flatten(0, 1)
         masks = batch["masks"].flatten(0, 1)  # [G*B, h, w]
         t = self.clip_teacher(images, tuple(masks.shape[-2:]), self.input_mean, self.input_std, [self.clip_block])
-        target = t["blocks"][0][masks.flatten(1)]  # the clean view's features at the masked positions
+        # the clean view's features at the masked positions (the host-found index, see IBOT.ibot_step)
+        index = batch.get("mask_index")
+        if index is None:
+            index = masks.flatten().nonzero().squeeze(1)
+        target = t["blocks"][0].flatten(0, 1).index_select(0, index)
         losses["clip"] = distill_loss(self.clip_head(masked_tokens), target, self.clip_loss)
         return losses

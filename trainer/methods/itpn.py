@@ -85,11 +85,17 @@ def feature_target(x: torch.Tensor) -> torch.Tensor:
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor | None, kind: str) -> torch.Tensor:
     """pred, target: [B, N, D]; where: [B, N] bool (None: every patch)."""
     pred = pred.float()
-    if where is not None:
-        pred, target = pred[where], target[where]
+    # the mean over the `where` tokens as a weighted mean, not pred[where]: boolean-mask indexing (and
+    # its backward) makes the host wait for the GPU; the same value, the same gradients
     if kind == "cosine":
-        return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
-    return F.smooth_l1_loss(pred, target)
+        per_token = 1.0 - F.cosine_similarity(pred, target, dim=-1)
+        if where is None:
+            return per_token.mean()
+        return torch.where(where, per_token, 0.0).sum() / where.sum().clamp(min=1)
+    per_element = F.smooth_l1_loss(pred, target, reduction="none")
+    if where is None:
+        return per_element.mean()
+    return torch.where(where.unsqueeze(-1), per_element, 0.0).sum() / (where.sum() * pred.shape[-1]).clamp(min=1)
 
 
 @register("itpn")

@@ -1,0 +1,142 @@
+"""Count what would make the host wait for a GPU, on any device (the CPU included).
+
+On a GPU these block the Python thread until the GPU has caught up, so the host can no longer run
+ahead queueing kernels: reading a value (`.item()`, `.tolist()`, `bool(t)`), ops whose output size
+depends on the data (`nonzero`, boolean-mask indexing, `masked_select`, `unique`,
+`repeat_interleave` without `output_size`, `bincount`), device-to-host copies (`.cpu()`) and blocking
+host-to-device copies (`torch.tensor(..., device=...)`). `SyncCounter` records each with the line of
+project code that caused it; on the CPU it counts what the same code would do on a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+# ops that read device memory on the host before they can return
+READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+         "unique_consecutive", "is_nonzero", "equal", "bincount", "histc"}
+
+
+def _op(func) -> str:
+    return func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
+
+
+def _bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()))
+
+
+class SyncCounter(TorchDispatchMode):
+    """with SyncCounter() as c: ...; c.total, c.by_site ({(what, 'file:line'): n})."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_site: collections.Counter = collections.Counter()
+        self._patches = contextlib.ExitStack()
+        self._depth = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_site.values())
+
+    def _site(self) -> str:
+        """'file:line' of the project code that caused it, with DeepSpeed's own line where it was inside."""
+        inner = None
+        for frame in reversed(traceback.extract_stack()[:-3]):
+            path = Path(frame.filename)
+            if "deepspeed" in path.parts and inner is None:
+                inner = "deepspeed/" + "/".join(path.parts[path.parts.index("deepspeed") + 1:]) + f":{frame.lineno}"
+            if ROOT in path.parents and path.name != "syncs.py" and ".venv" not in path.parts:
+                here = f"{path.relative_to(ROOT)}:{frame.lineno}"
+                return f"{here} ({inner})" if inner else here
+        return inner or "?"
+
+    def record(self, what: str) -> None:
+        if self._depth == 0:  # a Python-level read that dispatches its own op counts once
+            self.by_site[(what, self._site())] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = _op(func)
+        if name in READS or (name == "repeat_interleave" and not (kwargs or {}).get("output_size")) \
+                or (name in ("index", "index_put", "index_put_") and _bool_index(args)):
+            self.record(name if name not in ("index", "index_put", "index_put_") else f"{name} (boolean mask)")
+        return func(*args, **(kwargs or {}))
+
+    def _wrap(self, owner, attr: str, what: str, when=lambda *a, **k: True) -> None:
+        real = getattr(owner, attr)
+        counter = self
+
+        def wrapped(*args, **kwargs):
+            if when(*args, **kwargs):
+                counter.record(what)
+            counter._depth += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                counter._depth -= 1
+
+        setattr(owner, attr, wrapped)
+        self._patches.callback(setattr, owner, attr, real)
+
+    def __enter__(self):
+        self._wrap(torch.Tensor, "tolist", "tolist")
+        self._wrap(torch.Tensor, "item", "item")
+        self._wrap(torch.Tensor, "cpu", "cpu")
+        # torch.tensor(data, device=...) from host data: a blocking host-to-device copy on a GPU
+        self._wrap(torch, "tensor", "torch.tensor(..., device=)", lambda *a, **k: k.get("device") is not None)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._patches.close()
+        self._patches = contextlib.ExitStack()
+        return super().__exit__(*exc)
+
+    def table(self) -> str:
+        return "\n".join(f"{n:6d}  {what:28s} {site}" for (what, site), n in self.by_site.most_common())
+
+
+def print_table(counter: SyncCounter, file=sys.stderr) -> None:
+    print(counter.table(), file=file)
+
+
+def per_step(run_args: list[str], steps: tuple[int, int] = (2, 4)) -> dict:
+    """Host syncs per optimizer step of `launch.main(run_args)`, outside logging, evaluation and
+    checkpoint steps: two runs of `steps` optimizer steps with one log line and one save at the end,
+    differenced, so set-up and the last step's logging cancel. -> {"ours", "deepspeed", "sites"}:
+    per-step counts in mimscale's code and in DeepSpeed's (its step: the overflow check's read and its
+    grad-norm scalars), and per site. The optimizer is DeepSpeed's torch AdamW as on a GPU (fused: its
+    step counters stay on the device)."""
+    import json
+    import tempfile
+
+    import launch
+
+    counts = []
+    with tempfile.TemporaryDirectory(prefix="syncs_") as tmp:
+        ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+        ds["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "fused": True}}
+        (Path(tmp) / "ds.json").write_text(json.dumps(ds))
+        for n in steps:
+            counter = SyncCounter()
+            with counter:
+                settings = [f"run.output_dir={tmp}/run{n}", f"schedule.steps={n}", "eval.knn_at_end=false",
+                            "eval.knn_every_steps=0", "log.pictures=false", "log.tensorboard=false",
+                            f"log.every_steps={n}", f"checkpoint.every_steps={n + 1}"]
+                code = launch.main([*run_args, "--ds_config", str(Path(tmp) / "ds.json"), *settings])
+            if code != 0:
+                raise RuntimeError(f"the counted run failed (exit {code}): {run_args}")
+            counts.append(counter.by_site)
+    diff = counts[1].copy()
+    diff.subtract(counts[0])
+    span = steps[1] - steps[0]
+    sites = {f"{what} at {site}": n / span for (what, site), n in diff.most_common() if n}
+    deepspeed = sum(n for (what, site), n in diff.items() if "(deepspeed/" in site or site.startswith("deepspeed/"))
+    return {"ours": (sum(diff.values()) - deepspeed) / span, "deepspeed": deepspeed / span, "sites": sites}
