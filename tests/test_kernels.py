@@ -172,7 +172,7 @@ def test_softmax_ce_pairs_teacher_rows_and_sums_every_teacher_row(n_teacher, row
 
 def test_softmax_ce_refuses_sums_over_a_repeated_teacher_row():
     t = torch.randn(4, 10)
-    with pytest.raises(ValueError, match="names a teacher row twice"):
+    with pytest.raises((ValueError, RuntimeError), match="names a teacher row twice"):  # (a device assert)
         softmax_ce_triton(torch.randn(2, 10), t, torch.zeros(10), 0.1, 0.04, torch.tensor([1, 1]), torch.zeros(10))
     with pytest.raises(ValueError, match="pass teacher_rows"):
         softmax_ce_triton(torch.randn(2, 10), t, torch.zeros(10), 0.1, 0.04)
