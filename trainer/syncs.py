@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
 import traceback
 from pathlib import Path
 
@@ -98,13 +97,6 @@ class SyncCounter(TorchDispatchMode):
         self._patches.close()
         self._patches = contextlib.ExitStack()
         return super().__exit__(*exc)
-
-    def table(self) -> str:
-        return "\n".join(f"{n:6d}  {what:28s} {site}" for (what, site), n in self.by_site.most_common())
-
-
-def print_table(counter: SyncCounter, file=sys.stderr) -> None:
-    print(counter.table(), file=file)
 
 
 def per_step(run_args: list[str], steps: tuple[int, int] = (2, 4)) -> dict:
