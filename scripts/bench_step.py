@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {n:5g}  {site}")
         if args.out:
             command = shlex.join(["python", "scripts/bench_step.py", *(argv if argv is not None else sys.argv[1:])])
-            out = {"config": args.config, "overrides": args.overrides, **result, "command": command}
+            import torch
+
+            out = {"config": args.config, "overrides": args.overrides, **result, "device": device_name(),
+                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                "deepspeed": _version("deepspeed"), "triton": _version("triton")},
+                   "command": command}
             Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         return 0
     if args.steps <= args.warmup:
