@@ -301,6 +301,16 @@ def speed_rows(size: str, device) -> list[dict]:
         rows.append(
             {"section": "speed", "name": f"softmax-CE R={R} K={K} {name}", "ms": ms, "peak_mib": mib, "ok": True}
         )
+    # each against its baseline measured just now: attention against SDPA's flash back end (the first
+    # that ran, if flash did not), the fused loss against the naive one
+    for prefix, baseline in (("attention", " sdpa"), ("softmax-CE", " naive")):
+        group = [r for r in rows if r["name"].startswith(prefix) and "ms" in r]
+        base = next((r for r in group if baseline in r["name"]), None)
+        for r in group:
+            if base is not None:
+                r["time_vs_baseline"] = r["ms"] / base["ms"]
+                r["memory_vs_baseline"] = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] else float("nan")
+                r["baseline"] = base["name"]
     return rows
 
 
