@@ -324,3 +324,15 @@ def test_kernels_auto_resolves_alike_under_sharded_init_and_ranks_agree(tmp_path
         assert r["forced"] == {"attention": "attention_reference", "pack_crops": False,
                                "loss_fn": "fused_linear_softmax_ce_reference"}, r["forced"]
     assert "head dim 16, tokens 17/5" in ranks[0]["shapes"] and "softmax-CE K 64" in ranks[0]["shapes"]
+
+
+def test_grad_norm_sentinel_on_the_host_changes_nothing_but_the_wait(tmp_path):
+    """Issue 28 (8): ZeRO-3's grad norm with its invalid-norm sentinel made on the host (no blocking
+    copy per parameter group) is DeepSpeed's own, finite or not, and a non-finite step is still skipped."""
+    report = tmp_path / "norms.json"
+    torchrun(str(ROOT / "tests" / "dist" / "norm_sentinel_check.py"), str(report))
+    r = json.loads(report.read_text())
+    assert r["True"] == r["False"], r
+    assert r["True"]["finite"]["moved"] and 0 < r["True"]["finite"]["norm"] < float("inf"), r
+    assert not r["True"]["inf"]["moved"] and r["True"]["inf"]["norm"] == float("inf"), r
+    assert r["host_sentinels"] == 4, r  # 2 groups x 2 steps, only when patched; the device is put back

@@ -1,8 +1,7 @@
 """Issue 28 (8): what makes the host wait for the GPU in a training step, counted on the CPU
-(trainer/syncs.py through scripts/bench_step.py --syncs): at most 2 per optimizer step in
-mimscale's own code for every method, outside logging steps. DeepSpeed's own step (its overflow
-check's read and the grad-norm scalars it makes with torch.tensor(..., device=)) is counted apart
-and held where it is."""
+(trainer/syncs.py through scripts/bench_step.py --syncs): at most 2 per optimizer step for every
+method, outside logging steps: the step guard's one read in mimscale's code and DeepSpeed's one
+(its skip-the-step check; its grad-norm sentinels are made on the host, trainer.engine.sentinel_on_host)."""
 
 import json
 import subprocess
@@ -50,6 +49,6 @@ def test_at_most_two_host_syncs_per_step(case, frozen_files, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert r["ours"] <= 2, r["sites"]
-    assert r["deepspeed"] <= 4, r["sites"]  # DeepSpeed 0.19.8's ZeRO-3 step, measured
+    assert r["ours"] + r["deepspeed"] <= 2, r["sites"]
+    assert not any("torch.tensor" in site for site in r["sites"]), r["sites"]  # no blocking copies left
     assert any("faults.py" in site for site in r["sites"]), r["sites"]  # the step guard's one read is seen

@@ -22,6 +22,7 @@ from models.kernels import resolve
 from .config import Config
 from .ema import TeacherEMA
 from .methods import METHODS, check_shapes, frozen_files, replicated_frozen
+from .syncs import HOST
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,25 @@ def gather_stream(engine):
     return None if stream is None or stream == torch.cuda.current_stream() else stream
 
 
+def sentinel_on_host(zero_optimizer) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 makes its invalid-norm sentinel with `torch.tensor(-1.0, device=cuda)`
+    once per parameter group per step (stage3.py `get_grad_norm_direct`): a blocking host-to-device
+    copy each, 3 of the 4 host waits in its step. A 0-dim CPU tensor is a scalar to `torch.where`, so
+    the same sentinel made on the host (`HOST`) gives the same norm with no wait."""
+    real = getattr(zero_optimizer, "get_grad_norm_direct", None)
+    if real is None or not hasattr(zero_optimizer, "device"):
+        return
+
+    def get_grad_norm_direct(*args, **kwargs):
+        device, zero_optimizer.device = zero_optimizer.device, HOST
+        try:
+            return real(*args, **kwargs)
+        finally:
+            zero_optimizer.device = device
+
+    zero_optimizer.get_grad_norm_direct = get_grad_norm_direct
+
+
 def build_module(cfg: Config, ds_config: dict, seed: int) -> nn.Module:
     """The method module, initialised; with `model.sharded_init` every network in it (student, heads,
     EMA teacher, frozen teachers) is partitioned from construction on (`zero.Init`), so no rank ever
@@ -218,6 +238,7 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     # one this task can see (trainer.distributed.cuda_index) and made it current.
     args = SimpleNamespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
     engine, _, _, _ = deepspeed.initialize(args=args, model=method, model_parameters=groups, config=ds_config)
+    sentinel_on_host(engine.optimizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
     for name, module in replicated.items():
         object.__setattr__(engine.module, name, module.to(device=engine.device, dtype=dtype))

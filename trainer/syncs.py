@@ -19,6 +19,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
+# `torch.tensor(..., device=HOST)`: made on the host on purpose (a scalar for the device), so no copy,
+# where the same call with the run's device (the CPU too, on this machine) counts as one
+HOST = torch.device("cpu")
 # ops that read device memory on the host before they can return
 READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
          "unique_consecutive", "is_nonzero", "equal", "bincount", "histc"}
@@ -90,7 +93,8 @@ class SyncCounter(TorchDispatchMode):
         self._wrap(torch.Tensor, "item", "item")
         self._wrap(torch.Tensor, "cpu", "cpu")
         # torch.tensor(data, device=...) from host data: a blocking host-to-device copy on a GPU
-        self._wrap(torch, "tensor", "torch.tensor(..., device=)", lambda *a, **k: k.get("device") is not None)
+        self._wrap(torch, "tensor", "torch.tensor(..., device=)",
+                   lambda *a, **k: k.get("device") is not None and k["device"] is not HOST)
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -104,7 +108,7 @@ def per_step(run_args: list[str], steps: tuple[int, int] = (2, 4)) -> dict:
     checkpoint steps: two runs of `steps` optimizer steps with one log line and one save at the end,
     differenced, so set-up and the last step's logging cancel. -> {"ours", "deepspeed", "sites"}:
     per-step counts in mimscale's code and in DeepSpeed's (its step: the overflow check's read and its
-    grad-norm scalars), and per site. The optimizer is DeepSpeed's torch AdamW as on a GPU (fused: its
+    grad-norm sentinels, made on the host by trainer.engine.sentinel_on_host), and per site. The optimizer is DeepSpeed's torch AdamW as on a GPU (fused: its
     step counters stay on the device)."""
     import json
     import tempfile
