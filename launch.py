@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError, UntrustedFileError
     from trainer.faults import NumericalFault
     from trainer.loop import train
+    from trainer.methods import method_class
 
     errors = {TeacherWeightsError: ("teacher error", 2), TokenizerWeightsError: ("tokenizer error", 2),
               UntrustedFileError: ("untrusted file", 2),
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         def pct(key: str) -> str:
             return percent(summary.get(key))
 
-        which = "student mean patch token" if cfg.method in ("maskalign", "beit", "itpn") else "teacher [CLS]"
+        which = method_class(cfg.method).knn_features
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "
               f"random init: {pct('knn_random_init')}   raw pixels: {pct('knn_raw_pixels')}")
     if env.rank == 0 and summary.get("psnr") is not None:  # the tokenizer (method dvae)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out pixel loss on masked patches {summary['heldout_pixel']:.3f} (untrained: "
               f"{summary['heldout_pixel_random_init']:.3f}; predicting zeros: {summary['heldout_pixel_zero']:.3f}); "
               f"reconstructions: {Path(cfg.run.output_dir).expanduser() / 'reconstructions.png'}")
-    if env.rank == 0 and cfg.log.pictures and cfg.method != "dvae":  # (the dVAE draws its reconstructions itself)
+    if env.rank == 0 and cfg.log.pictures and method_class(cfg.method).draws_run_pictures:
         from evaluation.pictures import write_run_pictures
 
         try:  # the run itself is saved and complete: a picture that fails is a warning, not a failed run

@@ -30,6 +30,16 @@ class LoadedBackbone:
     method: str | None = None  # the pretraining method, where known (picks the pooled feature)
     run_knn: dict | None = None  # the run's own kNN: trained, random init, raw pixels (what to compare with)
 
+    @property
+    def default_pool(self) -> str:
+        """The feature its method is evaluated on (Method.knn_pool); [CLS] where the method is unknown."""
+        from trainer.methods import method_class
+
+        try:
+            return method_class(self.method or "").knn_pool
+        except ValueError:
+            return "cls"
+
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: normalised images [B, 3, S, S] -> {"cls": [B, C], "patch": [B, N, C]}, after the final norm."""
@@ -48,7 +58,7 @@ def from_backbone(backbone) -> LoadedBackbone:
     from export.hf import shapes
     from models.vit import build_vit
 
-    if backbone.config["method"] == "itpn":
+    if backbone.method.family == "hivit":
         return _itpn(backbone)
     d = shapes(backbone)
     with torch.device("meta"):
@@ -60,7 +70,7 @@ def from_backbone(backbone) -> LoadedBackbone:
     aug = backbone.config["data"]["augment"]
     return LoadedBackbone(model.eval(), "mimscale", d["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
                           f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
-                          run_config=backbone.config, step=backbone.step, method=backbone.config["method"],
+                          run_config=backbone.config, step=backbone.step, method=backbone.method.name,
                           run_knn={k: v for k, v in backbone.summary.items() if k.startswith("knn")})
 
 
@@ -75,7 +85,8 @@ def _itpn(backbone) -> LoadedBackbone:
     aug = backbone.config["data"]["augment"]
     return LoadedBackbone(model.eval(), "mimscale", arch["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
                           f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
-                          num_prefix_tokens=0, run_config=backbone.config, step=backbone.step, method="itpn",
+                          num_prefix_tokens=0, run_config=backbone.config, step=backbone.step,
+                          method=backbone.method.name,
                           run_knn={k: v for k, v in backbone.summary.items() if k.startswith("knn")})
 
 

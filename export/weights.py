@@ -24,15 +24,17 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from trainer.checkpoint import Checkpointer, UntrustedFileError, check_weights_only, deepspeed_safe_globals
+from trainer.methods import method_class
+from trainer.methods.base import Method
 
 BACKBONE = "backbone."
 # Methods whose backbone is trained with a [MASK] embedding in its input (MaskAlign drops the
 # masked patches instead, so its mask_token is never used and stays at its zero init).
-MASK_TOKEN_METHODS = {"ibot", "ibot_clip", "beit"}
 
 
 class ExportError(ValueError):
@@ -52,12 +54,30 @@ class Backbone:
     left_out: list[str] = field(default_factory=list)
 
     @property
+    def method(self) -> type[Method]:
+        """The run's method (trainer/methods/base.py): what it trained and how to export it."""
+        return method_class(self.config["method"])
+
+    @property
     def uses_mask_token(self) -> bool:
-        return self.config["method"] in MASK_TOKEN_METHODS
+        return self.method.uses_mask_token
 
     @property
     def layer_scale(self) -> bool:
         return "blocks.0.ls1.gamma" in self.state
+
+
+def as_attributes(config: dict) -> SimpleNamespace:
+    """A checkpoint's config (nested dicts) read as a `Config` is, by attribute: what the method's
+    own questions (`frozen_files(cfg)`) read."""
+    return SimpleNamespace(**{k: as_attributes(v) if isinstance(v, dict) else v for k, v in config.items()})
+
+
+def checkpoint_method(ckpt: Path, config: dict) -> type[Method]:
+    try:
+        return method_class(config.get("method", ""))
+    except ValueError as e:
+        raise ExportError(f"{ckpt}: {e}") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -105,7 +125,7 @@ def _param_shapes(ckpt: Path) -> tuple[dict[str, torch.Size], list[str]]:
     return shapes, list(states.get("buffer_names", []))
 
 
-def _summarise_left_out(names: dict[str, int], frozen: tuple[str, str] | None) -> list[str]:
+def _summarise_left_out(names: dict[str, int], frozen: list[tuple[str, str]]) -> list[str]:
     """{full name: numel} -> one entry per module ('student.head: 22 tensors, 0.03M')."""
     groups: dict[str, list[int]] = defaultdict(list)
     for name, n in names.items():
@@ -113,8 +133,7 @@ def _summarise_left_out(names: dict[str, int], frozen: tuple[str, str] | None) -
         key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
         groups[key].append(n)
     out = [f"{k} ({len(v)} tensors, {sum(v) / 1e6:.2f}M)" for k, v in sorted(groups.items())]
-    if frozen and frozen[1]:
-        out.append(f"{frozen[0]} (frozen, not in the checkpoint: {frozen[1]})")
+    out += [f"{name} (frozen, not in the checkpoint: {path})" for name, path in frozen if path]
     return out
 
 
@@ -169,26 +188,25 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
     if not parts:
         raise ExportError(f"{ckpt} has no rankNNNNN.pt files: it was not written by mimscale")
     config = json.loads(parts[0]["config"])
-    if config["method"] == "dvae":
-        raise ExportError(f"{ckpt} is a dvae (tokenizer) run, not a ViT backbone: export its encoder with "
-                          "scripts/export_tokenizer.py")
+    method = checkpoint_method(ckpt, config)
+    if method.product != "backbone":
+        raise ExportError(f"{ckpt} is a {method.name} run: it trains a {method.product}, not a backbone; export it "
+                          f"with {method.exported_by}")
     has_teacher = "ema" in parts[0]
-    itpn = config["method"] == "itpn"
     if which == "auto":
-        which = "teacher" if has_teacher and not itpn else "student"
+        which = "teacher" if has_teacher and method.teacher_not_exported is None else "student"
     if which == "teacher" and not has_teacher:
-        raise ExportError(f"{ckpt}: method {config['method']} has no EMA teacher; export --weights student")
-    if which == "teacher" and itpn:
-        raise ExportError(f"{ckpt}: iTPN's pyramid is trained with the student only (its EMA teacher is a backbone "
-                          "without one); export --weights student")
+        raise ExportError(f"{ckpt}: method {method.name} has no EMA teacher; export --weights student")
+    if which == "teacher" and method.teacher_not_exported:
+        raise ExportError(f"{ckpt}: {method.teacher_not_exported}; export --weights student")
     shapes, buffers = _param_shapes(ckpt)
     if which == "teacher":
         state = teacher_state(ckpt, shapes, parts)
     else:
-        state = student_state(ckpt, ("backbone", "pyramid") if itpn else ())
+        state = student_state(ckpt, method.export_parts)
     if not state:
         raise ExportError(f"{ckpt} holds no backbone parameters (student.backbone.*)")
-    exported = (("student.backbone.", "student.pyramid.") if itpn else ("student." + BACKBONE,)) \
+    exported = (tuple(f"student.{part}." for part in method.export_parts) or ("student." + BACKBONE,)) \
         if which == "student" else None
     left = {k: math.prod(v) for k, v in shapes.items() if not (exported and k.startswith(exported))}
     left.update({b: 0 for b in buffers})
@@ -196,9 +214,7 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
         for name, t in zip(parts[0]["ema"]["names"], parts[0]["ema"]["shadow"]):
             if which != "teacher" or not name.startswith(BACKBONE):
                 left["teacher." + name] = math.prod(shapes.get("student." + name, t.shape))
-    frozen = (("tokenizer", config["beit"]["tokenizer"]) if config["method"] == "beit" else
-              ("clip_teacher", config["teacher"]["clip"]["weights"]) if config["method"] in ("maskalign", "ibot_clip")
-              or (itpn and config["itpn"]["teacher"] == "clip") else None)
+    frozen = list(method.frozen_files(as_attributes(config)).items())
     summary = parts[0].get("summary", {})
     return Backbone(state=state, config=config, which=which, checkpoint=ckpt, step=int(parts[0]["step"]),
                     world_size=len(parts), summary=summary, command=parts[0].get("command"),

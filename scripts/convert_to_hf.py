@@ -207,7 +207,7 @@ def convert(args: argparse.Namespace) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"cannot read {args.checkpoint}: {type(e).__name__}: {first}") from None
     read_gib = anonymous_gib() - anon
-    if b.config["method"] == "itpn":
+    if b.method.family == "hivit":
         return convert_itpn(b, out, args)
     dims = shapes(b)  # an unknown architecture stops here, before anything is written
     backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backbone.model.to(device)
     train, val = data_splits(args, backbone)
-    pool = args.pool if args.pool != "auto" else ("avg" if backbone.method in ("maskalign", "beit", "itpn") else "cls")
+    pool = args.pool if args.pool != "auto" else backbone.default_pool
     t0 = time.perf_counter()
     f_train, y_train = features(backbone, expand_shards(train), pool, args.batch_size, rank, world, device)
     f_val, y_val = features(backbone, expand_shards(val), pool, args.batch_size, rank, world, device)

@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from export.weights import ExportError, resolve_checkpoint, student_state  # noqa: E402
+from export.weights import ExportError, checkpoint_method, resolve_checkpoint, student_state  # noqa: E402
 from models.dvae import DVAEArch, Encoder, TokenizerWeightsError, map_pixels, read_encoder_file, save_encoder  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def export(source: str | Path, out: str | Path) -> tuple[Path, DVAEArch, int]:
     ckpt = resolve_checkpoint(source)
     parts = torch.load(sorted(ckpt.glob("rank*.pt"))[0], map_location="cpu", weights_only=True, mmap=True)
     config = json.loads(parts["config"])
-    if config.get("method") != "dvae":
+    if checkpoint_method(ckpt, config).product != "tokenizer":
         raise ExportError(f"{ckpt} is a {config.get('method')} run, not a dvae (tokenizer) run")
     d = config["dvae"]
     arch = DVAEArch(group_count=d["group_count"], n_hid=d["n_hid"], n_blk_per_group=d["n_blk_per_group"],

@@ -61,22 +61,11 @@ def training_views(config: str | None, overrides: list[str], n: int):
     d.num_workers, d.batch_size = 0, n
     batch = normalize_batch(next(iter(build_train_loader(d, patch_size=cfg.model.patch_size, seed=cfg.run.seed))),
                             d.augment.mean, d.augment.std)
-    views = batch["global_crops"][0]
-    if cfg.method != "maskalign":
-        return views, batch["masks"][0], d.augment.mean, d.augment.std, f"{cfg.method}: block masks of the loader"
-    from models.teachers import load_teacher_weights
-    from trainer.methods import METHODS
+    from trainer.methods import method_class
 
-    method = METHODS["maskalign"].from_config(cfg).eval()
-    load_teacher_weights(method.clip_teacher, cfg.teacher.clip.weights)
-    p = cfg.model.patch_size
-    grid = (views.shape[-2] // p, views.shape[-1] // p)
-    with torch.no_grad():
-        t = method.clip_teacher(views, grid, d.augment.mean, d.augment.std, method.teacher_blocks,
-                                attention=method.masking == "attentive")
-    visible = method.visible(t.get("cls_attn"), n, grid[0] * grid[1], 0, views.device)
-    masks = torch.ones(n, grid[0] * grid[1], dtype=torch.bool).scatter_(1, visible, False).view(n, *grid)
-    return views, masks, d.augment.mean, d.augment.std, f"maskalign: {method.masking} masking, visible patches kept"
+    views = batch["global_crops"][0]
+    masks, title = method_class(cfg.method).masks_to_draw(cfg, views, batch["masks"][0])
+    return views, masks, d.augment.mean, d.augment.std, title
 
 
 def main(argv: list[str] | None = None) -> int:

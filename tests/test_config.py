@@ -62,7 +62,7 @@ BAD = [
     ("model: {patch_size: 0}", "model.patch_size", "must be > 0"),
     ("optim: {betas: [0.9, 1.0]}", "optim.betas", "1.0 is outside [0.0, 1.0)"),
     ("data: {augment: {color_jitter: [0.4, 0.4, 0.2, 0.9]}}", "data.augment.color_jitter", "hue 0.9"),
-    ("method: simclr", "method", "not one of 'ibot'"),
+    ("method: simclr", "method", "unknown method 'simclr'; known: beit, dvae, ibot"),
 ]
 
 

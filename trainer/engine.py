@@ -21,7 +21,7 @@ from models.kernels import resolve
 
 from .config import Config
 from .ema import TeacherEMA
-from .methods import METHODS, check_shapes, frozen_files, replicated_frozen
+from .methods import check_shapes, frozen_files, method_class, replicated_frozen
 from .syncs import HOST
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def beit_init_sharded(vit) -> None:
 
 
 def build_method(cfg: Config) -> nn.Module:
-    return METHODS[cfg.method].from_config(cfg)
+    return method_class(cfg.method).from_config(cfg)
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -244,10 +244,10 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
         object.__setattr__(engine.module, name, module.to(device=engine.device, dtype=dtype))
         log.info("frozen %s whole on every rank (teacher.clip.replicate), never gathered: %.1fM parameters",
                  name, sum(p.numel() for p in module.parameters()) / 1e6)
-    # DeepSpeed cast buffers to bf16 with the module; the centers are averages and stay fp32.
-    for name, buf in engine.module.named_buffers():
-        if name.startswith("center"):
-            buf.data = buf.data.float()
+    # DeepSpeed cast buffers to bf16 with the module; a method's running averages stay fp32.
+    for name in engine.module.fp32_buffers:
+        buf = engine.module.get_buffer(name)
+        buf.data = buf.data.float()
     ema = None
     if hasattr(engine.module, "teacher"):
         ema = TeacherEMA(engine.module.student, engine.module.teacher)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from trainer.methods import method_class
+
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
     """Half-cosine from `start` (step 0) to `end` (step >= total)."""
@@ -47,7 +49,7 @@ class Schedules:
     @classmethod
     def from_config(cls, cfg) -> Schedules:
         o, i, d = cfg.optim, cfg.ibot, cfg.dvae
-        momentum = cfg.itpn.ema_momentum if cfg.method == "itpn" else i.ema_momentum  # whose EMA teacher it is
+        momentum = method_class(cfg.method).ema_momentum(cfg)  # whose EMA teacher it is
         return cls(cfg.schedule.steps, o.lr, o.min_lr, o.warmup_steps, tuple(o.weight_decay), tuple(momentum),
                    tuple(i.teacher_temp), tuple(i.teacher_patch_temp), i.teacher_temp_warmup_steps,
                    i.freeze_last_layer_steps, tuple(d.temperature), d.temperature_steps, tuple(d.kl_weight), d.kl_steps,

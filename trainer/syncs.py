@@ -107,9 +107,10 @@ def per_step(run_args: list[str], steps: tuple[int, int] = (2, 4)) -> dict:
     """Host syncs per optimizer step of `launch.main(run_args)`, outside logging, evaluation and
     checkpoint steps: two runs of `steps` optimizer steps with one log line and one save at the end,
     differenced, so set-up and the last step's logging cancel. -> {"ours", "deepspeed", "sites"}:
-    per-step counts in mimscale's code and in DeepSpeed's (its step: the overflow check's read and its
-    grad-norm sentinels, made on the host by trainer.engine.sentinel_on_host), and per site. The optimizer is DeepSpeed's torch AdamW as on a GPU (fused: its
-    step counters stay on the device)."""
+    per-step counts in mimscale's code and in DeepSpeed's (its step: the read that decides whether to
+    skip it; its grad-norm sentinels are made on the host, trainer.engine.sentinel_on_host), and per
+    site. The optimizer is DeepSpeed's torch AdamW as on a GPU (fused: its step counters stay on the
+    device)."""
     import json
     import tempfile
 

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
 
 
-class _Invalid(Exception):
+class Invalid(Exception):
     """Raised by `validate()` methods with a key relative to their section."""
 
     def __init__(self, key: str, problem: str):
@@ -45,28 +45,28 @@ def checking_files() -> bool:
     return CHECK_FILES[-1]
 
 
-def _require(ok: bool, key: str, problem: str) -> None:
+def require(ok: bool, key: str, problem: str) -> None:
     if not ok:
-        raise _Invalid(key, problem)
+        raise Invalid(key, problem)
 
 
 def _at_least(section: Any, lo: float, *names: str, strict: bool = False) -> None:
     """Each named field must be >= lo (> lo with strict)."""
     for name in names:
         value = getattr(section, name)
-        _require(value > lo if strict else value >= lo, name, f"{value} must be {'>' if strict else '>='} {lo}")
+        require(value > lo if strict else value >= lo, name, f"{value} must be {'>' if strict else '>='} {lo}")
 
 
 def _check_prob(value: float, key: str) -> None:
-    _require(0.0 <= value <= 1.0, key, f"{value} is outside [0, 1]")
+    require(0.0 <= value <= 1.0, key, f"{value} is outside [0, 1]")
 
 
 def _check_range(pair: tuple[float, float], key: str, lo: float, hi: float, hi_open: bool = False) -> None:
     a, b = pair
     upper = f"{hi})" if hi_open else f"{hi}]"
     for v in pair:
-        _require(lo <= v and (v < hi if hi_open else v <= hi), key, f"{v} is outside [{lo}, {upper}")
-    _require(a <= b, key, f"[{a}, {b}] is not an interval (first must be <= second)")
+        require(lo <= v and (v < hi if hi_open else v <= hi), key, f"{v} is outside [{lo}, {upper}")
+    require(a <= b, key, f"[{a}, {b}] is not an interval (first must be <= second)")
 
 
 def opt(default: Any, help: str) -> Any:

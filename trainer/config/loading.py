@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .fields import ConfigError, _Invalid
+from .fields import ConfigError, Invalid
 from .schema import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def build_config(raw: dict, source: str = "<dict>", origins: dict[str, str] | No
             continue
         try:
             section.validate()
-        except _Invalid as e:
+        except Invalid as e:
             key = f"{prefix}.{e.key}" if prefix else e.key
             raise ConfigError(_origin(origins, key, source), key, e.problem) from None
     return cfg
@@ -185,7 +185,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
         else:
             try:
                 kwargs[key] = _coerce(value, typ)
-            except _Invalid as e:
+            except Invalid as e:
                 raise ConfigError(_origin(origins, full, source), full, e.problem) from None
     return cls(**kwargs)
 
@@ -205,18 +205,18 @@ def _type_name(typ: Any) -> str:
 
 
 def _coerce(value: Any, typ: Any) -> Any:
-    """Check `value` against the annotation and return it in that type, or raise _Invalid."""
+    """Check `value` against the annotation and return it in that type, or raise Invalid."""
     origin = typing.get_origin(typ)
-    bad = _Invalid("", f"{value!r} is not {_type_name(typ)}")
+    bad = Invalid("", f"{value!r} is not {_type_name(typ)}")
     if origin is Literal:
         if value not in typing.get_args(typ):
-            raise _Invalid("", f"{value!r} is not {_type_name(typ)}")
+            raise Invalid("", f"{value!r} is not {_type_name(typ)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(typ):
             try:
                 return _coerce(value, arg)
-            except _Invalid:
+            except Invalid:
                 continue
         raise bad
     if origin is tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import _at_least, _check_prob, _check_range, _require, opt
+from .fields import _at_least, _check_prob, _check_range, opt, require
 
 IBOT = "bytedance/ibot"
 
@@ -63,14 +63,14 @@ class IBOTConfig:
             _at_least(self, 1, "patch_out_dim")
         _at_least(self, 0, "student_temp", strict=True)
         for name in ("teacher_temp", "teacher_patch_temp"):
-            _require(all(t > 0 for t in getattr(self, name)), name, "must be > 0")
-        _require(0 <= self.center_momentum < 1, "center_momentum", f"{self.center_momentum} is outside [0, 1)")
+            require(all(t > 0 for t in getattr(self, name)), name, "must be > 0")
+        require(0 <= self.center_momentum < 1, "center_momentum", f"{self.center_momentum} is outside [0, 1)")
         _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
         _at_least(self, 0, "teacher_temp_warmup_steps", "freeze_last_layer_steps")
-        _require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
+        require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
         _at_least(self, 0, "clip_weight")
         if not self.shared_head and self.shared_head_teacher:
-            _require(self.patch_out_dim in (None, self.out_dim), "patch_out_dim",
+            require(self.patch_out_dim in (None, self.out_dim), "patch_out_dim",
                      f"{self.patch_out_dim}: with shared_head_teacher the teacher scores patches with its [CLS] "
                      f"prototypes, so it must equal out_dim ({self.out_dim})")
 
@@ -141,7 +141,7 @@ class MaskAlignConfig:
                                    f"{MASKALIGN} forward_loss adds 2 * F.smooth_l1_loss.")
 
     def validate(self) -> None:
-        _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
+        require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
         _at_least(self, 0, "adapter_hidden_dim", "w_offset", "align_weight")
         _at_least(self, 0, "loss_beta", strict=True)
 
@@ -207,10 +207,10 @@ class DVAEConfig:
     def validate(self) -> None:
         _at_least(self, 1, "group_count", "n_blk_per_group", "n_init")
         _at_least(self, 4, "n_hid")
-        _require(self.n_hid % 4 == 0, "n_hid", f"{self.n_hid} must be divisible by 4 (blocks narrow to n_out / 4)")
+        require(self.n_hid % 4 == 0, "n_hid", f"{self.n_hid} must be divisible by 4 (blocks narrow to n_out / 4)")
         _at_least(self, 2, "vocab_size")
-        _require(all(t > 0 for t in self.temperature), "temperature", "must be > 0")
-        _require(all(w >= 0 for w in self.kl_weight), "kl_weight", "must be >= 0")
+        require(all(t > 0 for t in self.temperature), "temperature", "must be > 0")
+        require(all(w >= 0 for w in self.kl_weight), "kl_weight", "must be >= 0")
         _at_least(self, 0, "temperature_steps", "kl_steps")
         _check_prob(self.min_code_usage, "min_code_usage")
 
@@ -259,15 +259,15 @@ class ITPNConfig:
                                                           "iBOT's).")
 
     def validate(self) -> None:
-        _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
+        require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
         _at_least(self, 1, "fpn_dim", "fpn_depth", "decoder_dim", "decoder_depth", "decoder_heads", "mfm_dim",
                   "mfm_depth", "mfm_heads")
         for name in ("decoder", "mfm"):
             dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
-            _require(dim % 16 == 0 and dim % heads == 0, f"{name}_dim",
+            require(dim % 16 == 0 and dim % heads == 0, f"{name}_dim",
                      f"{dim} must be divisible by 16 (the stride-4 level's 16 inner tokens) and by {heads} heads")
         _at_least(self, 0, "layer_scale", "pixel_weight")
-        _require(all(w >= 0 for w in self.mfm_weights), "mfm_weights", "must be >= 0")
+        require(all(w >= 0 for w in self.mfm_weights), "mfm_weights", "must be >= 0")
         _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
-        _require(self.pixel_weight > 0 or (self.teacher != "none" and any(self.mfm_weights)), "pixel_weight",
+        require(self.pixel_weight > 0 or (self.teacher != "none" and any(self.mfm_weights)), "pixel_weight",
                  "0 with no feature term (teacher none or every mfm_weights 0) leaves nothing to train")

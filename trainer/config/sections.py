@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import _at_least, _check_prob, _check_range, _require, opt
+from .fields import _at_least, _check_prob, _check_range, opt, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,12 +24,12 @@ class RunConfig:
                 "where a start-up self-check against the references passes, the references elsewhere).")
 
     def validate(self) -> None:
-        _require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
         if self.kernels == "triton":
             from models.kernels import triton_available
 
             ok, why = triton_available()
-            _require(ok, "kernels", f"'triton' cannot run here: {why}; use 'torch' or 'auto'")
+            require(ok, "kernels", f"'triton' cannot run here: {why}; use 'torch' or 'auto'")
         _at_least(self, 0, "seed")
 
 
@@ -54,9 +54,9 @@ class ModelConfig:
         from models.vit import VIT_ARCHS
 
         known = [*VIT_ARCHS, *HIVIT_ARCHS]
-        _require(self.arch in known, "arch", f"{self.arch!r} is not one of {', '.join(known)}")
+        require(self.arch in known, "arch", f"{self.arch!r} is not one of {', '.join(known)}")
         _at_least(self, 0, "patch_size", strict=True)
-        _require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
+        require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
         _at_least(self, 0, "grad_checkpointing")
 
 
@@ -76,7 +76,7 @@ class CropConfig:
             _at_least(self, 0, "second_size", strict=True)
         _at_least(self, 0, "size", strict=True)
         _check_range(self.scale, "scale", 0.0, 1.0)
-        _require(self.scale[1] > 0, "scale", "upper bound must be > 0")
+        require(self.scale[1] > 0, "scale", "upper bound must be > 0")
 
 
 @dataclass
@@ -104,7 +104,7 @@ class AugmentConfig:
                 "tests/test_photometric.py; needs photometric 'device'), 'auto' (torch where photometric is 'device').")
 
     def validate(self) -> None:
-        _require(self.resize != "torch" or self.photometric != "worker", "resize",
+        require(self.resize != "torch" or self.photometric != "worker", "resize",
                  "'torch' needs photometric 'device' (or 'auto' on a GPU): PIL's colour work needs PIL crops")
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "local_blur_p"):
             _check_prob(getattr(self, name), name)
@@ -112,10 +112,10 @@ class AugmentConfig:
             for v in getattr(self, name):
                 _check_prob(v, name)
         b, c, s, h = self.color_jitter
-        _require(min(b, c, s) >= 0, "color_jitter", "brightness, contrast, saturation must be >= 0")
-        _require(0 <= h <= 0.5, "color_jitter", f"hue {h} is outside [0, 0.5]")
+        require(min(b, c, s) >= 0, "color_jitter", "brightness, contrast, saturation must be >= 0")
+        require(0 <= h <= 0.5, "color_jitter", f"hue {h} is outside [0, 0.5]")
         _check_range(self.blur_sigma, "blur_sigma", 0.0, 100.0)
-        _require(all(s > 0 for s in self.std), "std", "every entry must be > 0")
+        require(all(s > 0 for s in self.std), "std", "every entry must be > 0")
 
 
 @dataclass
@@ -143,7 +143,7 @@ class MaskConfig:
             _at_least(self, 1, "patches")
         if self.min_block_patches is not None:
             _at_least(self, 1, "min_block_patches")
-        _require(0 < self.min_aspect <= 1, "min_aspect", f"{self.min_aspect} is outside (0, 1]")
+        require(0 < self.min_aspect <= 1, "min_aspect", f"{self.min_aspect} is outside (0, 1]")
 
 
 @dataclass
@@ -169,18 +169,18 @@ class DataConfig:
     cache_dir: str = opt("~/.cache/mimscale", "Where builtin data sets are written.")
 
     def validate(self) -> None:
-        _require(bool(self.train_shards.strip()), "train_shards", "must not be empty")
+        require(bool(self.train_shards.strip()), "train_shards", "must not be empty")
         _at_least(self, 1, "batch_size")
         _at_least(self, 0, "num_workers")
         _at_least(self, 1, "shuffle_buffer")
         _at_least(self, 0, "shard_retries")
         _check_prob(self.max_failed_fraction, "max_failed_fraction")
-        _require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
-        _require("{url}" in self.s3_command, "s3_command", "must contain {url}")
-        _require(self.local_crops.second_size is None, "local_crops.second_size",
+        require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
+        require("{url}" in self.s3_command, "s3_command", "must contain {url}")
+        require(self.local_crops.second_size is None, "local_crops.second_size",
                  "only global crops have a second size")
         if self.local_crops.number > 0:
-            _require(self.local_crops.size < self.global_crops.size, "local_crops.size",
+            require(self.local_crops.size < self.global_crops.size, "local_crops.size",
                      f"{self.local_crops.size} must be smaller than global_crops.size "
                      f"({self.global_crops.size})")
 
@@ -214,16 +214,16 @@ class OptimConfig:
 
     def validate(self) -> None:
         _at_least(self, 0, "lr", strict=True)
-        _require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is outside [0, lr={self.lr}]")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is outside [0, lr={self.lr}]")
         _at_least(self, 0, "warmup_steps", "decay_steps")
-        _require(self.decay_steps == 0 or self.decay_steps > self.warmup_steps, "decay_steps",
+        require(self.decay_steps == 0 or self.decay_steps > self.warmup_steps, "decay_steps",
                  f"{self.decay_steps} must exceed warmup_steps ({self.warmup_steps}), or be 0")
-        _require(all(w >= 0 for w in self.weight_decay), "weight_decay", "must be >= 0")
+        require(all(w >= 0 for w in self.weight_decay), "weight_decay", "must be >= 0")
         _check_range(self.betas, "betas", 0.0, 1.0, hi_open=True)
         _at_least(self, 0, "eps", strict=True)
         _at_least(self, 0, "clip_grad")
         _at_least(self, 1, "grad_accum")
-        _require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
+        require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
         _at_least(self, 1, "max_consecutive_skips")
 
 

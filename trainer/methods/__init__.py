@@ -1,9 +1,11 @@
-"""Objectives: one registered nn.Module per method.
+"""Objectives: one module per method, each a registered `Method` (trainer/methods/base.py, the
+interface the shared code asks it through), and what every method builds its networks with.
 
-A method holds its networks as submodules (`student` always: a ModuleDict with its `backbone`;
-`teacher` when it has an EMA teacher of the same shape; `clip_teacher` when it has a frozen one)
-and provides `from_config(cfg)`, `forward(batch, values) -> {name: unweighted loss}`,
-`loss_weights` and `eval_features(images)` (the features kNN measures).
+    @register("name")
+    class Name(Method): ...
+
+`method_class(name)` is the one lookup by name; nothing outside a method's own module compares
+a method's name.
 """
 
 from __future__ import annotations
@@ -14,15 +16,27 @@ from models.kernels.attention import get_attention, get_attention_varlen
 from models.teachers import FrozenTeacher
 from models.vit import VIT_ARCHS, VisionTransformer, build_vit
 
-METHODS: dict[str, type] = {}
+from .base import Method
+
+METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
-    def deco(cls: type) -> type:
+    def deco(cls: type[Method]) -> type[Method]:
+        if not issubclass(cls, Method):
+            raise TypeError(f"method {name}: {cls.__name__} must subclass trainer.methods.base.Method")
+        cls.name = name
         METHODS[name] = cls
         return cls
 
     return deco
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
 def check_shapes(cfg) -> CheckShapes:
@@ -35,7 +49,7 @@ def check_shapes(cfg) -> CheckShapes:
         width, _, heads, *_ = VIT_ARCHS[arch]
     crops = (cfg.data.global_crops, cfg.data.local_crops)
     tokens = tuple(dict.fromkeys((c.size // cfg.model.patch_size) ** 2 + 1 for c in crops if c.number))
-    classes = getattr(METHODS[cfg.method], "loss_classes", lambda cfg: {})(cfg)
+    classes = method_class(cfg.method).loss_classes(cfg)
     return CheckShapes(width // heads, tokens or (50,), tuple(classes.get("softmax_ce", ())),
                        tuple(classes.get("hard_ce", ())))
 
@@ -59,13 +73,8 @@ def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned
 
 
 def frozen_files(cfg) -> dict[str, str]:
-    """The method's frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256`
-    and `weights_sha256`; the engine loads them, checkpoints keep only the hash."""
-    if cfg.method in ("maskalign", "ibot_clip") or (cfg.method == "itpn" and cfg.itpn.teacher == "clip"):
-        return {"clip_teacher": cfg.teacher.clip.weights}
-    if cfg.method == "beit":
-        return {"tokenizer": cfg.beit.tokenizer}
-    return {}
+    """The method's frozen networks, attribute -> weights file (Method.frozen_files)."""
+    return method_class(cfg.method).frozen_files(cfg)
 
 
 def replicated_frozen(cfg) -> list[str]:

@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.dvae import DVAEArch, FrozenTokenizer, read_encoder_arch
+from models.dvae import DVAEArch, FrozenTokenizer, TokenizerWeightsError, downsampling, read_encoder_arch
 from models.kernels.softmax_ce import get_hard_ce, hard_ce_reference
 from models.vit import VisionTransformer, beit_normal_
-from trainer.config.fields import checking_files
+from trainer.config.checks import check_single_view
+from trainer.config.fields import Invalid, checking_files, require
 
 from . import build_student, kernels, register
+from .base import Method, meta_images
 
 
 def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference,
@@ -59,7 +61,10 @@ def tokenizer_arch(path: str, vocab_size: int, check: bool = False) -> DVAEArch:
 
 
 @register("beit")
-class BEiT(nn.Module):
+class BEiT(Method):
+    uses_mask_token = True
+    knn_pool, knn_features = "avg", "student mean patch token"
+
     def __init__(self, student: VisionTransformer, tokenizer: FrozenTokenizer, vocab_size: int,
                  loss_fn=hard_ce_reference, init: str = "beit"):
         super().__init__()
@@ -77,6 +82,51 @@ class BEiT(nn.Module):
     def loss_classes(cls, cfg) -> dict[str, tuple[int, ...]]:
         """The hard-label CE width the kernels' self-check runs at: the tokenizer's vocabulary."""
         return {"hard_ce": (cfg.beit.vocab_size,)}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        check_single_view(cfg)
+        b, g = cfg.beit, cfg.data.global_crops
+        require(cfg.model.layer_scale is None, "model.layer_scale", "method beit sets it with beit.layer_scale")
+        require(b.tokenizer is not None, "beit.tokenizer",
+                "beit needs its tokenizer: a dVAE encoder file (train one with method dvae and export it with "
+                "scripts/export_tokenizer.py)")
+        try:
+            arch = tokenizer_arch(b.tokenizer, b.vocab_size, check=True)
+        except TokenizerWeightsError as e:
+            raise Invalid("beit.tokenizer", str(e)) from None
+        require(arch.vocab_size == b.vocab_size, "beit.tokenizer",
+                f"{b.tokenizer} has a vocabulary of {arch.vocab_size} codes, beit.vocab_size is {b.vocab_size}")
+        require(g.second_size is not None, "data.global_crops.second_size",
+                "beit needs the tokenizer's view of each crop (BEiT: 112 for a 224 crop)")
+        side = g.size // cfg.model.patch_size
+        down = downsampling(arch)
+        # (sizing without the tokenizer file, its architecture is a guess: no check against it)
+        require(not checking_files() or g.second_size == side * down, "data.global_crops.second_size",
+                f"{g.second_size}: the tokenizer ({down}x down-sampling) must see a {side} x {side} grid like the "
+                f"student's patches, so it must be {side * down}")
+
+    @classmethod
+    def frozen_files(cls, cfg) -> dict[str, str]:
+        return {"tokenizer": cfg.beit.tokenizer}
+
+    def plan_calls(self, cfg, s, dt) -> list:
+        b = s.b
+        second = cfg.data.global_crops.second_size or s.global_size
+        masks = torch.zeros(b, s.grid, s.grid, dtype=torch.bool, device="meta")
+        M = b * s.masked_per_view
+
+        def student():
+            out = self.student.backbone.forward_features(meta_images(b, s.global_size, dt), masks)
+            return self.student.head(out["patch"].flatten(0, 1)[:M])
+
+        return [("frozen tokenizer", lambda: self.tokenizer(torch.empty(b, 3, second, second, device="meta")), False,
+                 self.tokenizer), ("student + head", student, True, self.student)]
+
+    def loss_logits(self, cfg, s) -> list[tuple[int, int, int, bool]]:
+        """The masked patches' scores over the vocabulary, against hard labels."""
+        head = self.student.head.weight
+        return [(s.b * s.masked_per_view, head.shape[1], head.shape[0], False)]
 
     @classmethod
     def from_config(cls, cfg) -> BEiT:

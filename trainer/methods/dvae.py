@@ -37,8 +37,11 @@ from models.dvae import (
     reconstruction_loss,
 )
 from models.teachers import channel_column
+from trainer.config.checks import check_single_view
+from trainer.config.fields import require
 
 from . import register
+from .base import Method
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,10 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
 
 
 @register("dvae")
-class DVAE(nn.Module):
+class DVAE(Method):
+    family, product, exported_by = "", "tokenizer", "scripts/export_tokenizer.py"
+    draws_run_pictures = False  # it draws its reconstructions itself
+
     def __init__(self, arch: DVAEArch, recon_loss: str = "logit_laplace", straight_through: bool = False,
                  min_code_usage: float = 0.05, input_mean=(0.485, 0.456, 0.406), input_std=(0.229, 0.224, 0.225)):
         super().__init__()
@@ -70,6 +76,25 @@ class DVAE(nn.Module):
     def from_config(cls, cfg) -> DVAE:
         d, a = cfg.dvae, cfg.data.augment
         return cls(dvae_arch(cfg), d.recon_loss, d.straight_through, d.min_code_usage, a.mean, a.std)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        check_single_view(cfg)
+        d, size = cfg.dvae, cfg.data.global_crops.size
+        down = 2 ** (d.group_count - 1)
+        require(size % down == 0, "data.global_crops.size", f"{size} is not a multiple of the dVAE's "
+                f"down-sampling {down} (dvae.group_count {d.group_count})")
+        require(not cfg.model.grad_checkpointing, "model.grad_checkpointing", "the dVAE has no blocks to recompute")
+
+    def plan_calls(self, cfg, s, dt) -> list:
+        vae = self.student.backbone
+
+        def student():
+            x = torch.empty(s.b, 3, s.global_size, s.global_size, device="meta")
+            logits = vae.encoder(map_pixels(x).to(dt)).float()
+            return vae.decoder(gumbel_softmax(logits, 1.0, hard=self.straight_through).to(dt)).float()
+
+        return [("dVAE encoder + decoder", student, True, self.student)]
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Loader-normalised images -> [0, 1] (the dVAE maps pixels its own way)."""

@@ -35,8 +35,10 @@ from models.kernels.softmax_ce import (
     softmax_ce_reference,
 )
 from models.vit import VisionTransformer
+from trainer.config.fields import require
 
 from . import build_student, kernels, register
+from .base import Method, meta_images
 
 
 def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_masks: torch.Tensor,
@@ -96,7 +98,10 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 @register("ibot")
-class IBOT(nn.Module):
+class IBOT(Method):
+    uses_mask_token = True
+    fp32_buffers = ("center", "center_patch")  # averages: fp32 whatever the engine's precision
+
     """Student and EMA teacher (backbone + iBOT head each) on one module tree."""
 
     def __init__(self, student: VisionTransformer, student_head: IBOTHead, teacher: VisionTransformer,
@@ -147,6 +152,56 @@ class IBOT(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> IBOT:
         return cls(**cls.networks(cfg))
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        require(cfg.data.global_crops.number == 2, "data.global_crops.number",
+                f"{cfg.data.global_crops.number}: {cfg.method} needs exactly 2 global crops")
+
+    def plan_calls(self, cfg, s, dt) -> list:
+        G, L, b = s.global_n, s.local_n, s.b
+        masks = torch.zeros(G * b, s.grid, s.grid, dtype=torch.bool, device="meta")
+        M = G * b * s.masked_per_view
+
+        def teacher():  # its features and its logits both stay alive until the loss (ibot_step)
+            t = self.teacher.backbone.forward_features(meta_images(G * b, s.global_size, dt))
+            return t, self.teacher.head(t["cls"], t["patch"])
+
+        calls = [("EMA teacher (backbone + head)", teacher, False, self.teacher)]
+        clip = getattr(self, "clip_teacher", None)
+        if clip is not None:
+            def clip_pass():
+                images = meta_images(G * b, s.global_size, dt)
+                return clip(images, (s.grid, s.grid), cfg.data.augment.mean, cfg.data.augment.std, [self.clip_block])
+            calls.append(("frozen CLIP teacher", clip_pass, False, clip))
+        bb, head = self.student.backbone, self.student.head
+
+        def student():
+            outs = [bb.forward_features(meta_images(G * b, s.global_size, dt), masks)]
+            if L:
+                outs.append(bb.forward_features(meta_images(L * b, s.local_size, dt)))
+            (cls_mlp, _), (patch_mlp, _) = head.cls_path(), head.patch_path()
+            masked_tokens = outs[0]["patch"].flatten(0, 1)[:M]  # (a view: as many rows as the masks select)
+            if head.batch_norm:
+                h = [head.bottlenecks(o["cls"], o["patch"]) for o in outs]
+            else:
+                h = [cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens)]
+            if clip is not None:
+                h.append(self.clip_head(masked_tokens))
+            return h
+
+        calls.append(("student (backbone + head MLP)", student, True, self.student))
+        return calls
+
+    def loss_logits(self, cfg, s) -> list[tuple[int, int, int, bool]]:
+        """The student's prototype scores: each student crop against each other teacher view ([CLS]),
+        and the masked patches."""
+        head = self.student.head
+        (_, cls_protos), (_, patch_protos) = head.cls_path(), head.patch_path()
+        pairs = s.global_n * (s.global_n + s.local_n - 1)
+        return [(pairs * s.b, cls_protos.weight.shape[1], cls_protos.weight.shape[0], True),
+                (s.global_n * s.b * s.masked_per_view, patch_protos.weight.shape[1], patch_protos.weight.shape[0],
+                 True)]
 
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """What kNN measures: the EMA teacher's [CLS] features. (Module calls, not forward_features:

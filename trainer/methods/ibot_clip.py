@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.align import adapter
+from trainer.config.checks import check_frozen_teacher
 
 from . import build_frozen_teacher, register
 from .ibot import IBOT
@@ -30,6 +31,15 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
 
 @register("ibot_clip")
 class IBOTCLIP(IBOT):
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        check_frozen_teacher(cfg)
+
+    @classmethod
+    def frozen_files(cls, cfg) -> dict[str, str]:
+        return {"clip_teacher": cfg.teacher.clip.weights}
+
     def __init__(self, *, clip_teacher, clip_block: int = -1, clip_loss: str = "cosine",
                  input_mean=(0.485, 0.456, 0.406), input_std=(0.229, 0.224, 0.225), **ibot):
         super().__init__(**ibot)

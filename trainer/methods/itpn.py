@@ -35,8 +35,11 @@ from models.decoders import MaskedDecoder
 from models.hivit import HiViT, build_hivit
 from models.kernels.attention import get_attention
 from models.pyramid import FeaturePyramid
+from trainer.config.checks import check_frozen_teacher, check_single_view
+from trainer.config.fields import require
 
 from . import build_frozen_teacher, kernels, register
+from .base import Method, meta_images
 from .maskalign import random_visible, step_generator, visible_count
 
 log = logging.getLogger(__name__)
@@ -99,7 +102,13 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor |
 
 
 @register("itpn")
-class ITPN(nn.Module):
+class ITPN(Method):
+    family = "hivit"
+    export_parts = ("backbone", "pyramid")  # the exported network is HiViT with its feature pyramid
+    teacher_not_exported = ("iTPN's pyramid is trained with the student only (its EMA teacher is a backbone "
+                            "without one)")
+    knn_pool, knn_features = "avg", "student mean patch token"
+
     def __init__(self, backbone: HiViT, pyramid: FeaturePyramid, pixel_decoder: MaskedDecoder | None,
                  mfm_decoders: dict[str, MaskedDecoder], teacher: HiViT | None = None, clip_teacher=None,
                  clip_blocks: tuple[int, int, int] = (-1, -1, -1), mask_ratio: float = 0.75, norm_pix: bool = True,
@@ -156,6 +165,36 @@ class ITPN(nn.Module):
                 weights[f"mfm{stride}"] = w
         return cls(backbone, pyramid, pixel, mfm, teacher, clip, blocks, c.mask_ratio, c.norm_pix_loss, c.mfm_loss,
                    c.mfm_positions, weights, cfg.data.augment.mean, cfg.data.augment.std, cfg.run.seed)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        check_single_view(cfg)
+        p = cfg.model.patch_size
+        require(p % 4 == 0, "model.patch_size", f"{p}: HiViT splits a patch into 4 x 4 inner tokens")
+        if cfg.itpn.teacher == "clip":
+            require(len(cfg.teacher.clip.blocks) in (0, 3), "teacher.clip.blocks",
+                    f"{cfg.teacher.clip.blocks}: itpn needs one teacher block per pyramid level (strides 16, 8, 4), "
+                    "or none (the last block for all three)")
+            check_frozen_teacher(cfg, repeats=True)  # levels may share a block (by default all use the last)
+
+    @classmethod
+    def frozen_files(cls, cfg) -> dict[str, str]:
+        return {"clip_teacher": cfg.teacher.clip.weights} if cfg.itpn.teacher == "clip" else {}
+
+    @classmethod
+    def ema_momentum(cls, cfg) -> tuple[float, float]:
+        return tuple(cfg.itpn.ema_momentum)
+
+    def plan_calls(self, cfg, s, dt) -> list:
+        b, n = s.b, s.patches
+        keep = torch.zeros(b, visible_count(n, self.mask_ratio), dtype=torch.long, device="meta")
+        images = meta_images(b, s.global_size, dt)
+        calls = []
+        teacher = getattr(self, "teacher", None) or getattr(self, "clip_teacher", None)
+        if teacher is not None:
+            calls.append(("teacher targets", lambda: self.teacher_targets(images, (s.grid, s.grid)), False, teacher))
+        calls.append(("student + pyramid + decoders", lambda: self.predict(images, keep), True, self.student))
+        return calls
 
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """What kNN measures: the student's mean stride-16 token (no [CLS])."""

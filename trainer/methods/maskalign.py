@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from models.align import DynamicAlign, layerwise_matrix
 from models.teachers import FrozenTeacher
 from models.vit import VisionTransformer
+from trainer.config.checks import check_blocks, check_frozen_teacher, student_depth
+from trainer.config.fields import require
 
 from . import build_frozen_teacher, build_student, register
+from .base import Method, meta_images
 
 
 def visible_count(num_patches: int, mask_ratio: float) -> int:
@@ -80,7 +83,9 @@ def align_loss(pred: torch.Tensor, targets: list[torch.Tensor], beta: float = 1.
 
 
 @register("maskalign")
-class MaskAlign(nn.Module):
+class MaskAlign(Method):
+    knn_pool, knn_features = "avg", "student mean patch token"
+
     def __init__(self, student: VisionTransformer, clip_teacher: FrozenTeacher, student_blocks: list[int],
                  teacher_blocks: list[int], mask_ratio: float = 0.7, masking: str = "attentive",
                  attentive_sampling: str = "multinomial", adapter_on: str = "teacher_level", adapter: str = "linear",
@@ -112,6 +117,54 @@ class MaskAlign(nn.Module):
                    m.attentive_sampling, m.adapter_on, m.adapter, m.adapter_hidden_dim or None, m.dynamic,
                    m.w_offset, m.align_cls, m.loss_beta, m.align_weight, cfg.data.augment.mean,
                    cfg.data.augment.std, cfg.run.seed)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        require(cfg.data.local_crops.number == 0, "data.local_crops.number",
+                "maskalign uses no local crops: set it to 0")
+        grid = (cfg.data.global_crops.size // cfg.model.patch_size) ** 2
+        keep = max(1, int(grid * (1 - cfg.maskalign.mask_ratio)))
+        require(keep < grid, "maskalign.mask_ratio",
+                f"{cfg.maskalign.mask_ratio} leaves all {grid} patches of a global crop visible")
+        check_blocks(cfg.maskalign.student_blocks, student_depth(cfg.model.arch), "maskalign.student_blocks")
+        check_frozen_teacher(cfg)
+
+    @classmethod
+    def frozen_files(cls, cfg) -> dict[str, str]:
+        return {"clip_teacher": cfg.teacher.clip.weights}
+
+    def plan_calls(self, cfg, s, dt) -> list:
+        b, n = s.global_n * s.b, s.patches
+        keep = torch.zeros(b, visible_count(n, self.mask_ratio), dtype=torch.long, device="meta")
+        clip = self.clip_teacher
+
+        def teacher():
+            return clip(meta_images(b, s.global_size, dt), (s.grid, s.grid), cfg.data.augment.mean,
+                        cfg.data.augment.std, self.teacher_blocks, attention=self.masking == "attentive")
+
+        def student():
+            out = self.student.backbone.forward_features(meta_images(b, s.global_size, dt), keep=keep,
+                                                         blocks=self.student_blocks)
+            return self.align(out["blocks"])
+
+        return [("frozen CLIP teacher", teacher, False, clip),
+                ("student (visible patches) + alignment", student, True, self)]
+
+    @classmethod
+    def masks_to_draw(cls, cfg, views, loader_masks):
+        """The visible patches its frozen teacher's attention chooses (the masks step 0 would use)."""
+        from models.teachers import load_teacher_weights
+
+        method = cls.from_config(cfg).eval()
+        load_teacher_weights(method.clip_teacher, cfg.teacher.clip.weights)
+        a, p, n = cfg.data.augment, cfg.model.patch_size, views.shape[0]
+        grid = (views.shape[-2] // p, views.shape[-1] // p)
+        with torch.no_grad():
+            t = method.clip_teacher(views, grid, a.mean, a.std, method.teacher_blocks,
+                                    attention=method.masking == "attentive")
+        visible = method.visible(t.get("cls_attn"), n, grid[0] * grid[1], 0, views.device)
+        masks = torch.ones(n, grid[0] * grid[1], dtype=torch.bool).scatter_(1, visible, False).view(n, *grid)
+        return masks, f"maskalign: {method.masking} masking, visible patches kept"
 
     def no_weight_decay(self) -> set[str]:
         return {"align.weight"}  # the reference: skip_list=["distill_weights"]

@@ -13,8 +13,6 @@ the mean of `data.mask.ratio`), not the worst case the memory plan uses.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -64,13 +62,13 @@ def step_flops(cfg: Config, method: torch.nn.Module | None = None) -> dict[str, 
         backbone.set_grad_checkpointing(False)  # recomputation is not model work
     out: dict[str, float] = {}
     try:
-        with _expected_masks(cfg):
-            for name, fn, grad, _ in workload.step_calls(method, cfg, b):
-                with torch.set_grad_enabled(grad):
-                    out[name] = _flops(fn) * (3 if grad else 1)
-            rows = workload.prototype_rows(method, cfg, b)
-            if rows:
-                out["student prototype scores (in the loss)"] = sum(2 * r * d * k * 3 for r, d, k in rows)
+        # masked rows at their expected number, not the memory plan's worst case
+        for name, fn, grad, _ in workload.step_calls(method, cfg, b, expected=True):
+            with torch.set_grad_enabled(grad):
+                out[name] = _flops(fn) * (3 if grad else 1)
+        rows = workload.prototype_rows(method, cfg, b, expected=True)
+        if rows:
+            out["student prototype scores (in the loss)"] = sum(2 * r * d * k * 3 for r, d, k in rows)
     finally:
         if hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(bool(every), every=every or 1)
@@ -78,16 +76,3 @@ def step_flops(cfg: Config, method: torch.nn.Module | None = None) -> dict[str, 
     out = {k: v * accum for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
-
-
-@contextlib.contextmanager
-def _expected_masks(cfg: Config):
-    """Count masked rows at their expected number, not the memory plan's worst case."""
-    m = cfg.data.mask
-    saved = workload.MASKED_FRACTION[0]
-    workload.MASKED_FRACTION[0] = (1.0 if m.patches is not None else m.prob) * (
-        1.0 if m.patches is not None else (m.ratio[0] + m.ratio[1]) / 2 / m.ratio[1])
-    try:
-        yield
-    finally:
-        workload.MASKED_FRACTION[0] = saved

@@ -289,10 +289,10 @@ def plan(cfg: Config, ds: dict, gpus: int, gpu_bytes: float, micro_batch: int | 
 
         largest = largest_micro_batch(at, gpu_bytes)
     notes = []
-    if cfg.method in ("ibot", "ibot_clip") and cfg.data.local_crops.number:
+    if hasattr(method, "pack_crops") and cfg.data.local_crops.number:
         notes.append("packed crops (run.kernels triton) run the same tokens through each block once: the same "
                      "activations, and ZeRO-3 gathers each block once per step instead of once per resolution")
-    if not fused and cfg.method in ("ibot", "ibot_clip"):
+    if not fused and workload.prototype_rows(method, cfg, b):
         notes.append("the PyTorch softmax-CE reference materialises the student's logits (run.kernels torch)")
     if every:
         notes.append(f"without activation checkpointing the activations would take {no_ckpt / GiB:.2f} GiB")

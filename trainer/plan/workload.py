@@ -41,18 +41,18 @@ FUSED_CE_CHUNK_ROWS = 1024  # models/kernels/softmax_ce.py fused_linear_softmax_
 def build_meta(cfg: Config) -> nn.Module:
     """The method module the engine would build for `cfg`, on the meta device, in the run's dtype
     (DeepSpeed casts the module to bf16; the centers stay fp32 as the engine keeps them)."""
-    from trainer.methods import METHODS
+    from trainer.methods import method_class
 
     # The PyTorch references: a Triton kernel would be launched on meta tensors (null pointers). Their
     # memory is the kernels' (flash-style attention below; the fused loss is counted in loss_bytes).
     cfg = copy.deepcopy(cfg)
     cfg.run.kernels = "torch"
     with torch.device("meta"), files_unchecked():  # (shapes only: no weights file is read)
-        method = METHODS[cfg.method].from_config(cfg)
+        method = method_class(cfg.method).from_config(cfg)
     method.to(device="meta", dtype=DTYPES[cfg.run.precision])  # (buffers made from NumPy start on the CPU)
-    for name, buf in method.named_buffers():
-        if name.startswith("center"):
-            buf.data = buf.data.float()
+    for name in method.fp32_buffers:
+        buf = method.get_buffer(name)
+        buf.data = buf.data.float()
     return method
 
 
@@ -199,11 +199,6 @@ def measure(name: str, fn: Callable[[], object], grad: bool, modules: nn.Module,
 
 # ----------------------------------------------------------------------------- what a step runs
 
-# The fraction of the worst-case masked patches a step is counted with: 1 for memory (every view
-# masked at the top of data.mask.ratio); trainer/plan/flops.py sets the expected fraction.
-MASKED_FRACTION = [1.0]
-
-
 @dataclass
 class Shapes:
     """What one micro-batch of `b` images puts through the networks."""
@@ -225,10 +220,13 @@ class Shapes:
         return self.grid ** 2
 
 
-def shapes(cfg: Config, b: int) -> Shapes:
+def shapes(cfg: Config, b: int, expected: bool = False) -> Shapes:
+    """`expected`: masked rows at their expected number (the FLOP count), not the memory plan's
+    worst case (every view masked at the top of data.mask.ratio)."""
     d, m = cfg.data, cfg.data.mask
     N = (d.global_crops.size // cfg.model.patch_size) ** 2
-    masked = m.patches if m.patches is not None else int(N * m.ratio[1] * MASKED_FRACTION[0])
+    fraction = 1.0 if m.patches is not None or not expected else m.prob * (m.ratio[0] + m.ratio[1]) / 2 / m.ratio[1]
+    masked = m.patches if m.patches is not None else int(N * m.ratio[1] * fraction)
     return Shapes(b, d.global_crops.number, d.global_crops.size, d.local_crops.number, d.local_crops.size,
                   cfg.model.patch_size, masked)
 
@@ -240,138 +238,35 @@ def _images(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
 Call = tuple[str, Callable[[], object], bool, nn.Module]  # (name, run it, with gradients, where its modules are)
 
 
-def step_calls(method: nn.Module, cfg: Config, b: int) -> list[Call]:
-    """The passes one micro-batch of `b` images makes, teachers first (as the methods run them)."""
-    s, dt = shapes(cfg, b), DTYPES[cfg.run.precision]
-    return {"ibot": _ibot, "ibot_clip": _ibot, "maskalign": _maskalign, "beit": _beit, "itpn": _itpn,
-            "dvae": _dvae}[cfg.method](method, cfg, s, dt)
+def step_calls(method: nn.Module, cfg: Config, b: int, expected: bool = False) -> list[Call]:
+    """The passes one micro-batch of `b` images makes, teachers first (as the methods run them):
+    the method's own description (trainer/methods/base.py `plan_calls`)."""
+    return method.plan_calls(cfg, shapes(cfg, b, expected), DTYPES[cfg.run.precision])
 
 
-def prototype_rows(method: nn.Module, cfg: Config, b: int) -> list[tuple[int, int, int]]:
-    """(rows, width, K) of each set of student scores computed inside the loss (iBOT's prototypes)."""
-    if cfg.method not in ("ibot", "ibot_clip"):
-        return []
-    s = shapes(cfg, b)
-    head = method.student.head
-    (_, cls_protos), (_, patch_protos) = head.cls_path(), head.patch_path()
-    pairs = s.global_n * (s.global_n + s.local_n - 1)  # each student crop against each other teacher view
-    return [(pairs * b, cls_protos.weight.shape[1], cls_protos.weight.shape[0]),
-            (s.global_n * b * s.masked_per_view, patch_protos.weight.shape[1], patch_protos.weight.shape[0])]
+def prototype_rows(method: nn.Module, cfg: Config, b: int, expected: bool = False) -> list[tuple[int, int, int]]:
+    """(rows, width, K) of each set of student scores computed inside the loss against a teacher's
+    (iBOT's prototypes), which the fused loss may compute in chunks."""
+    return [(r, d, k) for r, d, k, soft in method.loss_logits(cfg, shapes(cfg, b, expected)) if soft]
 
 
 def loss_bytes(method: nn.Module, cfg: Config, b: int, fused: bool) -> int:
     """The logits that exist in the loss of one micro-batch: the fused softmax-CE holds one chunk of
     logits and of their gradient at a time, and in its backward the fp32 sum of dL/dW [K, C] beside
     one chunk's product; the reference materialises them (bf16, an fp32 copy, the fp32 log-softmax
-    kept for the backward). BEiT: fp32 logits of the masked patches and their log-softmax."""
+    kept for the backward). Hard labels (BEiT's): fp32 logits and their log-softmax."""
     e = DTYPES[cfg.run.precision].itemsize
     total = 0
-    for rows, width, K in prototype_rows(method, cfg, b):
-        total += (min(rows, FUSED_CE_CHUNK_ROWS) * K * e * 2 + K * width * (4 + e)) if fused else rows * K * (e + 8)
-    if cfg.method == "beit":
-        s = shapes(cfg, b)
-        total += s.b * s.masked_per_view * method.student.head.weight.shape[0] * 8
+    for rows, width, K, soft in method.loss_logits(cfg, shapes(cfg, b)):
+        if not soft:
+            total += rows * K * 8
+        elif fused:
+            total += min(rows, FUSED_CE_CHUNK_ROWS) * K * e * 2 + K * width * (4 + e)
+        else:
+            total += rows * K * (e + 8)
     return total
 
 
 def step_passes(method: nn.Module, cfg: Config, b: int, units: tuple[nn.Module, ...] = ()) -> list[PassCost]:
     """Every pass of one micro-batch of `b` images, measured on the meta device; `units`: as measure's."""
     return [measure(name, fn, grad, modules, units) for name, fn, grad, modules in step_calls(method, cfg, b)]
-
-
-def _ibot(method, cfg, s: Shapes, dt) -> list[Call]:
-    G, L, b = s.global_n, s.local_n, s.b
-    masks = torch.zeros(G * b, s.grid, s.grid, dtype=torch.bool, device="meta")
-    M = G * b * s.masked_per_view
-
-    def teacher():  # its features and its logits both stay alive until the loss (IBOT.ibot_step)
-        t = method.teacher.backbone.forward_features(_images(G * b, s.global_size, dt))
-        return t, method.teacher.head(t["cls"], t["patch"])
-
-    calls: list[Call] = [("EMA teacher (backbone + head)", teacher, False, method.teacher)]
-    clip = getattr(method, "clip_teacher", None)
-    if clip is not None:
-        def clip_pass():
-            images = _images(G * b, s.global_size, dt)
-            return clip(images, (s.grid, s.grid), cfg.data.augment.mean, cfg.data.augment.std, [method.clip_block])
-        calls.append(("frozen CLIP teacher", clip_pass, False, clip))
-    bb, head = method.student.backbone, method.student.head
-
-    def student():
-        outs = [bb.forward_features(_images(G * b, s.global_size, dt), masks)]
-        if L:
-            outs.append(bb.forward_features(_images(L * b, s.local_size, dt)))
-        (cls_mlp, _), (patch_mlp, _) = head.cls_path(), head.patch_path()
-        masked_tokens = outs[0]["patch"].flatten(0, 1)[:M]  # (a view: as many rows as `[flat_masks]` selects)
-        if head.batch_norm:
-            h = [head.bottlenecks(o["cls"], o["patch"]) for o in outs]
-        else:
-            h = [cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens)]
-        if clip is not None:
-            h.append(method.clip_head(masked_tokens))
-        return h
-
-    calls.append(("student (backbone + head MLP)", student, True, method.student))
-    return calls
-
-
-def _maskalign(method, cfg, s: Shapes, dt) -> list[Call]:
-    from trainer.methods.maskalign import visible_count
-
-    b, n = s.global_n * s.b, s.patches
-    keep = torch.zeros(b, visible_count(n, method.mask_ratio), dtype=torch.long, device="meta")
-    clip = method.clip_teacher
-
-    def teacher():
-        return clip(_images(b, s.global_size, dt), (s.grid, s.grid), cfg.data.augment.mean, cfg.data.augment.std,
-                    method.teacher_blocks, attention=method.masking == "attentive")
-
-    def student():
-        out = method.student.backbone.forward_features(_images(b, s.global_size, dt), keep=keep,
-                                                       blocks=method.student_blocks)
-        return method.align(out["blocks"])
-
-    return [("frozen CLIP teacher", teacher, False, clip), ("student (visible patches) + alignment", student, True,
-                                                            method)]
-
-
-def _beit(method, cfg, s: Shapes, dt) -> list[Call]:
-    b = s.b
-    second = cfg.data.global_crops.second_size or s.global_size
-    masks = torch.zeros(b, s.grid, s.grid, dtype=torch.bool, device="meta")
-    M = b * s.masked_per_view
-
-    def student():
-        out = method.student.backbone.forward_features(_images(b, s.global_size, dt), masks)
-        return method.student.head(out["patch"].flatten(0, 1)[:M])
-
-    return [("frozen tokenizer", lambda: method.tokenizer(torch.empty(b, 3, second, second, device="meta")), False,
-             method.tokenizer), ("student + head", student, True, method.student)]
-
-
-def _itpn(method, cfg, s: Shapes, dt) -> list[Call]:
-    from trainer.methods.maskalign import visible_count
-
-    b, n = s.b, s.patches
-    keep = torch.zeros(b, visible_count(n, method.mask_ratio), dtype=torch.long, device="meta")
-    images = _images(b, s.global_size, dt)
-    calls: list[Call] = []
-    teacher = getattr(method, "teacher", None) or getattr(method, "clip_teacher", None)
-    if teacher is not None:
-        calls.append(("teacher targets", lambda: method.teacher_targets(images, (s.grid, s.grid)), False, teacher))
-    calls.append(("student + pyramid + decoders", lambda: method.predict(images, keep), True, method.student))
-    return calls
-
-
-def _dvae(method, cfg, s: Shapes, dt) -> list[Call]:
-    from models.dvae import map_pixels
-    from trainer.methods.dvae import gumbel_softmax
-
-    vae = method.student.backbone
-
-    def student():
-        x = torch.empty(s.b, 3, s.global_size, s.global_size, device="meta")
-        logits = vae.encoder(map_pixels(x).to(dt)).float()
-        return vae.decoder(gumbel_softmax(logits, 1.0, hard=method.straight_through).to(dt)).float()
-
-    return [("dVAE encoder + decoder", student, True, method.student)]

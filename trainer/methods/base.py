@@ -1,0 +1,95 @@
+"""What the shared code asks a method: the one interface between a method's module and the rest.
+
+A method is an `nn.Module` subclass of `Method`, registered under its name (`@register("name")` in
+`trainer/methods/__init__.py`), that holds its networks as submodules (`student` always, a
+ModuleDict with its `backbone`; `teacher` for an EMA teacher of the same shape; its frozen networks
+under the names `frozen_files` gives) and answers, on the class (from a config, before anything is
+built) or on the built module:
+
+- building and training: `from_config(cfg)`, `forward(batch, values) -> {term: unweighted loss}`,
+  `loss_weights` (the loop does the weighting), `eval_features(images)` (what kNN measures);
+- the config: `validate(cfg)` (its own checks, raising `Invalid(dotted key, problem)`), its frozen
+  networks' weight files (`frozen_files`), its EMA teacher's momentum, the kernels' loss widths;
+- the planner and the FLOP count: `plan_calls` (each pass of a micro-batch) and `loss_logits` (the
+  score matrices its loss holds);
+- export and evaluation: what kind of network it trains (`family`, `product`), which parts are the
+  exported backbone, whether its EMA teacher is exportable, whether the backbone's mask token is
+  trained, which pooled feature evaluates it;
+- the run's end: what the summary line says about its kNN feature, and whether the run's pictures
+  are drawn for it.
+
+Everything has a default that fits a ViT method with no EMA teacher and no frozen network, so a new
+method overrides only what differs (docs/adding-a-method.md).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+
+def meta_images(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A batch of `n` square images on the meta device: what the planner's passes run on."""
+    return torch.empty(n, 3, size, size, device="meta", dtype=dtype)
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""  # set by register()
+    # the network it trains: "vit" (models/vit.py), "hivit" (models/hivit.py), or "" for a tokenizer
+    family: ClassVar[str] = "vit"
+    product: ClassVar[str] = "backbone"  # or "tokenizer" (BEiT's dVAE): what export writes out
+    exported_by: ClassVar[str] = "scripts/convert_to_hf.py"
+    # export: the student's parts that make the exported network ((): its `backbone`, unprefixed)
+    export_parts: ClassVar[tuple[str, ...]] = ()
+    # why the EMA teacher cannot be exported (None: it can, and `auto` picks it where it exists)
+    teacher_not_exported: ClassVar[str | None] = None
+    uses_mask_token: ClassVar[bool] = False  # its student learns the backbone's mask token
+    # what evaluates the backbone: "cls" (the [CLS] token) or "avg" (the mean patch token)
+    knn_pool: ClassVar[str] = "cls"
+    knn_features: ClassVar[str] = "teacher [CLS]"  # in words, for the run's summary line
+    draws_run_pictures: ClassVar[bool] = True  # the loss/kNN pictures at the end of a run
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()  # buffers kept fp32 when the engine casts the module
+
+    # ------------------------------------------------------------------ from the config
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """The method's own checks of a whole config; raise `trainer.config.checks.Invalid`."""
+
+    @classmethod
+    def frozen_files(cls, cfg) -> dict[str, str]:
+        """Frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256` and
+        `weights_sha256`; the engine loads them, checkpoints keep only the hash."""
+        return {}
+
+    @classmethod
+    def ema_momentum(cls, cfg) -> tuple[float, float]:
+        """The EMA teacher's momentum schedule (start, end): iBOT's section holds the default."""
+        return tuple(cfg.ibot.ema_momentum)
+
+    @classmethod
+    def loss_classes(cls, cfg) -> dict[str, tuple[int, ...]]:
+        """The widths the kernels' self-check runs its losses at: {"softmax_ce": (K, ...), "hard_ce": ...}."""
+        return {}
+
+    @classmethod
+    def masks_to_draw(cls, cfg, views, loader_masks):
+        """(masks [n, h, w], title) that `scripts/visualize.py masks` draws over loader views: the
+        loader's own masks, unless the method chooses its masked patches itself."""
+        return loader_masks, f"{cfg.method}: block masks of the loader"
+
+    # ------------------------------------------------------------------ the planner
+
+    def plan_calls(self, cfg, s, dtype) -> list:
+        """The passes of one micro-batch on the meta device, teachers first, as
+        trainer.plan.workload.Call tuples; `s`: its Shapes."""
+        raise ValueError(f"method {self.name} does not describe its passes (plan_calls): the memory planner "
+                         "and the FLOP count cannot size it")
+
+    def loss_logits(self, cfg, s) -> list[tuple[int, int, int, bool]]:
+        """(rows, width, K, soft) of each score matrix inside the loss that the passes do not count:
+        soft ones (softmax-CE against a teacher) may be fused; hard ones are fp32 logits and their
+        log-softmax."""
+        return []
