@@ -263,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
               f"reconstructions: {Path(cfg.run.output_dir).expanduser() / 'reconstructions.png'}")
     if env.rank == 0 and cfg.log.pictures and method_class(cfg.method).draws_run_pictures:
         from evaluation.pictures import write_run_pictures
+        from export.backbones import load_backbone
 
         try:  # the run itself is saved and complete: a picture that fails is a warning, not a failed run
-            paths = write_run_pictures(Path(cfg.run.output_dir).expanduser())
+            run_dir = Path(cfg.run.output_dir).expanduser()
+            paths = write_run_pictures(run_dir, load_backbone(run_dir))
             print("pictures: " + "  ".join(str(p) for p in paths))
         except Exception as e:  # noqa: BLE001
             logging.getLogger("mimscale").warning("could not draw the run's pictures: %s", e, exc_info=True)

@@ -16,6 +16,13 @@ takes a `numpy.random.Generator`, so a mask is a pure function of its seed (resu
   uniformly from `ratio`, the target ratio * h * w patches (at most its int()); otherwise it is left whole.
   With `patches` the target is that count instead (BEiT's MaskingGenerator: 75 of 196, blocks of at
   least 16 patches, microsoft/unilm beit/masking_generator.py; the same algorithm as iBOT's).
+
+Visible-patch masks, drawn in the step on the device (MaskAlign, iTPN: the student sees only the
+visible patches, as [B, keep] indices in increasing order):
+- `visible_count`: how many patches a ratio keeps (the reference's `len_keep`).
+- `step_generator`: their random numbers, a pure function of (seed, rank, micro-step).
+- `random_visible`: uniformly random (MAE, iTPN; MaskAlign's random masking).
+- `attentive_visible`: drawn by the teacher's [CLS] attention (MaskAlign's attentive masking).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 
 def random_mask(height: int, width: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -118,3 +127,37 @@ class MaskSampler:
         if self.kind == "random":
             return random_mask(h, w, int(high), rng)  # iBOT's 'rand' shape: int(high) patches
         raise ValueError(f"mask kind {self.kind!r} is not one of 'block', 'random'")
+
+
+# ----------------------------------------------------------------------------- visible patches
+
+
+def visible_count(num_patches: int, mask_ratio: float) -> int:
+    """int(N * (1 - r)) as the reference (`len_keep`), at least one."""
+    return max(1, int(num_patches * (1.0 - mask_ratio)))
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The masks' random numbers: a pure function of (seed, rank, micro-step), so a resume draws the
+    same masks and ranks draw different ones (hash of a tuple of ints: the same in every process)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return torch.Generator().manual_seed(hash((seed, rank, micro_step)) & (2**62 - 1))
+
+
+def random_visible(batch: int, num_patches: int, keep: int, generator: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """[B, keep] patch indices, uniformly random per image, in increasing order."""
+    noise = torch.rand(batch, num_patches, generator=generator, device=generator.device).to(device)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def attentive_visible(cls_attn: torch.Tensor, keep: int, generator: torch.Generator | None = None,
+                      sampling: str = "multinomial") -> torch.Tensor:
+    """[B, keep] indices, in increasing order, of patches drawn without replacement with probability
+    proportional to the teacher's [CLS] attention (`multinomial`), or of the `keep` most attended (`topk`).
+    The first `keep` of a full multinomial permutation (what the reference keeps) are a `keep`-draw."""
+    if sampling == "topk":
+        return cls_attn.topk(keep, dim=1).indices.sort(dim=1).values
+    weights = cls_attn.detach().float().to(generator.device if generator is not None else cls_attn.device)
+    picked = torch.multinomial(weights, keep, replacement=False, generator=generator)
+    return picked.to(cls_attn.device).sort(dim=1).values

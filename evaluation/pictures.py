@@ -171,16 +171,14 @@ def first_images(shards: str, size: int, n: int) -> torch.Tensor:
     return images
 
 
-def write_run_pictures(run_dir: Path, num_images: int = 6) -> list[Path]:
+def write_run_pictures(run_dir: Path, backbone, num_images: int = 6) -> list[Path]:
     """What a finished run leaves for a user without TensorBoard: curves.png (from metrics.jsonl) and
-    attention.png (the exported backbone's [CLS] attention on held-out images; clusters.png, k-means
-    of the patch features, for a backbone without [CLS])."""
+    attention.png (the run's backbone, an export.backbones.LoadedBackbone: its [CLS] attention on
+    held-out images; clusters.png, k-means of the patch features, for a backbone without [CLS])."""
     from data.transforms import normalize
-    from evaluation.backbones import load_backbone
 
     run_dir = Path(run_dir)
     out = [curves_figure(run_dir / "metrics.jsonl", run_dir / "curves.png")[0]]
-    backbone = load_backbone(run_dir)
     val = backbone.run_config["data"].get("val_shards")
     if val:
         x = normalize(first_images(val, backbone.image_size, num_images), backbone.mean, backbone.std)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from models.vit import VIT_ARCHS, RelativePositionBias
+from models.archs import VIT_ARCHS
+from models.vit import RelativePositionBias
 
 from .weights import Backbone, ExportError
 
@@ -57,7 +58,7 @@ def shapes(backbone: Backbone) -> dict:
     else:  # relative position bias only (BEiT): the crop size it was trained at
         grid = backbone.config["data"]["global_crops"]["size"] // patch
     depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
-    return {"arch": arch, "width": width, "depth": depth, "heads": VIT_ARCHS[arch][2], "patch": patch,
+    return {"arch": arch, "width": width, "depth": depth, "heads": VIT_ARCHS[arch].heads, "patch": patch,
             "mlp": s["blocks.0.mlp.fc1.weight"].shape[0], "image_size": grid * patch,
             "layer_scale": backbone.layer_scale, **vit_options(s)}
 

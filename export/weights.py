@@ -137,14 +137,6 @@ def _summarise_left_out(names: dict[str, int], frozen: list[tuple[str, str]]) ->
     return out
 
 
-def itpn_arch(config: dict) -> dict:
-    """What models.hivit.build_itpn needs, from a run's resolved config."""
-    m, c = config["model"], config["itpn"]
-    return {"arch": m["arch"], "image_size": config["data"]["global_crops"]["size"], "patch_size": m["patch_size"],
-            "layer_scale": c["layer_scale"] or None, "pos_embed": c["pos_embed"], "fpn_dim": c["fpn_dim"],
-            "fpn_depth": c["fpn_depth"]}
-
-
 def student_state(ckpt: Path, parts: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The student's backbone in its own layout (no prefix); with `parts` (iTPN: backbone and
     pyramid), those submodules' tensors with their part's name in front ("backbone.", "pyramid.")."""

@@ -23,9 +23,7 @@ what iTPN pretrains and exports together.
 
 from __future__ import annotations
 
-import json
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -33,6 +31,7 @@ from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from .archs import get_arch
 from .kernels.attention import AttentionFn, attention_reference
 from .vit import Attention, dino_resample_pos_embed, sincos_pos_embed
 
@@ -192,82 +191,10 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-# name -> (width, MLP blocks per early stage, attention blocks, heads, default patch size). base and
-# large are iTPN's (itpn_base / itpn_large in sunsmarterjie/iTPN); test and tiny are for the CPU.
-HIVIT_ARCHS: dict[str, tuple[int, int, int, int, int]] = {
-    "hivit_test": (32, 1, 2, 2, 8),
-    "hivit_tiny": (96, 1, 4, 3, 8),
-    "hivit_base": (512, 3, 24, 8, 16),
-    "hivit_large": (768, 2, 40, 12, 16),
-}
-
-
 def build_hivit(arch: str, *, img_size: int, patch_size: int | None = None, drop_path_rate: float = 0.0,
                 layer_scale: float | None = None, pos_embed: str = "sincos",
                 attn_fn: AttentionFn = attention_reference) -> HiViT:
-    if arch not in HIVIT_ARCHS:
-        raise ValueError(f"unknown HiViT arch {arch!r}; known: {', '.join(HIVIT_ARCHS)}")
-    width, mlp_depth, depth, heads, default_patch = HIVIT_ARCHS[arch]
-    return HiViT(img_size=img_size, patch_size=patch_size or default_patch, embed_dim=width, mlp_depth=mlp_depth,
-                 depth=depth, num_heads=heads, drop_path_rate=drop_path_rate, layer_scale=layer_scale,
+    a = get_arch(arch, "hivit")
+    return HiViT(img_size=img_size, patch_size=patch_size or a.patch, embed_dim=a.width, mlp_depth=a.mlp_depth,
+                 depth=a.depth, num_heads=a.heads, drop_path_rate=drop_path_rate, layer_scale=layer_scale,
                  pos_embed=pos_embed, attn_fn=attn_fn)
-
-
-class HiViTFPN(nn.Module):
-    """Backbone and feature pyramid as downstream users get them: `forward_pyramid(images)` gives
-    the three levels as detector feature maps [B, F, H/s, W/s] for s = 4, 8, 16."""
-
-    def __init__(self, backbone: HiViT, pyramid: nn.Module):
-        super().__init__()
-        self.backbone, self.pyramid = backbone, pyramid
-
-    def forward_features(self, x: torch.Tensor) -> dict:
-        """{"cls": the mean stride-16 token (no [CLS] exists), "patch": the stride-16 tokens,
-        "pyramid": the levels as token grids (models/pyramid.py)}."""
-        out = self.backbone(x, pool=False)  # a module call: ZeRO-3 gathers the position table in its hooks
-        return {"cls": out["patch"].mean(dim=1), "patch": out["patch"], "pyramid": self.pyramid(out["stages"])}
-
-    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from .pyramid import to_maps
-
-        grid = (x.shape[-2] // self.backbone.patch_size, x.shape[-1] // self.backbone.patch_size)
-        return to_maps(self.forward_features(x)["pyramid"], grid)[::-1]  # strides 4, 8, 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-
-def build_itpn(arch: dict) -> HiViTFPN:
-    """From the architecture record `itpn_arch` writes (and export files carry)."""
-    from .pyramid import FeaturePyramid
-
-    backbone = build_hivit(arch["arch"], img_size=arch["image_size"], patch_size=arch["patch_size"],
-                           layer_scale=arch.get("layer_scale"), pos_embed=arch.get("pos_embed", "sincos"))
-    return HiViTFPN(backbone, FeaturePyramid(backbone.dims, arch["fpn_dim"], arch["fpn_depth"]))
-
-
-def save_itpn(state: dict[str, torch.Tensor], arch: dict, path: str | Path, extra: dict | None = None) -> Path:
-    """One safetensors file: a `HiViTFPN` state (backbone.*, pyramid.*), the architecture record and
-    `extra` (JSON values) in its metadata."""
-    from safetensors.torch import save_file
-
-    meta = {"format": "mimscale-itpn", "itpn_arch": json.dumps(arch),
-            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
-    return path
-
-
-def load_itpn(path: str | Path) -> tuple[HiViTFPN, dict]:
-    """-> (the model, rebuilt from the file's metadata and loaded strictly, in eval mode; the metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "mimscale-itpn":
-        raise ValueError(f"{path} is not an iTPN export (no format=mimscale-itpn in its metadata)")
-    model = build_itpn(json.loads(meta["itpn_arch"]))
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval(), {k: json.loads(v) for k, v in meta.items() if k != "format"}

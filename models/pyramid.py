@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .hivit import LayerNorm, MlpBlock, init_weights
+from .hivit import HiViT, LayerNorm, MlpBlock, build_hivit, init_weights
 
 
 class PatchSplit(nn.Module):
@@ -72,3 +72,32 @@ def to_maps(levels: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Ten
         out.append(x.reshape(B, grid[0], grid[1], k, k, F).permute(0, 5, 1, 3, 2, 4).reshape(
             B, F, grid[0] * k, grid[1] * k).contiguous())
     return out
+
+
+class HiViTFPN(nn.Module):
+    """Backbone and feature pyramid as downstream users get them: `forward_pyramid(images)` gives
+    the three levels as detector feature maps [B, F, H/s, W/s] for s = 4, 8, 16."""
+
+    def __init__(self, backbone: HiViT, pyramid: nn.Module):
+        super().__init__()
+        self.backbone, self.pyramid = backbone, pyramid
+
+    def forward_features(self, x: torch.Tensor) -> dict:
+        """{"cls": the mean stride-16 token (no [CLS] exists), "patch": the stride-16 tokens,
+        "pyramid": the levels as token grids (models/pyramid.py)}."""
+        out = self.backbone(x, pool=False)  # a module call: ZeRO-3 gathers the position table in its hooks
+        return {"cls": out["patch"].mean(dim=1), "patch": out["patch"], "pyramid": self.pyramid(out["stages"])}
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        grid = (x.shape[-2] // self.backbone.patch_size, x.shape[-1] // self.backbone.patch_size)
+        return to_maps(self.forward_features(x)["pyramid"], grid)[::-1]  # strides 4, 8, 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+def build_itpn(arch: dict) -> HiViTFPN:
+    """From the architecture record `itpn_arch` writes (and export files carry)."""
+    backbone = build_hivit(arch["arch"], img_size=arch["image_size"], patch_size=arch["patch_size"],
+                           layer_scale=arch.get("layer_scale"), pos_embed=arch.get("pos_embed", "sincos"))
+    return HiViTFPN(backbone, FeaturePyramid(backbone.dims, arch["fpn_dim"], arch["fpn_depth"]))

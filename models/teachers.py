@@ -281,3 +281,30 @@ def load_teacher_weights(teacher: FrozenTeacher, path: str | Path) -> str:
     teacher.weights_sha256 = load_frozen(
         teacher, path, lambda p: convert_state_dict(read_state_dict(p), teacher, p), TeacherWeightsError)
     return teacher.weights_sha256
+
+
+def tiny_clip(seed: int = 0) -> nn.Module:
+    """A tiny, randomly initialised CLIP in open_clip's own classes (image and text towers, open_clip's
+    key names): the frozen teacher of the CPU configs and the tests, loaded the way a ViT-L/14 file is."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(**TINY_CLIP_VISION),
+                text_cfg=CLIPTextCfg(context_length=16, vocab_size=1000, width=32, heads=2, layers=1))
+
+
+def save_clip(model: nn.Module, path: str | Path) -> Path:
+    """open_clip's state dict to `path`: .pt/.bin/.pth with torch.save, safetensors otherwise;
+    written under a temporary name and renamed, so a half-written teacher never has the final name."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix in (".pt", ".bin", ".pth"):
+        torch.save(state, tmp)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp))
+    tmp.replace(path)
+    return path

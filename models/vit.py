@@ -29,6 +29,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from .archs import get_arch
 from .kernels.attention import AttentionFn, VarlenAttentionFn, attention_reference, attention_varlen_reference
 
 
@@ -370,28 +371,13 @@ def beit_normal_(t: torch.Tensor) -> torch.Tensor:
     return trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
 
 
-# name -> (width, depth, heads, mlp ratio, default patch size). Shapes of DESIGN.md; vit_test is for tests.
-VIT_ARCHS: dict[str, tuple[int, int, int, float, int]] = {
-    "vit_test": (32, 2, 2, 2.0, 4),
-    "vit_tiny": (96, 6, 3, 4.0, 8),
-    "vit_small": (384, 12, 6, 4.0, 16),
-    "vit_base": (768, 12, 12, 4.0, 16),
-    "vit_large": (1024, 24, 16, 4.0, 16),
-    "vit_huge": (1280, 32, 16, 4.0, 14),
-    "vit_giant": (1408, 40, 16, 6144 / 1408, 14),
-    "vit_gigantic": (1664, 48, 16, 8192 / 1664, 14),
-}
-
-
 def build_vit(arch: str, *, img_size: int, patch_size: int | None = None, drop_path_rate: float = 0.0,
               layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
               varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
               pos_interp: str = "dino", rel_pos_bias: str = "none", qkv_bias: str = "qkv",
               init: str = "timm") -> VisionTransformer:
-    if arch not in VIT_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(VIT_ARCHS)}")
-    width, depth, heads, mlp_ratio, default_patch = VIT_ARCHS[arch]
-    return VisionTransformer(img_size=img_size, patch_size=patch_size or default_patch, embed_dim=width,
-                             depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+    a = get_arch(arch, "vit")
+    return VisionTransformer(img_size=img_size, patch_size=patch_size or a.patch, embed_dim=a.width,
+                             depth=a.depth, num_heads=a.heads, mlp_ratio=a.mlp_ratio, drop_path_rate=drop_path_rate,
                              layer_scale=layer_scale, attn_fn=attn_fn, varlen_fn=varlen_fn, pos_embed=pos_embed,
                              pos_interp=pos_interp, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, init=init)

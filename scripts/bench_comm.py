@@ -328,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         clip = str(Path(tmp) / "clip.safetensors")
         if any("clip" in c for c in args.cases):
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_clip.py"), clip], check=True,
-                           capture_output=True)
+            from models.teachers import save_clip, tiny_clip
+
+            save_clip(tiny_clip(), clip)
         results = [run_case(c, g, r, args.steps, clip) for r in args.ranks for g in args.regimes for c in args.cases]
+    for r in results:
+        r["totals"] = dict(totals(r))
     lines, ratios = summarise(results)
     print("\n".join(lines))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

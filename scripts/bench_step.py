@@ -47,6 +47,40 @@ def device_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def per_step(run_args: list[str], steps: tuple[int, int] = (2, 4)) -> dict:
+    """Host syncs per optimizer step of `launch.main(run_args)`, outside logging, evaluation and
+    checkpoint steps: two runs of `steps` optimizer steps with one log line and one save at the end,
+    differenced, so set-up and the last step's logging cancel. -> {"ours", "deepspeed", "sites"}:
+    per-step counts in mimscale's code and in DeepSpeed's (its step: the read that decides whether to
+    skip it; its grad-norm sentinels are made on the host, trainer.engine.sentinel_on_host), and per
+    site. The optimizer is DeepSpeed's torch AdamW as on a GPU (fused: its step counters stay on the
+    device)."""
+    import launch
+    from trainer.syncs import ROOT, SyncCounter
+
+    counts = []
+    with tempfile.TemporaryDirectory(prefix="syncs_") as tmp:
+        ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+        ds["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "fused": True}}
+        (Path(tmp) / "ds.json").write_text(json.dumps(ds))
+        for n in steps:
+            counter = SyncCounter()
+            with counter:
+                settings = [f"run.output_dir={tmp}/run{n}", f"schedule.steps={n}", "eval.knn_at_end=false",
+                            "eval.knn_every_steps=0", "log.pictures=false", "log.tensorboard=false",
+                            f"log.every_steps={n}", f"checkpoint.every_steps={n + 1}"]
+                code = launch.main([*run_args, "--ds_config", str(Path(tmp) / "ds.json"), *settings])
+            if code != 0:
+                raise RuntimeError(f"the counted run failed (exit {code}): {run_args}")
+            counts.append(counter.by_site)
+    diff = counts[1].copy()
+    diff.subtract(counts[0])
+    span = steps[1] - steps[0]
+    sites = {f"{what} at {site}": n / span for (what, site), n in diff.most_common() if n}
+    deepspeed = sum(n for (what, site), n in diff.items() if "(deepspeed/" in site or site.startswith("deepspeed/"))
+    return {"ours": (sum(diff.values()) - deepspeed) / span, "deepspeed": deepspeed / span, "sites": sites}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -61,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_intermixed_args(argv)
     if args.syncs:  # host-device synchronisations per optimizer step, counted on any device
-        from trainer.syncs import per_step
-
         result = per_step(["--config", args.config, *args.overrides])
         print(f"{args.config}: host syncs per optimizer step (outside logging steps): {result['ours']:g} in "
               f"mimscale, {result['deepspeed']:g} in DeepSpeed's step")

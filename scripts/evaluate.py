@@ -33,10 +33,10 @@ from data.digits import resolve_builtin  # noqa: E402
 from data.pipeline import labelled_batches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
 from data.transforms import normalize  # noqa: E402
-from evaluation.backbones import LoadedBackbone, load_backbone  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
 from evaluation.knn import DINO_KS, knn_classify, percent  # noqa: E402
 from evaluation.linear import linear_probe  # noqa: E402
+from export.backbones import LoadedBackbone, load_backbone  # noqa: E402
 
 log = logging.getLogger("evaluate")
 

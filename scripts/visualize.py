@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         views, masks, mean, std, title = training_views(args.config, args.overrides, args.views)
         print(pictures.masks_figure(views, masks, mean, std, title, Path(args.out)))
         return 0
-    from evaluation.backbones import load_backbone
+    from export.backbones import load_backbone
 
     try:
         backbone = load_backbone(args.backbone, args.weights)

@@ -9,6 +9,33 @@ from PIL import Image
 
 from data.shards import write_shard
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_clip_file(path: Path, seed: int = 0) -> Path:
+    """The tiny CLIP teacher (models.teachers.tiny_clip) written to `path` (.pt/.bin: torch.save;
+    safetensors otherwise), the caller's random state left as it was."""
+    import torch
+
+    from models.teachers import save_clip, tiny_clip
+
+    with torch.random.fork_rng():
+        return save_clip(tiny_clip(seed), path)
+
+
+def tiny_tokenizer_file(path: Path, seed: int = 0, arch=None) -> Path:
+    """A tiny BEiT tokenizer (a dVAE encoder, 32 codes) written to `path`."""
+    import torch
+
+    from models.dvae import DVAEArch, Encoder, save_encoder
+
+    arch = arch or DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        save_encoder(Encoder(arch), path)
+    return path
+
+
 # Loader workers and the tests share 2 cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -76,7 +103,6 @@ def digits_dirs(tmp_path_factory):
     return digits_shards(tmp_path_factory.mktemp("cache"))
 
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(*args: str, timeout: int = 600):

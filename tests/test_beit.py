@@ -10,22 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_tokenizer_file
 from PIL import Image
 
 from data.masking import MaskSampler
 from data.transforms import MultiCrop
-from models.dvae import DVAEArch, Encoder, FrozenTokenizer, save_encoder
+from models.dvae import DVAEArch, FrozenTokenizer
 from models.vit import RelativePositionBias, build_vit, relative_position_index
 from trainer.methods.beit import BEiT, beit_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32)
-
-
-def tiny_tokenizer_file(path: Path, seed: int = 0, arch: DVAEArch = TINY_ARCH) -> Path:
-    torch.manual_seed(seed)
-    save_encoder(Encoder(arch), path)
-    return path
 
 
 def reference_index(h: int, w: int) -> torch.Tensor:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
-from test_beit import tiny_tokenizer_file
+from conftest import tiny_tokenizer_file, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_ibot_cmd, torchrun
+from conftest import tiny_clip_file, tiny_ibot_cmd, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -137,13 +137,6 @@ def test_resume_after_changing_loader_workers_keeps_the_model(tmp_path):
 # --------------------------------------------------------------------------- frozen (CLIP) teachers
 
 
-def _tiny_clip(path: Path, seed: int = 0) -> Path:
-    result = subprocess.run([sys.executable, "scripts/make_tiny_clip.py", str(path), "--seed", str(seed)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return path
-
-
 def _tensor_keys(obj, prefix="") -> list[str]:
     """Every key path leading to a tensor inside a saved object."""
     if isinstance(obj, torch.Tensor):
@@ -156,7 +149,7 @@ def _tensor_keys(obj, prefix="") -> list[str]:
 
 
 def test_clip_teacher_is_partitioned_frozen_and_not_checkpointed(tmp_path):
-    clip = _tiny_clip(tmp_path / "clip.safetensors")
+    clip = tiny_clip_file(tmp_path / "clip.safetensors")
     report, ckpt_dir = tmp_path / "frozen.json", tmp_path / "ckpt"
     torchrun(str(ROOT / "tests" / "dist" / "frozen_teacher_check.py"), str(report), str(clip), str(ckpt_dir))
     r = json.loads(report.read_text())
@@ -203,7 +196,7 @@ def _maskalign_cmd(out: Path, clip: Path, steps: int, extra=()) -> list[str]:
 
 
 def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
-    clip = _tiny_clip(tmp_path / "clip.pt")
+    clip = tiny_clip_file(tmp_path / "clip.pt")
     straight, split = tmp_path / "straight", tmp_path / "split"
     torchrun(*_maskalign_cmd(straight, clip, 4))
     torchrun(*_maskalign_cmd(split, clip, 4, ["--stop-at", "2"]))
@@ -220,7 +213,7 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
     assert _losses(replicated) == a
 
     # Resuming with a different teacher file stops before any step, naming the file.
-    other = _tiny_clip(tmp_path / "other.pt", seed=1)
+    other = tiny_clip_file(tmp_path / "other.pt", seed=1)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, *_maskalign_cmd(split, other, 6)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -240,13 +233,13 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
 
     # Converted (student: MaskAlign has no EMA teacher), checked against ours on two photos by the
     # script itself, and loadable for classification without a [MASK] embedding (MaskAlign never uses one).
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import convert_to_hf
     from safetensors import safe_open
     from transformers import AutoModelForImageClassification
 
     out = tmp_path / "hf"
-    assert convert_to_hf.main([str(split), str(out)]) == 0
+    from export.convert import main as convert
+
+    assert convert([str(split), str(out)]) == 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "mask_token" in k] and "embeddings.cls_token" in f.keys()
     assert json.loads((out / "config.json").read_text())["mimscale"]["weights"] == "student"

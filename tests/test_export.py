@@ -1,4 +1,4 @@
-"""scripts/convert_to_hf.py and scripts/evaluate.py on real checkpoints of 2-rank runs (ZeRO-3 and ZeRO-2)."""
+"""scripts/hf_convert.py and scripts/evaluate.py on real checkpoints of 2-rank runs (ZeRO-3 and ZeRO-2)."""
 
 import json
 import logging
@@ -10,11 +10,19 @@ import pytest
 import torch
 from conftest import ROOT, tiny_ibot_cmd, torchrun
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import convert_to_hf  # noqa: E402
-import evaluate  # noqa: E402
+from export import convert as hf_convert
 
 pytestmark = pytest.mark.slow
+
+
+def evaluate(*args: str) -> str:
+    """scripts/evaluate.py on one process -> what it printed."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "scripts/evaluate.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +39,7 @@ def _info_logs(caplog):
 
 
 def convert(capsys, *args: str) -> tuple[int, str, str]:
-    code = convert_to_hf.main([str(a) for a in args])
+    code = hf_convert.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -41,7 +49,7 @@ def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_r
                                                                  weights):
     from transformers import AutoModel, AutoModelForImageClassification
 
-    from evaluation.backbones import from_backbone, load_backbone
+    from export.backbones import from_backbone, load_backbone
     from export.weights import read_backbone
 
     out = tmp_path / "hf"
@@ -82,12 +90,12 @@ def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_r
         assert "mask_token" not in f.keys() and "pos_embed" in f.keys()
 
     # Features on real photos: ours, transformers, timm (the script's own check, repeated here).
-    x = convert_to_hf.sample_photos(32, out)
+    x = hf_convert.sample_photos(32, out)
     ref = ours.features(x)
     for path in (out, out / "timm_model.safetensors"):
         got = load_backbone(path).features(x)
         for part in ("cls", "patch"):
-            assert convert_to_hf.relative_error(ref[part], got[part]) <= 1e-4, (path, part)
+            assert hf_convert.relative_error(ref[part], got[part]) <= 1e-4, (path, part)
 
     card = (out / "README.md").read_text()
     assert f"**{weights}** backbone" in card and "6 steps x global batch 16 (2 ranks) = 96" in card
@@ -123,7 +131,7 @@ def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tm
     assert all(k.startswith("classifier.") for k in info["missing_keys"]) and not info["unexpected_keys"]
     check = next(line for line in caplog.messages if "check:" in line)
     errors = [float(v) for v in check.split("check: ")[1].split(" in ")[0].replace(",", "").split()[1::2]]
-    assert len(errors) == 4 and max(errors) <= convert_to_hf.TOLERANCE["bf16"], check
+    assert len(errors) == 4 and max(errors) <= hf_convert.TOLERANCE["bf16"], check
     assert "layer-scale" in (out / "README.md").read_text()
 
     # The student of a ZeRO-2 checkpoint (DeepSpeed's stage-2 layout, both ranks' partitions), fp32, checked.
@@ -154,13 +162,13 @@ def test_layer_scale_with_an_mlp_dinov2_cannot_hold_is_folded_into_a_vit(tmp_pat
                  world_size=1)
     assert save_hf(b, tmp_path / "hf", torch.float32).__name__ == "ViTModel"
     save_processor(b, tmp_path / "hf")
-    x = convert_to_hf.sample_photos(32, tmp_path / "hf")
+    x = hf_convert.sample_photos(32, tmp_path / "hf")
     hf = AutoModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False)
     with torch.no_grad():
         ours = vit.forward_features(x)
         theirs = hf(pixel_values=x).last_hidden_state
-    assert convert_to_hf.relative_error(ours["cls"], theirs[:, 0]) < 1e-5
-    assert convert_to_hf.relative_error(ours["patch"], theirs[:, 1:]) < 1e-5
+    assert hf_convert.relative_error(ours["cls"], theirs[:, 0]) < 1e-5
+    assert hf_convert.relative_error(ours["patch"], theirs[:, 1:]) < 1e-5
 
 
 def test_check_fails_on_a_wrong_mapping(ibot_two_rank_run, tmp_path, capsys, monkeypatch):
@@ -238,8 +246,7 @@ def test_evaluating_the_export_gives_the_run_directorys_numbers(ibot_two_rank_ru
     for source, sink in ((ibot_two_rank_run, ibot_two_rank_run / "metrics.jsonl"),
                          (out, out / "eval_results.jsonl"), (out / "timm_model.safetensors", out /
                                                              "eval_results.jsonl")):
-        assert evaluate.main(["knn", str(source), *data]) == 0
-        printed = capsys.readouterr().out
+        printed = evaluate("knn", str(source), *data)
         assert "kNN k=20 T=0.07" in printed and f"appended to {sink}" in printed
         record = json.loads(sink.read_text().splitlines()[-1])
         results.append({k: v for k, v in record.items() if k.startswith("knn_")})
@@ -251,7 +258,7 @@ def test_two_rank_evaluation_equals_one_rank(ibot_two_rank_run, tmp_path, digits
     data = ["--train", str(digits_dirs["train"]), "--val", str(digits_dirs["val"])]
     torchrun(str(ROOT / "scripts" / "evaluate.py"), "knn", str(ibot_two_rank_run), *data, "--pool", "cls+avg")
     two = json.loads((ibot_two_rank_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert evaluate.main(["knn", str(ibot_two_rank_run), *data, "--pool", "cls+avg"]) == 0
+    evaluate("knn", str(ibot_two_rank_run), *data, "--pool", "cls+avg")
     one = json.loads((ibot_two_rank_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert two["features"] == one["features"] == "[CLS] + mean patch token"
     knn = [{k: v for k, v in r.items() if k.startswith("knn")} for r in (two, one)]

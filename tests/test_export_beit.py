@@ -1,4 +1,4 @@
-"""scripts/convert_to_hf.py on BEiT runs: `BeitModel` and timm's Beit, from real 2-step checkpoints
+"""scripts/hf_convert.py on BEiT runs: `BeitModel` and timm's Beit, from real 2-step checkpoints
 of configs/beit_vit_tiny.yaml (vit_test, a tiny random dVAE tokenizer, one CPU process)."""
 
 import json
@@ -12,8 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import convert_to_hf  # noqa: E402
+from export import convert as hf_convert
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +62,7 @@ def _info_logs(caplog):
 
 
 def convert(capsys, *args) -> tuple[int, str, str]:
-    code = convert_to_hf.main([str(a) for a in args])
+    code = hf_convert.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -161,7 +160,7 @@ def test_shared_bias_run_becomes_beit_model_and_timm_beit(shared_run, tmp_path, 
     assert torch.equal(hf["embeddings.mask_token"].flatten(), ours["mask_token"].flatten())
 
     # last_hidden_state is after the final norm (use_mean_pooling=False), and the pooler just takes [CLS].
-    x = convert_to_hf.sample_photos(32, out)
+    x = hf_convert.sample_photos(32, out)
     with torch.no_grad():
         result = model(pixel_values=x)
     assert torch.equal(result.pooler_output, result.last_hidden_state[:, 0])
@@ -217,7 +216,7 @@ def test_check_sees_the_beit_tensors(shared_run, per_block_run, tmp_path, capsys
     # key bias too, which the export drops); then a table in the wrong order must fail the check.
     import export.hf
 
-    real_read, real_map = convert_to_hf.read_backbone, export.hf.to_hf_state
+    real_read, real_map = hf_convert.read_backbone, export.hf.to_hf_state
 
     def randomised(*args, **kwargs):
         b = real_read(*args, **kwargs)
@@ -227,7 +226,7 @@ def test_check_sees_the_beit_tensors(shared_run, per_block_run, tmp_path, capsys
                 b.state[k] = torch.randn(v.shape, generator=g)
         return b
 
-    monkeypatch.setattr(convert_to_hf, "read_backbone", randomised)
+    monkeypatch.setattr(hf_convert, "read_backbone", randomised)
     for run in (shared_run, per_block_run):
         code, _, err = convert(capsys, run, tmp_path / run.parent.name)
         assert code == 0, err

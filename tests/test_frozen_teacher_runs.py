@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_clip_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,9 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_config_learns_features(tmp_path, config):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     teacher = tmp_path / "clip_vit_tiny.safetensors"
-    made = subprocess.run([sys.executable, "scripts/make_tiny_clip.py", str(teacher)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr[-2000:]
+    tiny_clip_file(teacher)
     result = subprocess.run([sys.executable, "launch.py", "--config", f"configs/{config}",
                              f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
                              f"teacher.clip.weights={teacher}",

@@ -22,15 +22,11 @@ STEPS = 4
 
 def frozen_files(tmp: Path) -> dict[str, str]:
     """The tiny CLIP and the tiny tokenizer, each from seed 0 (what the recorded run used)."""
-    import subprocess
-
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_beit import tiny_tokenizer_file
+    from conftest import tiny_clip_file, tiny_tokenizer_file
 
-    clip = tmp / "clip.safetensors"
-    subprocess.run([sys.executable, "scripts/make_tiny_clip.py", str(clip), "--seed", "0"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return {"clip": str(clip), "tokenizer": str(tiny_tokenizer_file(tmp / "tokenizer.safetensors"))}
+    return {"clip": str(tiny_clip_file(tmp / "clip.safetensors")),
+            "tokenizer": str(tiny_tokenizer_file(tmp / "tokenizer.safetensors"))}
 
 
 def losses(config: str, tmp: Path, files: dict[str, str]) -> list[dict[str, float]]:

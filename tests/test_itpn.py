@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hivit import HiViTFPN, MlpBlock, PatchMerge, build_hivit, build_itpn, load_itpn, save_itpn
-from models.pyramid import FeaturePyramid, to_maps
+from export.itpn import load_itpn, save_itpn
+from models.hivit import MlpBlock, PatchMerge, build_hivit
+from models.pyramid import FeaturePyramid, HiViTFPN, build_itpn, to_maps
 from trainer.config import ConfigError, load_config
 from trainer.methods.itpn import feature_target, pixel_loss, pixel_targets
 
@@ -145,10 +146,11 @@ def test_mfm_targets_come_from_the_teachers_matching_stage():
 
 
 def test_clip_teacher_levels_and_pixel_only(tmp_path):
-    from scripts.make_tiny_clip import save, tiny_clip
+    from conftest import tiny_clip_file
+
     from trainer.methods.itpn import ITPN as Method
 
-    clip = save(tiny_clip(), tmp_path / "clip.safetensors")
+    clip = tiny_clip_file(tmp_path / "clip.safetensors")
     cfg = load_config(TINY, [*SMALL, "itpn.teacher=clip", "teacher.clip.arch=clip_vit_tiny",
                              f"teacher.clip.weights={clip}", "teacher.clip.blocks=[0,-1,-1]",
                              "itpn.mfm_weights=[1.0,0.0,2.0]"])
@@ -231,7 +233,8 @@ def test_attention_blocks_take_the_triton_kernel():
     """The main stage uses the ViT's swappable attention core: the Triton kernel (interpreter here)
     gives the reference's outputs and gradients on a HiViT with 64-wide heads."""
     from models.hivit import HiViT
-    from models.kernels.attention import attention_reference, get_attention
+    from models.kernels import get_attention
+    from models.kernels.attention import attention_reference
 
     def build(fn):
         torch.manual_seed(0)

@@ -10,16 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import torchrun
+from conftest import tiny_clip_file, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def test_both_teachers_train_resume_identically_and_the_ema_is_shard_local(tmp_path):
-    from scripts.make_tiny_clip import save, tiny_clip
-
-    clip = save(tiny_clip(), tmp_path / "clip.safetensors")
+    clip = tiny_clip_file(tmp_path / "clip.safetensors")
     report = tmp_path / "report.json"
     torchrun(str(ROOT / "tests" / "dist" / "itpn_check.py"), str(report), str(clip), str(tmp_path / "work"))
     r = json.loads(report.read_text())
@@ -69,7 +67,7 @@ def test_tiny_run_learns_features_and_draws_reconstructions(tmp_path):
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert re.search(r"check: patch 0\.0e\+00, pyramid16 0\.0e\+00, pyramid8 0\.0e\+00, pyramid4 0\.0e\+00",
                      converted.stderr), converted.stderr[-2000:]
-    from models.hivit import load_itpn
+    from export.itpn import load_itpn
 
     model, meta = load_itpn(out / "itpn.safetensors")
     assert meta["step"] == 400 and meta["itpn_arch"]["arch"] == "hivit_tiny"

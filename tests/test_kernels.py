@@ -5,12 +5,19 @@ import torch
 
 import models.kernels as kernels_module
 import models.kernels.attention_triton as attention_triton_module
-from models.kernels import CheckShapes, KernelFault, resolve, self_check, triton_available
-from models.kernels.attention import attention_reference, attention_triton, get_attention
+from models.kernels import (
+    CheckShapes,
+    KernelFault,
+    get_attention,
+    get_softmax_ce,
+    resolve,
+    self_check,
+    triton_available,
+)
+from models.kernels.attention import attention_reference, attention_triton
 from models.kernels.softmax_ce import (
     fused_linear_softmax_ce,
     fused_linear_softmax_ce_reference,
-    get_softmax_ce,
     softmax_ce_reference,
     softmax_ce_triton,
 )
@@ -316,7 +323,7 @@ def test_bench_kernels_runs_its_real_code_at_tiny_size(tmp_path):
 def test_packed_multicrop_forward_equals_separate_forwards(impl):
     """Global crops (masked) and local crops in one packed pass: the same outputs and gradients
     as one forward per resolution."""
-    from models.kernels.attention import get_attention, get_attention_varlen
+    from models.kernels import get_attention, get_attention_varlen
     from models.vit import build_vit
 
     torch.manual_seed(0)

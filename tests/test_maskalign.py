@@ -1,23 +1,18 @@
 """MaskAlign and iBOT+CLIP modules on one process: visible-only encoding, masks, Dynamic Alignment."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_clip_file
 
+from data.masking import attentive_visible, random_visible, visible_count
 from models.align import DynamicAlign, layerwise_matrix
 from models.teachers import load_teacher_weights
 from trainer.config import load_config
 from trainer.engine import build_method, param_groups
 from trainer.methods.ibot_clip import distill_loss
-from trainer.methods.maskalign import (
-    align_loss,
-    align_targets,
-    attentive_visible,
-    random_visible,
-    visible_count,
-)
+from trainer.methods.maskalign import align_loss, align_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=vit_test", "model.patch_size=4", "data.batch_size=3", "data.mask.min_block_patches=4"]
@@ -25,10 +20,7 @@ TINY = ["model.arch=vit_test", "model.patch_size=4", "data.batch_size=3", "data.
 
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny_clip", ROOT / "scripts" / "make_tiny_clip.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.save(mod.tiny_clip(seed=1), tmp_path_factory.mktemp("clip") / "clip.safetensors")
+    return tiny_clip_file(tmp_path_factory.mktemp("clip") / "clip.safetensors", seed=1)
 
 
 def build(config: str, clip_file, *overrides):

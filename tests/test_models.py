@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.archs import VIT_ARCHS
 from models.heads import IBOTHead
-from models.vit import VIT_ARCHS, build_vit
+from models.vit import build_vit
 from trainer.config import ConfigError, load_config
 from trainer.engine import build_method, layer_id, param_groups
 from trainer.schedules import Schedules, cosine, warmup_cosine
@@ -46,7 +47,8 @@ def test_registered_sizes_match_the_design_table():
     expected = {"vit_large": (1024, 24, 16, 16, 304e6), "vit_huge": (1280, 32, 16, 14, 632e6),
                 "vit_giant": (1408, 40, 16, 14, 1.0e9)}
     for arch, (width, depth, heads, patch, params) in expected.items():
-        w, d, h, _, p = VIT_ARCHS[arch]
+        a = VIT_ARCHS[arch]
+        w, d, h, p = a.width, a.depth, a.heads, a.patch
         assert (w, d, h, p) == (width, depth, heads, patch)
         with torch.device("meta"):
             n = sum(p.numel() for p in build_vit(arch, img_size=224).parameters())

@@ -10,7 +10,8 @@ import pytest
 import timm
 import torch
 
-from models.vit import VIT_ARCHS, build_vit
+from models.archs import VIT_ARCHS
+from models.vit import build_vit
 from trainer.config import PROJECT_ROOT, files_unchecked, load_config
 from trainer.ds_config import build_ds_config
 from trainer.plan import workload
@@ -63,7 +64,7 @@ TIMM_NAMES = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch1
 @pytest.mark.parametrize("arch", [a for a in VIT_ARCHS if a in TIMM_NAMES])
 def test_every_registered_vit_has_timms_parameter_count(arch):
     """Our backbones on the meta device against timm's registry (the published shapes), plus our [MASK]."""
-    width, depth, *_ = VIT_ARCHS[arch]
+    width, depth = VIT_ARCHS[arch].width, VIT_ARCHS[arch].depth
     with torch.device("meta"):
         ours = build_vit(arch, img_size=224)
         theirs = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0)
@@ -243,19 +244,24 @@ def test_largest_micro_batch_is_the_boundary():
     assert not plan(cfg, ds, 8, 24 * GiB, micro_batch=b + 1, method=method, search=False).fits
 
 
-def test_cli_says_whether_it_fits(capsys, tmp_path):
+def test_cli_says_whether_it_fits(tmp_path):
     import json
+    import subprocess
+    import sys
 
-    from scripts.plan_memory import main
+    def plan_memory(*args: str) -> tuple[int, str]:
+        p = subprocess.run([sys.executable, "scripts/plan_memory.py", *args], cwd=CONFIGS.parent, capture_output=True,
+                           text=True, timeout=600)
+        return p.returncode, p.stdout + p.stderr
 
-    assert main(["--config", str(CONFIGS / "ibot_vit_tiny.yaml"), "--gpus", "2", "--gpu-mem", "16",
-                 "--json", str(tmp_path / "p.json"), "--flops"]) == 0
-    out = capsys.readouterr().out
+    code, out = plan_memory("--config", str(CONFIGS / "ibot_vit_tiny.yaml"), "--gpus", "2", "--gpu-mem", "16",
+                            "--json", str(tmp_path / "p.json"), "--flops")
+    assert code == 0, out
     assert "fits:" in out and "largest micro-batch" in out and "model FLOPs per optimizer step" in out
     assert json.loads((tmp_path / "p.json").read_text())["fits"] is True
-    assert main(["--config", str(CONFIGS / "ibot_G14_in22k.yaml"), "--gpus", "1", "--gpu-mem", "16"]) == 1
-    assert "does NOT fit" in capsys.readouterr().out
-    assert main(["--config", str(CONFIGS / "ibot_G14_in22k.yaml"), "--gpus", "0"]) == 2
+    code, out = plan_memory("--config", str(CONFIGS / "ibot_G14_in22k.yaml"), "--gpus", "1", "--gpu-mem", "16")
+    assert code == 1 and "does NOT fit" in out, out
+    assert plan_memory("--config", str(CONFIGS / "ibot_G14_in22k.yaml"), "--gpus", "0")[0] == 2
 
 
 def test_launch_warns_before_the_engine_when_the_plan_does_not_fit(caplog):

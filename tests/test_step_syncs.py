@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_clip_file, tiny_tokenizer_file
 
 pytestmark = pytest.mark.slow
 
@@ -17,11 +17,7 @@ pytestmark = pytest.mark.slow
 def frozen_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frozen")
     clip = tmp / "clip.safetensors"
-    made = subprocess.run([sys.executable, "scripts/make_tiny_clip.py", str(clip)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert made.returncode == 0, made.stderr[-2000:]
-    from test_beit import tiny_tokenizer_file
-
+    tiny_clip_file(clip)
     return {"clip": str(clip), "tokenizer": str(tiny_tokenizer_file(tmp / "tokenizer.safetensors"))}
 
 

@@ -40,12 +40,15 @@ def test_timer_splits_a_step_into_phases():
 
 
 def test_bench_step_writes_the_breakdown(tmp_path):
-    from scripts.bench_step import main
+    import subprocess
+    import sys
 
     out = tmp_path / "step.json"
     config = str(PROJECT_ROOT / "configs" / "defaults.yaml")
-    assert main(["--config", config, "--steps", "4", "--warmup", "1", "--out", str(out),
-                 "data.batch_size=32"]) == 0
+    p = subprocess.run([sys.executable, "scripts/bench_step.py", "--config", config, "--steps", "4", "--warmup", "1",
+                        "--out", str(out), "data.batch_size=32"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {"device", "versions", "command", "summary", "records"} <= set(result)
     assert len(result["records"]) == 3 and result["versions"]["torch"] == torch.__version__

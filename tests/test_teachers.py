@@ -1,31 +1,27 @@
 """Frozen teachers: open_clip files through the real loading path, DINO state dicts, clear errors."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-from models.teachers import FrozenTeacher, TeacherWeightsError, load_teacher_weights
+from models.teachers import FrozenTeacher, TeacherWeightsError, load_teacher_weights, save_clip, tiny_clip
 from trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_tiny_clip", ROOT / "scripts" / "make_tiny_clip.py")
-make_tiny_clip = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_tiny_clip)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(scope="module")
 def clip_model():
-    return make_tiny_clip.tiny_clip(seed=3).eval()
+    return tiny_clip(seed=3).eval()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_open_clip_file_loads_and_matches_open_clip(tmp_path, clip_model, suffix):
-    path = make_tiny_clip.save(clip_model, tmp_path / f"clip{suffix}")
+    path = save_clip(clip_model, tmp_path / f"clip{suffix}")
     teacher = FrozenTeacher("clip_vit_tiny")
     sha = load_teacher_weights(teacher, path)
     assert len(sha) == 64 and teacher.weights_sha256 == sha
@@ -41,7 +37,7 @@ def test_open_clip_file_loads_and_matches_open_clip(tmp_path, clip_model, suffix
 
 def test_per_block_features_and_cls_attention_match_open_clip(tmp_path, clip_model):
     teacher = FrozenTeacher("clip_vit_tiny")
-    load_teacher_weights(teacher, make_tiny_clip.save(clip_model, tmp_path / "clip.safetensors"))
+    load_teacher_weights(teacher, save_clip(clip_model, tmp_path / "clip.safetensors"))
     visual = clip_model.visual
     captured = {}
     blocks = visual.transformer.resblocks
@@ -67,7 +63,7 @@ def test_per_block_features_and_cls_attention_match_open_clip(tmp_path, clip_mod
 
 def test_teacher_resizes_to_the_student_grid(tmp_path, clip_model):
     teacher = FrozenTeacher("clip_vit_tiny")
-    load_teacher_weights(teacher, make_tiny_clip.save(clip_model, tmp_path / "clip.pt"))
+    load_teacher_weights(teacher, save_clip(clip_model, tmp_path / "clip.pt"))
     out = teacher(torch.randn(2, 3, 48, 48), (3, 3), MEAN, STD, blocks=[-1], attention=True)
     assert out["blocks"][0].shape == (2, 9, 64) and out["cls_attn"].shape == (2, 9)
 
@@ -77,7 +73,7 @@ def test_wrong_architecture_names_path_arch_and_keys(tmp_path):
 
     wider = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=3, width=32, head_width=16, patch_size=8, image_size=32),
                  text_cfg=CLIPTextCfg(context_length=8, vocab_size=100, width=16, heads=2, layers=1))
-    path = make_tiny_clip.save(wider, tmp_path / "other.pt")
+    path = save_clip(wider, tmp_path / "other.pt")
     with pytest.raises(TeacherWeightsError) as e:
         load_teacher_weights(FrozenTeacher("clip_vit_tiny"), path)
     msg = str(e.value)
@@ -128,7 +124,7 @@ def test_config_refuses_a_missing_teacher_file_before_training(tmp_path):
         load_config(ROOT / "configs" / "maskalign_vit_tiny.yaml", ["teacher.clip.weights=null"])
     with pytest.raises(ConfigError, match="file not found; make one with: python scripts/make_tiny_clip.py"):
         load_config(ROOT / "configs" / "maskalign_vit_tiny.yaml", [f"teacher.clip.weights={tmp_path}/x.pt"])
-    path = make_tiny_clip.save(make_tiny_clip.tiny_clip(), tmp_path / "c.pt")
+    path = save_clip(tiny_clip(), tmp_path / "c.pt")
     with pytest.raises(ConfigError, match="teacher.clip.blocks: block 4 does not exist"):
         load_config(ROOT / "configs" / "maskalign_vit_tiny.yaml", [f"teacher.clip.weights={path}",
                                                                     "teacher.clip.blocks=[0,4]"])

@@ -188,3 +188,42 @@ def resolve(impl: str, shapes: CheckShapes | int, device: str = "cuda") -> tuple
     log.info("run.kernels auto: the Triton kernels (self-check passed on %s in %.1f s: %s)", device,
              time.perf_counter() - start, shapes.describe())
     return "triton", ""
+
+
+# ----------------------------------------------------------------------------- choosing an implementation
+
+
+def _entry(table: dict, impl: str, what: str):
+    name = resolve(impl, 64)[0]
+    if name not in table:
+        raise ValueError(f"{what} implementation {impl!r} is not one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
+def get_attention(impl: str = "auto"):
+    """The attention function for `impl`: 'torch', 'triton', or 'auto' (`resolve`)."""
+    from .attention import IMPLEMENTATIONS
+
+    return _entry(IMPLEMENTATIONS, impl, "attention")
+
+
+def get_attention_varlen(impl: str = "auto"):
+    """The packed (cu_seqlens) attention for `impl`, chosen like `get_attention`."""
+    from .attention import VARLEN_IMPLEMENTATIONS
+
+    return _entry(VARLEN_IMPLEMENTATIONS, impl, "attention")
+
+
+def get_softmax_ce(impl: str = "auto", fused_linear: bool = False):
+    """The loss for `impl`: 'torch', 'triton' or 'auto' (`resolve`). With `fused_linear`, the variant
+    that takes (hidden, prototype weight) instead of logits."""
+    from .softmax_ce import FUSED_LINEAR_IMPLEMENTATIONS, IMPLEMENTATIONS
+
+    return _entry(FUSED_LINEAR_IMPLEMENTATIONS if fused_linear else IMPLEMENTATIONS, impl, "softmax-CE")
+
+
+def get_hard_ce(impl: str = "auto"):
+    """The hard-label cross-entropy (BEiT) for `impl`, chosen like `get_softmax_ce`."""
+    from .softmax_ce import HARD_CE_IMPLEMENTATIONS
+
+    return _entry(HARD_CE_IMPLEMENTATIONS, impl, "hard-label CE")

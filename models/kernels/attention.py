@@ -66,22 +66,3 @@ def attention_varlen_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 IMPLEMENTATIONS: dict[str, AttentionFn] = {"torch": attention_reference, "triton": attention_triton}
 VARLEN_IMPLEMENTATIONS: dict[str, VarlenAttentionFn] = {"torch": attention_varlen_reference,
                                                         "triton": attention_varlen_triton}
-
-
-def _table_entry(table: dict, impl: str):
-    from . import resolve
-
-    name = resolve(impl, 64)[0]
-    if name not in table:
-        raise ValueError(f"attention implementation {impl!r} is not one of {sorted(table)} or 'auto'")
-    return table[name]
-
-
-def get_attention(impl: str = "auto") -> AttentionFn:
-    """The attention function for `impl`: 'torch', 'triton', or 'auto' (models.kernels.resolve)."""
-    return _table_entry(IMPLEMENTATIONS, impl)
-
-
-def get_attention_varlen(impl: str = "auto") -> VarlenAttentionFn:
-    """The packed (cu_seqlens) attention for `impl`, chosen like `get_attention`."""
-    return _table_entry(VARLEN_IMPLEMENTATIONS, impl)

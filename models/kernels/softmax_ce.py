@@ -351,29 +351,10 @@ def fused_linear_softmax_ce_reference(hidden: torch.Tensor, weight: torch.Tensor
 
 IMPLEMENTATIONS: dict[str, SoftmaxCEFn] = {"torch": softmax_ce_reference}
 FUSED_LINEAR_IMPLEMENTATIONS: dict[str, SoftmaxCEFn] = {"torch": fused_linear_softmax_ce_reference}
+HARD_CE_IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch": hard_ce_reference}
 if triton is not None:
     IMPLEMENTATIONS["triton"] = softmax_ce_triton
     FUSED_LINEAR_IMPLEMENTATIONS["triton"] = fused_linear_softmax_ce
+    HARD_CE_IMPLEMENTATIONS["triton"] = hard_ce_triton
 
 
-def get_softmax_ce(impl: str = "auto", fused_linear: bool = False) -> SoftmaxCEFn:
-    """The loss for `impl`: 'torch', 'triton' or 'auto' (models.kernels.resolve). With
-    `fused_linear`, the variant that takes (hidden, prototype weight) instead of logits."""
-    from . import resolve
-
-    impl = resolve(impl, 64)[0]
-    table = FUSED_LINEAR_IMPLEMENTATIONS if fused_linear else IMPLEMENTATIONS
-    if impl not in table:
-        raise ValueError(f"softmax-CE implementation {impl!r} is not one of {sorted(table)} or 'auto'")
-    return table[impl]
-
-
-def get_hard_ce(impl: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The hard-label cross-entropy (BEiT) for `impl`, chosen like `get_softmax_ce`."""
-    from . import resolve
-
-    impl = resolve(impl, 64)[0]
-    table = {"torch": hard_ce_reference, **({"triton": hard_ce_triton} if triton is not None else {})}
-    if impl not in table:
-        raise ValueError(f"hard-label CE implementation {impl!r} is not one of {sorted(table)} or 'auto'")
-    return table[impl]

@@ -16,9 +16,9 @@ def check_blocks(blocks: list[int], depth: int, key: str, repeats: bool = False)
 
 
 def student_depth(arch: str) -> int:
-    from models.vit import VIT_ARCHS
+    from models.archs import get_arch
 
-    return VIT_ARCHS[arch][1]
+    return get_arch(arch).depth
 
 
 def check_single_view(cfg) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 from collections.abc import Iterator
@@ -26,23 +27,24 @@ class Invalid(Exception):
         self.key, self.problem = key, problem
 
 
-# Whether validation reads the files a config names (teacher and tokenizer weights). Off only while
-# sizing a run somewhere those files are not (scripts/plan_memory.py on a laptop): see `files_unchecked`.
-CHECK_FILES = [True]
+# Whether validation reads the files a config names (teacher and tokenizer weights): off only while
+# sizing a run somewhere those files are not (scripts/plan_memory.py on a laptop), see
+# `files_unchecked`. A context variable, not a module switch: set for one `with` block, in this thread.
+_CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
 
 
 @contextlib.contextmanager
 def files_unchecked() -> Iterator[None]:
     """Validate configs without reading the weights files they name (planning, not training)."""
-    CHECK_FILES.append(False)
+    token = _CHECK_FILES.set(False)
     try:
         yield
     finally:
-        CHECK_FILES.pop()
+        _CHECK_FILES.reset(token)
 
 
 def checking_files() -> bool:
-    return CHECK_FILES[-1]
+    return _CHECK_FILES.get()
 
 
 def require(ok: bool, key: str, problem: str) -> None:

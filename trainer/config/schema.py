@@ -39,7 +39,7 @@ class Config:
     eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
 
     def validate(self) -> None:
-        from models.hivit import HIVIT_ARCHS
+        from models.archs import HIVIT_ARCHS
         from trainer.methods import METHODS, method_class
 
         p = self.model.patch_size

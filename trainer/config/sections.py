@@ -50,10 +50,9 @@ class ModelConfig:
                 "interpolate_antialias false); 'timm' = timm's resample_abs_pos_embed (bicubic, antialias, to size).")
 
     def validate(self) -> None:
-        from models.hivit import HIVIT_ARCHS
-        from models.vit import VIT_ARCHS
+        from models.archs import ARCHS
 
-        known = [*VIT_ARCHS, *HIVIT_ARCHS]
+        known = list(ARCHS)
         require(self.arch in known, "arch", f"{self.arch!r} is not one of {', '.join(known)}")
         _at_least(self, 0, "patch_size", strict=True)
         require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")

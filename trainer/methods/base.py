@@ -93,3 +93,24 @@ class Method(nn.Module):
         soft ones (softmax-CE against a teacher) may be fused; hard ones are fp32 logits and their
         log-softmax."""
         return []
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        if not issubclass(cls, Method):
+            raise TypeError(f"method {name}: {cls.__name__} must subclass trainer.methods.base.Method")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None

@@ -22,13 +22,14 @@ import torch
 import torch.nn as nn
 
 from models.dvae import DVAEArch, FrozenTokenizer, TokenizerWeightsError, downsampling, read_encoder_arch
-from models.kernels.softmax_ce import get_hard_ce, hard_ce_reference
+from models.kernels import get_hard_ce
+from models.kernels.softmax_ce import hard_ce_reference
 from models.vit import VisionTransformer, beit_normal_
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, checking_files, require
 
-from . import build_student, kernels, register
-from .base import Method, meta_images
+from .base import Method, meta_images, register
+from .build import build_student, kernels
 
 
 def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference,

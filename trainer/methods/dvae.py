@@ -40,8 +40,7 @@ from models.teachers import channel_column
 from trainer.config.checks import check_single_view
 from trainer.config.fields import require
 
-from . import register
-from .base import Method
+from .base import Method, register
 
 log = logging.getLogger(__name__)
 

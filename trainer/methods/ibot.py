@@ -28,17 +28,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.heads import IBOTHead
-from models.kernels.softmax_ce import (
-    SoftmaxCEFn,
-    fused_linear_softmax_ce_reference,
-    get_softmax_ce,
-    softmax_ce_reference,
-)
+from models.kernels import get_softmax_ce
+from models.kernels.softmax_ce import SoftmaxCEFn, fused_linear_softmax_ce_reference, softmax_ce_reference
 from models.vit import VisionTransformer
 from trainer.config.fields import require
 
-from . import build_student, kernels, register
-from .base import Method, meta_images
+from .base import Method, meta_images, register
+from .build import build_student, kernels
 
 
 def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_masks: torch.Tensor,

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from models.align import adapter
 from trainer.config.checks import check_frozen_teacher
 
-from . import build_frozen_teacher, register
+from .base import register
+from .build import build_frozen_teacher
 from .ibot import IBOT
 
 

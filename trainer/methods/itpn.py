@@ -31,16 +31,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.masking import random_visible, step_generator, visible_count
 from models.decoders import MaskedDecoder
 from models.hivit import HiViT, build_hivit
-from models.kernels.attention import get_attention
+from models.kernels import get_attention
 from models.pyramid import FeaturePyramid
 from trainer.config.checks import check_frozen_teacher, check_single_view
 from trainer.config.fields import require
 
-from . import build_frozen_teacher, kernels, register
-from .base import Method, meta_images
-from .maskalign import random_visible, step_generator, visible_count
+from .base import Method, meta_images, register
+from .build import build_frozen_teacher, kernels
 
 log = logging.getLogger(__name__)
 

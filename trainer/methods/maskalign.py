@@ -17,49 +17,18 @@ Every global crop of a batch is an independent sample (MaskAlign uses one crop p
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.masking import attentive_visible, random_visible, step_generator, visible_count
 from models.align import DynamicAlign, layerwise_matrix
 from models.teachers import FrozenTeacher
 from models.vit import VisionTransformer
 from trainer.config.checks import check_blocks, check_frozen_teacher, student_depth
 from trainer.config.fields import require
 
-from . import build_frozen_teacher, build_student, register
-from .base import Method, meta_images
-
-
-def visible_count(num_patches: int, mask_ratio: float) -> int:
-    """int(N * (1 - r)) as the reference (`len_keep`), at least one."""
-    return max(1, int(num_patches * (1.0 - mask_ratio)))
-
-
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The masks' random numbers: a pure function of (seed, rank, micro-step), so a resume draws the
-    same masks and ranks draw different ones (hash of a tuple of ints: the same in every process)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return torch.Generator().manual_seed(hash((seed, rank, micro_step)) & (2**62 - 1))
-
-
-def random_visible(batch: int, num_patches: int, keep: int, generator: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
-    """[B, keep] patch indices, uniformly random per image, in increasing order."""
-    noise = torch.rand(batch, num_patches, generator=generator, device=generator.device).to(device)
-    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
-
-
-def attentive_visible(cls_attn: torch.Tensor, keep: int, generator: torch.Generator | None = None,
-                      sampling: str = "multinomial") -> torch.Tensor:
-    """[B, keep] indices, in increasing order, of patches drawn without replacement with probability
-    proportional to the teacher's [CLS] attention (`multinomial`), or of the `keep` most attended (`topk`).
-    The first `keep` of a full multinomial permutation (what the reference keeps) are a `keep`-draw."""
-    if sampling == "topk":
-        return cls_attn.topk(keep, dim=1).indices.sort(dim=1).values
-    weights = cls_attn.detach().float().to(generator.device if generator is not None else cls_attn.device)
-    picked = torch.multinomial(weights, keep, replacement=False, generator=generator)
-    return picked.to(cls_attn.device).sort(dim=1).values
+from .base import Method, meta_images, register
+from .build import build_frozen_teacher, build_student
 
 
 def align_targets(cls_tokens: list[torch.Tensor], patches: list[torch.Tensor], visible: torch.Tensor,

@@ -54,7 +54,7 @@ class LoadedBackbone:
 
 def from_backbone(backbone) -> LoadedBackbone:
     """An `export.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
-    for iTPN our HiViT with its pyramid (models.hivit.HiViTFPN)."""
+    for iTPN our HiViT with its pyramid (models.pyramid.HiViTFPN)."""
     from export.hf import shapes
     from models.vit import build_vit
 
@@ -75,8 +75,8 @@ def from_backbone(backbone) -> LoadedBackbone:
 
 
 def _itpn(backbone) -> LoadedBackbone:
-    from export.weights import itpn_arch
-    from models.hivit import build_itpn
+    from export.itpn import itpn_arch
+    from models.pyramid import build_itpn
 
     arch = itpn_arch(backbone.config)
     with torch.device("meta"):
@@ -113,7 +113,7 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") == "mimscale-itpn":  # backbone + pyramid, rebuilt by models.hivit
-            from models.hivit import load_itpn
+            from export.itpn import load_itpn
 
             model, info = load_itpn(path)
             aug = info.get("mean"), info.get("std")

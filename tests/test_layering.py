@@ -1,0 +1,95 @@
+"""The package's layers read one way (issue 29), checked from every module's imports (ast, the
+function-level ones too): models/ and data/ at the bottom, then trainer/ and evaluation/, then export/,
+then scripts/ and launch.py at the top; no import circles between modules; tests import the
+package, never a script."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "data", "trainer", "evaluation", "export")
+# what each layer may not import (anything above it)
+FORBIDDEN = {
+    "models": ("data", "trainer", "evaluation", "export", "scripts", "launch"),
+    "data": ("models", "trainer", "evaluation", "export", "scripts", "launch"),
+    "trainer": ("export", "scripts", "launch"),
+    "evaluation": ("trainer", "export", "scripts", "launch"),
+    "export": ("scripts", "launch"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    found = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    found["launch"] = ROOT / "launch.py"
+    return found
+
+
+def imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules `path` imports, by their full names (`from a.b import c` is a.b.c where
+    that is a module, else a.b)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for a in node.names:
+                out.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return {m for m in out if m in known or m.split(".")[0] in ("scripts",)}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports(path, name, known) - {name} for name, path in mods.items()}
+
+
+def test_each_layer_imports_only_below_it():
+    wrong = [f"{m} imports {i}" for m, deps in graph().items() for i in deps
+             if i.split(".")[0] in FORBIDDEN.get(m.split(".")[0], ())]
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_import_circles():
+    g = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(g.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_tests_never_import_a_script():
+    wrong = []
+    for p in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            wrong += [f"{p.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "scripts"]
+            if isinstance(node, ast.Attribute) and node.attr == "spec_from_file_location":
+                wrong.append(f"{p.relative_to(ROOT)}: spec_from_file_location")
+    assert not wrong, "\n".join(sorted(wrong))
