@@ -8,6 +8,7 @@ moved (tests/golden/losses_4steps.json); the code must reproduce them exactly.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,12 @@ def losses(config: str, tmp: Path, files: dict[str, str]) -> list[dict[str, floa
         args.append(f"teacher.clip.weights={files['clip']}")
     if config == "beit_vit_tiny":
         args.append(f"beit.tokenizer={files['tokenizer']}")
-    assert launch.main(args) == 0, config
+    saved = dict(os.environ)  # launch.main sets RANK, WORLD_SIZE, MASTER_PORT...: later subprocesses must not see them
+    try:
+        assert launch.main(args) == 0, config
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k.startswith("loss")} for r in rows if "loss" in r][:STEPS]
 

@@ -9,6 +9,7 @@ from models.heads import IBOTHead
 from models.vit import build_vit
 from trainer.config import ConfigError, load_config
 from trainer.engine import build_method, layer_id, param_groups
+from trainer.methods import method_class
 from trainer.schedules import Schedules, cosine, warmup_cosine
 
 
@@ -160,17 +161,17 @@ def test_schedules_are_pure_functions_of_the_step():
     assert warmup_cosine(0, 100, 1.0, 0.0, 10) == 0.0 and warmup_cosine(10, 100, 1.0, 0.1, 10) == 1.0
     cfg = load_config(None, ["schedule.steps=1000", "ibot.freeze_last_layer_steps=10",
                              "ibot.teacher_temp_warmup_steps=100"])
-    s = Schedules.from_config(cfg)
+    s = Schedules.from_config(cfg, method_class(cfg.method))
     assert s.at(0)["momentum"] == cfg.ibot.ema_momentum[0] and s.at(1000)["momentum"] == 1.0
     # iBOT's two teacher temperatures with main_ibot.py's defaults: [CLS] 0.04 -> 0.04, patches 0.04 -> 0.07,
     # both warmed up linearly over the same steps
-    from trainer.config.methods import IBOTConfig
+    from trainer.methods.ibot import IBOTConfig
 
     i = IBOTConfig()
     assert tuple(i.teacher_temp) == (0.04, 0.04) and tuple(i.teacher_patch_temp) == (0.04, 0.07)
     cfg = load_config(None, ["ibot.teacher_temp=[0.04,0.04]", "ibot.teacher_patch_temp=[0.04,0.07]",
                              "ibot.teacher_temp_warmup_steps=100"])
-    s2 = Schedules.from_config(cfg)
+    s2 = Schedules.from_config(cfg, method_class(cfg.method))
     assert [s2.at(k)["teacher_temp"] for k in (0, 50, 100, 200)] == [0.04] * 4
     patch = [s2.at(k)["teacher_patch_temp"] for k in (0, 50, 100, 200)]
     assert patch[0] == 0.04 and math.isclose(patch[1], 0.055) and patch[2] == patch[3] == 0.07
@@ -338,10 +339,11 @@ def test_lr_cosine_can_end_before_the_run():
     """optim.decay_steps: DALL-E's dVAE anneals its step size over 1.2M of 3M updates, then holds it."""
     cfg = load_config(None, ["schedule.steps=300", "optim.warmup_steps=10", "optim.decay_steps=100",
                              "optim.lr=1e-3", "optim.min_lr=1e-5"])
-    s = Schedules.from_config(cfg)
+    s = Schedules.from_config(cfg, method_class(cfg.method))
     assert s.at(10)["lr"] == 1e-3 and math.isclose(s.at(55)["lr"], (1e-3 + 1e-5) / 2)
     assert s.at(100)["lr"] == s.at(299)["lr"] == 1e-5
-    whole = Schedules.from_config(load_config(None, ["schedule.steps=300", "optim.warmup_steps=10"]))
+    whole = Schedules.from_config(load_config(None, ["schedule.steps=300", "optim.warmup_steps=10"]),
+                                  method_class("ibot"))
     assert whole.at(100)["lr"] > whole.at(200)["lr"] > whole.at(299)["lr"]  # 0: the cosine spans the run
     with pytest.raises(ConfigError, match="optim.decay_steps"):
         load_config(None, ["optim.warmup_steps=10", "optim.decay_steps=5"])

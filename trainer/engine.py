@@ -115,7 +115,7 @@ def apply_schedule(optimizer, values: dict[str, float]) -> None:
     for group in optimizer.param_groups:
         lr = values["lr"] * group["lr_scale"]
         if group["last_layer"]:
-            lr *= values["last_layer_lr_factor"]
+            lr *= values.get("last_layer_lr_factor", 1.0)
         group["lr"] = lr
         group["weight_decay"] = values["weight_decay"] * group["wd_scale"]
 

@@ -176,7 +176,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     engine, ema = build_engine(cfg, ds_config, cfg.run.seed)
     loader = build_train_loader(cfg.data, patch_size=cfg.model.patch_size, seed=cfg.run.seed, rank=env.rank,
                                 world_size=env.world_size, pin_memory=device.type == "cuda")
-    schedules = Schedules.from_config(cfg)
+    schedules = Schedules.from_config(cfg, type(engine.module))
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
     # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
     # all-reduce makes every rank stop with it.
@@ -314,8 +314,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                            {k: float("nan") for k in sums})
             record = {**losses_mean, "lr": values["lr"],
                       "weight_decay": values["weight_decay"], "momentum": values["momentum"],
-                      "teacher_temp": values["teacher_temp"], "teacher_patch_temp": values["teacher_patch_temp"],
-                      **{k: values[k] for k in getattr(method, "logged_schedules", ())},
+                      **{k: values[k] for k in method.logged_schedules},
                       "images_per_s": window_steps * global_batch / elapsed,
                       "step_time_s": elapsed / window_steps, "epoch": loader.epoch,
                       "skipped_steps": guard.skipped, **data_failures(loader.counters, device),

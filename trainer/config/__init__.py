@@ -3,7 +3,7 @@
 Every field carries its own help text (`python launch.py --help-config` prints them all).
 - `fields.py`: the error type, `opt(default, help)` and the value checks,
 - `sections.py`: run, model, data, optimizer, schedule, checkpoints, logging, evaluation,
-- `methods.py`: the methods' own sections (iBOT, MaskAlign, the frozen teacher),
+- `teacher.py`: the frozen teachers' section (each method's own section lives in its module, trainer/methods/),
 - `schema.py`: the root `Config` and the checks that span sections,
 - `loading.py`: YAML files with `base:`, overrides, coercion, validation.
 """

@@ -52,18 +52,18 @@ def require(ok: bool, key: str, problem: str) -> None:
         raise Invalid(key, problem)
 
 
-def _at_least(section: Any, lo: float, *names: str, strict: bool = False) -> None:
+def at_least(section: Any, lo: float, *names: str, strict: bool = False) -> None:
     """Each named field must be >= lo (> lo with strict)."""
     for name in names:
         value = getattr(section, name)
         require(value > lo if strict else value >= lo, name, f"{value} must be {'>' if strict else '>='} {lo}")
 
 
-def _check_prob(value: float, key: str) -> None:
+def check_prob(value: float, key: str) -> None:
     require(0.0 <= value <= 1.0, key, f"{value} is outside [0, 1]")
 
 
-def _check_range(pair: tuple[float, float], key: str, lo: float, hi: float, hi_open: bool = False) -> None:
+def check_range(pair: tuple[float, float], key: str, lo: float, hi: float, hi_open: bool = False) -> None:
     a, b = pair
     upper = f"{hi})" if hi_open else f"{hi}]"
     for v in pair:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from .fields import ConfigError, Invalid
-from .schema import Config
+from .schema import Config, method_sections
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -62,8 +62,12 @@ def build_config(raw: dict, source: str = "<dict>", origins: dict[str, str] | No
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints."""
-    return _plain(dataclasses.asdict(cfg))
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints; a `Config` with its
+    methods' sections as top-level keys beside the others."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, Config):
+        out.update({key: dataclasses.asdict(getattr(cfg, key)) for key in method_sections()})
+    return _plain(out)
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -81,6 +85,9 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]
             rows += describe(hints[f.name], key + ".")
         else:
             rows.append((key, f.metadata.get("help", ""), getattr(default, f.name)))
+    if cls is Config:
+        for key, section in method_sections().items():
+            rows += describe(section, f"{prefix}{key}.")
     return rows
 
 
@@ -159,10 +166,11 @@ def _origin(origins: dict[str, str], key: str, default: str) -> str:
 
 def _sections(cfg: Any, prefix: str = ""):
     """Yield (dotted prefix, dataclass instance), innermost sections first, the root last."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+    names = [f.name for f in dataclasses.fields(cfg)] + (list(method_sections()) if isinstance(cfg, Config) else [])
+    for name in names:
+        value = getattr(cfg, name)
         if dataclasses.is_dataclass(value):
-            yield from _sections(value, f"{prefix}{f.name}.")
+            yield from _sections(value, f"{prefix}{name}.")
     yield prefix.rstrip("."), cfg
 
 
@@ -172,6 +180,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
         raise ConfigError(_origin(origins, where, source), where, f"expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    extra = method_sections() if cls is Config else {}  # the methods' own sections
+    hints.update(extra)
+    names += list(extra)
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
@@ -187,7 +198,11 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
                 kwargs[key] = _coerce(value, typ)
             except Invalid as e:
                 raise ConfigError(_origin(origins, full, source), full, e.problem) from None
-    return cls(**kwargs)
+    sections = {k: kwargs.pop(k) for k in extra if k in kwargs}
+    built = cls(**kwargs)
+    for key, section in sections.items():
+        setattr(built, key, section)
+    return built
 
 
 def _type_name(typ: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fields import Invalid, opt, require
-from .methods import BEiTConfig, DVAEConfig, IBOTConfig, ITPNConfig, MaskAlignConfig, TeacherConfig
 from .sections import (
     CheckpointConfig,
     DataConfig,
@@ -16,6 +15,7 @@ from .sections import (
     RunConfig,
     ScheduleConfig,
 )
+from .teacher import TeacherConfig
 
 
 @dataclass
@@ -30,13 +30,15 @@ class Config:
     schedule: ScheduleConfig = opt(ScheduleConfig(), "Length of training.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpoint cadence and retention.")
     log: LogConfig = opt(LogConfig(), "Metrics cadence and sinks.")
-    ibot: IBOTConfig = opt(IBOTConfig(), "iBOT objective (methods ibot, ibot_clip).")
     teacher: TeacherConfig = opt(TeacherConfig(), "Frozen teachers.")
-    maskalign: MaskAlignConfig = opt(MaskAlignConfig(), "MaskAlign objective (method: maskalign).")
-    beit: BEiTConfig = opt(BEiTConfig(), "BEiT's masked visual-token prediction (method: beit).")
-    dvae: DVAEConfig = opt(DVAEConfig(), "BEiT's tokenizer, a discrete VAE (method: dvae).")
-    itpn: ITPNConfig = opt(ITPNConfig(), "iTPN: HiViT + feature pyramid, pixels and masked features (method: itpn).")
     eval: EvalConfig = opt(EvalConfig(), "kNN evaluation.")
+    # ... and one section per registered method's `config_section` (ibot, maskalign, beit, dvae, itpn:
+    # trainer/methods/<method>.py), attributes like the fields above: `method_sections()` lists them.
+
+    def __post_init__(self) -> None:
+        for key, section in method_sections().items():
+            if key not in self.__dict__:
+                setattr(self, key, section())
 
     def validate(self) -> None:
         from models.archs import HIVIT_ARCHS
@@ -70,3 +72,10 @@ class Config:
         if self.data.mask.kind == "block" and self.data.mask.ratio[1] > 0:
             require((self.data.mask.min_block_patches or 1) <= grid, "data.mask.min_block_patches",
                     f"{self.data.mask.min_block_patches} exceeds the {grid} patches of a global crop")
+
+
+def method_sections() -> dict[str, type]:
+    """The registered methods' config sections, top-level key -> dataclass (trainer/methods/base.py)."""
+    from trainer.methods import config_sections
+
+    return config_sections()

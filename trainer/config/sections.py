@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import _at_least, _check_prob, _check_range, opt, require
+from .fields import at_least, check_prob, check_range, opt, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +30,7 @@ class RunConfig:
 
             ok, why = triton_available()
             require(ok, "kernels", f"'triton' cannot run here: {why}; use 'torch' or 'auto'")
-        _at_least(self, 0, "seed")
+        at_least(self, 0, "seed")
 
 
 @dataclass
@@ -54,9 +54,9 @@ class ModelConfig:
 
         known = list(ARCHS)
         require(self.arch in known, "arch", f"{self.arch!r} is not one of {', '.join(known)}")
-        _at_least(self, 0, "patch_size", strict=True)
+        at_least(self, 0, "patch_size", strict=True)
         require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
-        _at_least(self, 0, "grad_checkpointing")
+        at_least(self, 0, "grad_checkpointing")
 
 
 @dataclass
@@ -70,11 +70,11 @@ class CropConfig:
               "beit/datasets.py DataAugmentationForBEiT). null: one size.")
 
     def validate(self) -> None:
-        _at_least(self, 0, "number")
+        at_least(self, 0, "number")
         if self.second_size is not None:
-            _at_least(self, 0, "second_size", strict=True)
-        _at_least(self, 0, "size", strict=True)
-        _check_range(self.scale, "scale", 0.0, 1.0)
+            at_least(self, 0, "second_size", strict=True)
+        at_least(self, 0, "size", strict=True)
+        check_range(self.scale, "scale", 0.0, 1.0)
         require(self.scale[1] > 0, "scale", "upper bound must be > 0")
 
 
@@ -106,14 +106,14 @@ class AugmentConfig:
         require(self.resize != "torch" or self.photometric != "worker", "resize",
                  "'torch' needs photometric 'device' (or 'auto' on a GPU): PIL's colour work needs PIL crops")
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "local_blur_p"):
-            _check_prob(getattr(self, name), name)
+            check_prob(getattr(self, name), name)
         for name in ("blur_p", "solarize_p"):
             for v in getattr(self, name):
-                _check_prob(v, name)
+                check_prob(v, name)
         b, c, s, h = self.color_jitter
         require(min(b, c, s) >= 0, "color_jitter", "brightness, contrast, saturation must be >= 0")
         require(0 <= h <= 0.5, "color_jitter", f"hue {h} is outside [0, 0.5]")
-        _check_range(self.blur_sigma, "blur_sigma", 0.0, 100.0)
+        check_range(self.blur_sigma, "blur_sigma", 0.0, 100.0)
         require(all(s > 0 for s in self.std), "std", "every entry must be > 0")
 
 
@@ -136,12 +136,12 @@ class MaskConfig:
                "microsoft/unilm beit/masking_generator.py).")
 
     def validate(self) -> None:
-        _check_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
-        _check_prob(self.prob, "prob")
+        check_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
+        check_prob(self.prob, "prob")
         if self.patches is not None:
-            _at_least(self, 1, "patches")
+            at_least(self, 1, "patches")
         if self.min_block_patches is not None:
-            _at_least(self, 1, "min_block_patches")
+            at_least(self, 1, "min_block_patches")
         require(0 < self.min_aspect <= 1, "min_aspect", f"{self.min_aspect} is outside (0, 1]")
 
 
@@ -169,11 +169,11 @@ class DataConfig:
 
     def validate(self) -> None:
         require(bool(self.train_shards.strip()), "train_shards", "must not be empty")
-        _at_least(self, 1, "batch_size")
-        _at_least(self, 0, "num_workers")
-        _at_least(self, 1, "shuffle_buffer")
-        _at_least(self, 0, "shard_retries")
-        _check_prob(self.max_failed_fraction, "max_failed_fraction")
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "num_workers")
+        at_least(self, 1, "shuffle_buffer")
+        at_least(self, 0, "shard_retries")
+        check_prob(self.max_failed_fraction, "max_failed_fraction")
         require(self.global_crops.number >= 1, "global_crops.number", f"{self.global_crops.number} must be >= 1")
         require("{url}" in self.s3_command, "s3_command", "must contain {url}")
         require(self.local_crops.second_size is None, "local_crops.second_size",
@@ -212,18 +212,18 @@ class OptimConfig:
             "in a row stop the run, naming the step and the newest checkpoint. fp16 loss-scale overflows count too.")
 
     def validate(self) -> None:
-        _at_least(self, 0, "lr", strict=True)
+        at_least(self, 0, "lr", strict=True)
         require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is outside [0, lr={self.lr}]")
-        _at_least(self, 0, "warmup_steps", "decay_steps")
+        at_least(self, 0, "warmup_steps", "decay_steps")
         require(self.decay_steps == 0 or self.decay_steps > self.warmup_steps, "decay_steps",
                  f"{self.decay_steps} must exceed warmup_steps ({self.warmup_steps}), or be 0")
         require(all(w >= 0 for w in self.weight_decay), "weight_decay", "must be >= 0")
-        _check_range(self.betas, "betas", 0.0, 1.0, hi_open=True)
-        _at_least(self, 0, "eps", strict=True)
-        _at_least(self, 0, "clip_grad")
-        _at_least(self, 1, "grad_accum")
+        check_range(self.betas, "betas", 0.0, 1.0, hi_open=True)
+        at_least(self, 0, "eps", strict=True)
+        at_least(self, 0, "clip_grad")
+        at_least(self, 1, "grad_accum")
         require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
-        _at_least(self, 1, "max_consecutive_skips")
+        at_least(self, 1, "max_consecutive_skips")
 
 
 @dataclass
@@ -231,7 +231,7 @@ class ScheduleConfig:
     steps: int = opt(100_000, "Optimizer steps to train for.")
 
     def validate(self) -> None:
-        _at_least(self, 1, "steps")
+        at_least(self, 1, "steps")
 
 
 @dataclass
@@ -244,9 +244,9 @@ class CheckpointConfig:
              "asked for a warning signal (--signal); 0 turns this off.")
 
     def validate(self) -> None:
-        _at_least(self, 1, "every_steps")
-        _at_least(self, 1, "keep")
-        _at_least(self, 0, "before_time_limit_s")
+        at_least(self, 1, "every_steps")
+        at_least(self, 1, "keep")
+        at_least(self, 0, "before_time_limit_s")
 
 
 @dataclass
@@ -261,7 +261,7 @@ class LogConfig:
                                   "whole-step times only.")
 
     def validate(self) -> None:
-        _at_least(self, 1, "every_steps")
+        at_least(self, 1, "every_steps")
 
 
 
@@ -275,8 +275,8 @@ class EvalConfig:
     batch_size: int = opt(128, "Images per rank per feature-extraction batch.")
 
     def validate(self) -> None:
-        _at_least(self, 1, "knn_k")
-        _at_least(self, 0, "knn_temp", strict=True)
-        _at_least(self, 1, "batch_size")
-        _at_least(self, 0, "knn_every_steps")
+        at_least(self, 1, "knn_k")
+        at_least(self, 0, "knn_temp", strict=True)
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "knn_every_steps")
 

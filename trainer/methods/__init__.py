@@ -11,11 +11,11 @@ a method's name. Importing this package registers every method.
 from __future__ import annotations
 
 from . import beit, dvae, ibot, ibot_clip, itpn, maskalign  # noqa: F401  (register themselves)
-from .base import METHODS, Method, method_class, register
+from .base import METHODS, Method, config_sections, method_class, register
 from .build import build_frozen_teacher, build_student, check_shapes, kernels
 
-__all__ = ["METHODS", "Method", "build_frozen_teacher", "build_student", "check_shapes", "frozen_files", "kernels",
-           "method_class", "register", "replicated_frozen"]
+__all__ = ["METHODS", "Method", "build_frozen_teacher", "build_student", "check_shapes", "config_sections",
+           "frozen_files", "kernels", "method_class", "register", "replicated_frozen"]
 
 
 def frozen_files(cfg) -> dict[str, str]:

@@ -51,6 +51,10 @@ class Method(nn.Module):
     knn_features: ClassVar[str] = "teacher [CLS]"  # in words, for the run's summary line
     draws_run_pictures: ClassVar[bool] = True  # the loss/kNN pictures at the end of a run
     fp32_buffers: ClassVar[tuple[str, ...]] = ()  # buffers kept fp32 when the engine casts the module
+    # its config section: (top-level key, dataclass of `opt` fields, with an optional `validate()`);
+    # every registered section exists in every config, with its defaults unless set
+    config_section: ClassVar[tuple[str, type] | None] = None
+    logged_schedules: ClassVar[tuple[str, ...]] = ()  # its scheduled values, logged beside the losses
 
     # ------------------------------------------------------------------ from the config
 
@@ -63,6 +67,12 @@ class Method(nn.Module):
         """Frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256` and
         `weights_sha256`; the engine loads them, checkpoints keep only the hash."""
         return {}
+
+    @classmethod
+    def schedules(cls, cfg):
+        """Its values beyond the optimizer's, as a function of the optimizer step -> {name: value}
+        (pure: nothing to save); `forward` gets them in `values`."""
+        return lambda step: {}
 
     @classmethod
     def ema_momentum(cls, cfg) -> tuple[float, float]:
@@ -107,6 +117,19 @@ def register(name: str):
         return cls
 
     return deco
+
+
+def config_sections() -> dict[str, type]:
+    """Every registered method's config section, top-level key -> dataclass (methods may share one:
+    ibot_clip uses iBOT's)."""
+    out: dict[str, type] = {}
+    for name, cls in METHODS.items():
+        if cls.config_section is not None:
+            key, section = cls.config_section
+            if out.get(key, section) is not section:
+                raise TypeError(f"method {name}: config section {key!r} is already another method's")
+            out[key] = section
+    return out
 
 
 def method_class(name: str) -> type[Method]:

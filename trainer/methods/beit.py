@@ -16,7 +16,9 @@ fp16 on a GPU, its output layer in fp32).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -26,10 +28,43 @@ from models.kernels import get_hard_ce
 from models.kernels.softmax_ce import hard_ce_reference
 from models.vit import VisionTransformer, beit_normal_
 from trainer.config.checks import check_single_view
-from trainer.config.fields import Invalid, checking_files, require
+from trainer.config.fields import Invalid, at_least, checking_files, opt, require
 
 from .base import Method, meta_images, register
 from .build import build_student, kernels
+
+BEIT = "microsoft/unilm beit/"
+
+
+@dataclass
+class BEiTConfig:
+    """Defaults are run_beit_pretraining.py's (microsoft/unilm beit/) unless the help says otherwise."""
+
+    tokenizer: str | None = opt(None, "The frozen tokenizer: a dVAE encoder exported by scripts/export_tokenizer.py "
+                                      "(.safetensors, architecture in its metadata), or a state dict in OpenAI "
+                                      "DALL-E's Encoder layout (blocks.*.w/b; .pt/.bin/.safetensors). Never "
+                                      "downloaded; pickled modules (DALL-E's encoder.pkl) are refused: convert them.")
+    vocab_size: int = opt(8192, "Visual tokens the tokenizer's codebook has (the head's classes); the tokenizer "
+                                "file must agree.")
+    layer_scale: float = opt(0.1, f"LayerScale init of every block ({BEIT} --layer_scale_init_value: 0.1 for base, "
+                                  "1e-5 for large); 0: off. Replaces model.layer_scale for this method.")
+    rel_pos_bias: Literal["shared", "per_block", "none"] = opt(
+        "shared", f"Relative position bias: one table shared by all blocks ({BEIT} --rel_pos_bias, default), one per "
+                  "block, or none.")
+    abs_pos_embed: bool = opt(False, f"Absolute (learned) position embeddings too ({BEIT} --abs_pos_emb, default "
+                                     "false).")
+    qkv_bias: Literal["qv", "qkv", "none"] = opt(
+        "qv", f"Attention input biases: query and value only, no key bias ({BEIT} modeling_finetune.py Attention), "
+              "all three (timm), or none.")
+    init: Literal["beit", "timm"] = opt(
+        "beit", f"beit: N(0, 0.02) truncated at +-0.02 and each block's output projections divided by sqrt(2 * layer) "
+                f"({BEIT} modeling_pretrain.py fix_init_weight); timm: timm's ViT init.")
+
+    def validate(self) -> None:
+        at_least(self, 2, "vocab_size")
+        at_least(self, 0, "layer_scale")
+
+
 
 
 def beit_loss(logits: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, loss_fn=hard_ce_reference,
@@ -63,6 +98,7 @@ def tokenizer_arch(path: str, vocab_size: int, check: bool = False) -> DVAEArch:
 
 @register("beit")
 class BEiT(Method):
+    config_section = ("beit", BEiTConfig)
     uses_mask_token = True
     knn_pool, knn_features = "avg", "student mean patch token"
 

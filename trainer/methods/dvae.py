@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -38,9 +40,48 @@ from models.dvae import (
 )
 from models.teachers import channel_column
 from trainer.config.checks import check_single_view
-from trainer.config.fields import require
+from trainer.config.fields import at_least, check_prob, opt, require
+from trainer.schedules import cosine
 
 from .base import Method, register
+
+DALLE = "openai/DALL-E and its paper (Ramesh et al. 2021, appendix A.2)"
+
+
+@dataclass
+class DVAEConfig:
+    """The tokenizer of BEiT's stage 1: DALL-E's discrete VAE. Defaults are DALL-E's."""
+
+    group_count: int = opt(4, f"Encoder/decoder groups; a 2x2 max-pool after each but the last: 4 -> 8x down "
+                              f"({DALLE}).")
+    n_hid: int = opt(256, "Width of the first group (the groups have 1, 2, 4, 8 x n_hid).")
+    n_blk_per_group: int = opt(2, "Residual blocks per group.")
+    n_init: int = opt(128, "Width of the decoder's input convolution.")
+    vocab_size: int = opt(8192, "Codebook size.")
+    temperature: tuple[float, float] = opt((1.0, 1.0 / 16), "Gumbel-softmax relaxation temperature: start and end.")
+    temperature_steps: int = opt(150_000, "Steps of the cosine anneal of the temperature (DALL-E: 150,000 updates).")
+    kl_weight: tuple[float, float] = opt((0.0, 6.6), "Weight of KL(q(z|x) || uniform): start and end "
+                                                     "(DALL-E: 0 -> 6.6).")
+    kl_steps: int = opt(5000, "Steps of the cosine ramp of the KL weight (DALL-E: 5,000 updates).")
+    recon_loss: Literal["logit_laplace", "l1", "mse"] = opt(
+        "logit_laplace", "Reconstruction term: DALL-E's logit-Laplace negative log-likelihood, or L1 / MSE on the "
+                         "decoder's location output. Both terms are sums per image divided by its 3 x H x W values.")
+    straight_through: bool = opt(False, "Hard one-hot codes in the forward pass with the relaxed gradient "
+                                        "(straight-through); false: the soft relaxation, as DALL-E trains.")
+    min_code_usage: float = opt(0.05, "Warn when fewer than this fraction of the codes appear in the held-out "
+                                      "images' tokens (codebook collapse).")
+
+    def validate(self) -> None:
+        at_least(self, 1, "group_count", "n_blk_per_group", "n_init")
+        at_least(self, 4, "n_hid")
+        require(self.n_hid % 4 == 0, "n_hid", f"{self.n_hid} must be divisible by 4 (blocks narrow to n_out / 4)")
+        at_least(self, 2, "vocab_size")
+        require(all(t > 0 for t in self.temperature), "temperature", "must be > 0")
+        require(all(w >= 0 for w in self.kl_weight), "kl_weight", "must be >= 0")
+        at_least(self, 0, "temperature_steps", "kl_steps")
+        check_prob(self.min_code_usage, "min_code_usage")
+
+
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +99,8 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
 
 @register("dvae")
 class DVAE(Method):
+    config_section = ("dvae", DVAEConfig)
+    logged_schedules = ("gumbel_temp", "kl_weight")
     family, product, exported_by = "", "tokenizer", "scripts/export_tokenizer.py"
     draws_run_pictures = False  # it draws its reconstructions itself
 
@@ -69,12 +112,18 @@ class DVAE(Method):
         self.recon_loss, self.straight_through, self.min_code_usage = recon_loss, straight_through, min_code_usage
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
         self.loss_weights = {"recon": 1.0, "kl": 1.0}  # "kl" arrives already weighted by its schedule
-        self.logged_schedules = ("gumbel_temp", "kl_weight")  # beside the losses in every log record
 
     @classmethod
     def from_config(cls, cfg) -> DVAE:
         d, a = cfg.dvae, cfg.data.augment
         return cls(dvae_arch(cfg), d.recon_loss, d.straight_through, d.min_code_usage, a.mean, a.std)
+
+    @classmethod
+    def schedules(cls, cfg):
+        """DALL-E's: the relaxation temperature annealed and the KL weight ramped, both by half-cosines."""
+        d = cfg.dvae
+        return lambda step: {"gumbel_temp": cosine(step, d.temperature_steps, *d.temperature),
+                             "kl_weight": cosine(step, d.kl_steps, *d.kl_weight)}
 
     @classmethod
     def validate(cls, cfg) -> None:

@@ -23,6 +23,9 @@ pairs the parameters the two have in common).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -31,10 +34,78 @@ from models.heads import IBOTHead
 from models.kernels import get_softmax_ce
 from models.kernels.softmax_ce import SoftmaxCEFn, fused_linear_softmax_ce_reference, softmax_ce_reference
 from models.vit import VisionTransformer
-from trainer.config.fields import require
+from trainer.config.fields import at_least, check_range, opt, require
+from trainer.schedules import linear_warmup
 
 from .base import Method, meta_images, register
 from .build import build_student, kernels
+
+IBOT = "bytedance/ibot"
+
+
+@dataclass
+class IBOTConfig:
+    """Defaults are main_ibot.py's argument defaults unless the help says otherwise."""
+
+    out_dim: int = opt(8192, f"Prototypes K of the [CLS] head ({IBOT} main_ibot.py --out_dim 8192, at every size).")
+    patch_out_dim: int | None = opt(None, "Prototypes of the patch head when it is not shared (--patch_out_dim); "
+                                          "null: out_dim. With shared_head_teacher it must equal out_dim: iBOT "
+                                          "ignores it then.")
+    shared_head: bool = opt(True, "One projection head for [CLS] and patch tokens (--shared_head true, as every "
+                                  "recipe in iBOT's README; main_ibot.py's own default is false).")
+    separate_patch_mlp: bool = opt(
+        False, f"With shared_head false: false = iBOT's iBOTHead, one MLP and a second prototype layer for patches "
+               f"({IBOT} models/head.py, last_layer2); true = DINOv2's separate_head, a whole second head "
+               "(facebookresearch/dinov2 ssl_meta_arch.py).")
+    shared_head_teacher: bool = opt(
+        True, f"With shared_head false: the EMA teacher keeps one shared head, so its patch targets come from its "
+              f"[CLS] prototypes and the student's patch prototypes have no teacher twin ({IBOT} "
+              "--shared_head_teacher, default true). false: the teacher mirrors the student (DINOv2).")
+    head_hidden_dim: int = opt(2048, "Hidden width of the 3-layer head MLP.")
+    head_norm: Literal["none", "bn", "ln"] = opt(
+        "none", f"Norm after each hidden layer of the head MLP ({IBOT} main_ibot.py --norm_in_head, default none). "
+                "bn: batch statistics over every token of a forward on every rank (iBOT's SyncBatchNorm; its "
+                "teacher uses batch statistics too), the head run on all tokens as iBOT runs it.")
+    head_bottleneck_dim: int = opt(256, "Bottleneck before the prototypes.")
+    norm_last_layer: bool = opt(True, "Fix the prototype norms to 1 (more stable; False for ViT-S in iBOT).")
+    prototype_init: Literal["linear", "trunc_normal"] = opt(
+        "linear", f"Initial prototype directions: 'linear' = nn.Linear's default (kaiming-uniform, row norm about "
+                  f"0.58), as iBOT's and DINO's weight_norm(nn.Linear) ({IBOT} models/head.py); 'trunc_normal': "
+                  "std 0.02 (row norm about 0.32 at 256 inputs).")
+    student_temp: float = opt(0.1, "Student softmax temperature.")
+    teacher_temp: tuple[float, float] = opt(
+        (0.04, 0.04), "[CLS] teacher temperature: warm-up start and final value (--warmup_teacher_temp 0.04, "
+                      "--teacher_temp 0.04; iBOT's README recipes warm it to 0.07).")
+    teacher_patch_temp: tuple[float, float] = opt(
+        (0.04, 0.07), "Patch teacher temperature: warm-up start and final value (--warmup_teacher_patch_temp 0.04, "
+                      "--teacher_patch_temp 0.07).")
+    teacher_temp_warmup_steps: int = opt(37_500, "Steps of linear warm-up of both teacher temperatures "
+                                                 "(--warmup_teacher_temp_epochs 30: 30 epochs of IN-1k at 1024).")
+    center_momentum: float = opt(0.9, "Momentum of the teacher output centers ([CLS] and patch).")
+    ema_momentum: tuple[float, float] = opt((0.996, 1.0), "Teacher EMA momentum: start and end of a cosine.")
+    cls_weight: float = opt(1.0, "Weight of L_CLS in the optimised loss.")
+    mim_weight: float = opt(1.0, "Weight of L_MIM in the optimised loss.")
+    freeze_last_layer_steps: int = opt(1250, "Prototype layer gets lr 0 for these first steps (one epoch).")
+    clip_weight: float = opt(1.0, "method ibot_clip: weight of the frozen-teacher feature distillation term.")
+    clip_loss: Literal["cosine", "smooth_l1"] = opt(
+        "cosine", "method ibot_clip: distance between predicted and (normalised) teacher features.")
+
+    def validate(self) -> None:
+        at_least(self, 1, "out_dim", "head_hidden_dim", "head_bottleneck_dim")
+        if self.patch_out_dim is not None:
+            at_least(self, 1, "patch_out_dim")
+        at_least(self, 0, "student_temp", strict=True)
+        for name in ("teacher_temp", "teacher_patch_temp"):
+            require(all(t > 0 for t in getattr(self, name)), name, "must be > 0")
+        require(0 <= self.center_momentum < 1, "center_momentum", f"{self.center_momentum} is outside [0, 1)")
+        check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        at_least(self, 0, "teacher_temp_warmup_steps", "freeze_last_layer_steps")
+        require(self.cls_weight >= 0 and self.mim_weight >= 0, "cls_weight", "loss weights must be >= 0")
+        at_least(self, 0, "clip_weight")
+        if not self.shared_head and self.shared_head_teacher:
+            require(self.patch_out_dim in (None, self.out_dim), "patch_out_dim",
+                     f"{self.patch_out_dim}: with shared_head_teacher the teacher scores patches with its [CLS] "
+                     f"prototypes, so it must equal out_dim ({self.out_dim})")
 
 
 def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_masks: torch.Tensor,
@@ -95,6 +166,8 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 @register("ibot")
 class IBOT(Method):
+    config_section = ("ibot", IBOTConfig)
+    logged_schedules = ("teacher_temp", "teacher_patch_temp")
     uses_mask_token = True
     fp32_buffers = ("center", "center_patch")  # averages: fp32 whatever the engine's precision
 
@@ -148,6 +221,19 @@ class IBOT(Method):
     @classmethod
     def from_config(cls, cfg) -> IBOT:
         return cls(**cls.networks(cfg))
+
+    @classmethod
+    def schedules(cls, cfg):
+        """iBOT's two teacher temperatures ([CLS], patches), warmed up over the same steps, and the
+        prototypes' learning rate held at 0 for the first freeze_last_layer_steps."""
+        i = cfg.ibot
+
+        def at(step: int) -> dict[str, float]:
+            return {"teacher_temp": linear_warmup(step, i.teacher_temp_warmup_steps, *i.teacher_temp),
+                    "teacher_patch_temp": linear_warmup(step, i.teacher_temp_warmup_steps, *i.teacher_patch_temp),
+                    "last_layer_lr_factor": 0.0 if step < i.freeze_last_layer_steps else 1.0}
+
+        return at
 
     @classmethod
     def validate(cls, cfg) -> None:

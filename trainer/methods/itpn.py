@@ -24,7 +24,9 @@ what predicting zeros scores (`pixel_zero`, `mfm_zero`): a loss near it has lear
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -37,10 +39,67 @@ from models.hivit import HiViT, build_hivit
 from models.kernels import get_attention
 from models.pyramid import FeaturePyramid
 from trainer.config.checks import check_frozen_teacher, check_single_view
-from trainer.config.fields import require
+from trainer.config.fields import at_least, check_range, opt, require
 
 from .base import Method, meta_images, register
 from .build import build_frozen_teacher, kernels
+
+ITPN = "sunsmarterjie/iTPN"
+
+
+@dataclass
+class ITPNConfig:
+    """Defaults are the reference's pixel recipe (itpn_pixel: itpn_base_dec512d8b, --mask_ratio 0.75)
+    unless the help says otherwise; model.arch must be a HiViT (hivit_base, hivit_large, ...)."""
+
+    teacher: Literal["ema", "clip", "none"] = opt(
+        "none", f"Target of masked feature modelling: none = pixels only ({ITPN} itpn_pixel), ema = the moving-"
+                f"averaged backbone (the paper's MFM; its code is not public), clip = the frozen teacher.clip.* "
+                f"({ITPN} itpn_clip).")
+    mask_ratio: float = opt(0.75, "Fraction of patches dropped before the first stage; int(N * (1 - r)) are "
+                                  f"encoded, uniformly random per image ({ITPN} itpn_pixel --mask_ratio 0.75).")
+    pos_embed: Literal["sincos", "learned"] = opt(
+        "sincos", "Absolute position embeddings: learned from MAE's 2-D sin-cos table (itpn_pixel), or learned from "
+                  "trunc-normal 0.02 (itpn_clip, which adds a relative bias not built here).")
+    layer_scale: float = opt(0.0, f"LayerScale init of the backbone's blocks (MLP and attention); 0: off (itpn_pixel; "
+                                  f"{ITPN} itpn_clip --layer_scale_init_value 0.1).")
+    fpn_dim: int = opt(256, "Width F of the pyramid levels.")
+    fpn_depth: int = opt(2, f"MLP fusion blocks per top-down step (itpn_pixel: 2; {ITPN} itpn_clip: 1).")
+    decoder_dim: int = opt(512, "Width of the pixel decoder (dec512d8b).")
+    decoder_depth: int = opt(8, "Transformer blocks of the pixel decoder (dec512d8b).")
+    decoder_heads: int = opt(16, "Attention heads of the pixel decoder (decoder_num_heads 16).")
+    norm_pix_loss: bool = opt(True, "Pixel targets normalised per patch by its mean and std (MAE's norm_pix_loss, "
+                                    "on in itpn_pixel).")
+    pixel_weight: float = opt(1.0, f"Weight of the pixel term (the MSE over masked patches); 0 turns the pixel "
+                                   f"decoder off ({ITPN} itpn_clip trains without it).")
+    mfm_dim: int = opt(256, "Width of each level's feature decoder. No reference exists for decoding dropped "
+                            "patches' features (itpn_clip keeps [MASK] tokens in the backbone instead): ours.")
+    mfm_depth: int = opt(2, "Transformer blocks of each level's feature decoder (ours, see mfm_dim).")
+    mfm_heads: int = opt(8, "Attention heads of each level's feature decoder.")
+    mfm_weights: tuple[float, float, float] = opt(
+        (1.0, 1.0, 1.0), "Weights of the feature terms of the pyramid levels at strides 16, 8 and 4 (0 leaves a level "
+                         f"out). {ITPN} itpn_clip: one CLIP target for the fused levels, weight 1.")
+    mfm_loss: Literal["smooth_l1", "cosine"] = opt(
+        "smooth_l1", f"Distance to the LayerNorm'ed teacher features ({ITPN} itpn_clip: nn.SmoothL1Loss()).")
+    mfm_positions: Literal["all", "masked"] = opt(
+        "all", f"Patches whose features are reconstructed: every patch ({ITPN} itpn_clip: 'we supervise all tokens as "
+               "default') or the masked ones only.")
+    ema_momentum: tuple[float, float] = opt((0.996, 1.0), "teacher ema: momentum, start and end of a cosine (as "
+                                                          "iBOT's).")
+
+    def validate(self) -> None:
+        require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
+        at_least(self, 1, "fpn_dim", "fpn_depth", "decoder_dim", "decoder_depth", "decoder_heads", "mfm_dim",
+                  "mfm_depth", "mfm_heads")
+        for name in ("decoder", "mfm"):
+            dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
+            require(dim % 16 == 0 and dim % heads == 0, f"{name}_dim",
+                     f"{dim} must be divisible by 16 (the stride-4 level's 16 inner tokens) and by {heads} heads")
+        at_least(self, 0, "layer_scale", "pixel_weight")
+        require(all(w >= 0 for w in self.mfm_weights), "mfm_weights", "must be >= 0")
+        check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        require(self.pixel_weight > 0 or (self.teacher != "none" and any(self.mfm_weights)), "pixel_weight",
+                 "0 with no feature term (teacher none or every mfm_weights 0) leaves nothing to train")
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +162,7 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor |
 
 @register("itpn")
 class ITPN(Method):
+    config_section = ("itpn", ITPNConfig)
     family = "hivit"
     export_parts = ("backbone", "pyramid")  # the exported network is HiViT with its feature pyramid
     teacher_not_exported = ("iTPN's pyramid is trained with the student only (its EMA teacher is a backbone "

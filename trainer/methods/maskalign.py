@@ -16,6 +16,9 @@ Every global crop of a batch is an independent sample (MaskAlign uses one crop p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,10 +28,54 @@ from models.align import DynamicAlign, layerwise_matrix
 from models.teachers import FrozenTeacher
 from models.vit import VisionTransformer
 from trainer.config.checks import check_blocks, check_frozen_teacher, student_depth
-from trainer.config.fields import require
+from trainer.config.fields import at_least, opt, require
 
 from .base import Method, meta_images, register
 from .build import build_frozen_teacher, build_student
+
+MASKALIGN = "OpenDriveLab/MaskAlign"
+
+
+@dataclass
+class MaskAlignConfig:
+    """Defaults follow the official code's ViT-B recipe (README: --mask_type attention --mask_ratio 0.7
+    --loss_weights top5 --head_type linear --fusion_type linear --loss_type smoothl1 --target_norm whiten)."""
+
+    mask_ratio: float = opt(0.7, "Fraction r of patches the student never sees; it encodes int(N * (1 - r)) "
+                                 "(int() as the reference).")
+    masking: Literal["attentive", "random"] = opt(
+        "attentive", "attentive: visible patches chosen by the teacher's last-block [CLS] attention; random: uniform.")
+    attentive_sampling: Literal["multinomial", "topk"] = opt(
+        "multinomial", f"How attentive masking picks the visible patches: sampled without replacement with "
+                       f"probabilities proportional to the attention ({MASKALIGN} models_pretrain.py "
+                       "attention_masking: torch.multinomial), or the top-k.")
+    student_blocks: list[int] = opt([], "Student blocks fed to the alignment (0-based, negative from the end); "
+                                        "empty: all.")
+    adapter_on: Literal["teacher_level", "student_level"] = opt(
+        "teacher_level", f"teacher_level: W mixes the student's block outputs, then one adapter per teacher level "
+                         f"maps the mix ({MASKALIGN} models_pretrain.py get_student); student_level: one adapter per "
+                         "student block, then W mixes the adapted features (the paper: y_j = sum_i w_ij A_i(x_i)).")
+    adapter: Literal["linear", "mlp"] = opt(
+        "linear", "Adapter: one linear layer (--head_type linear) or the paper's light 2-layer MLP (GELU).")
+    adapter_hidden_dim: int = opt(0, "Hidden width of the 2-layer adapters; 0: the student's width (as the "
+                                     "reference's --head_type mlp).")
+    dynamic: bool = opt(True, "Learn W (false: fixed at its start value, the paper's layer-wise alignment).")
+    w_offset: float = opt(0.01, f"W starts at the layer-wise mapping (student level at the same relative depth) plus "
+                                f"this constant everywhere ({MASKALIGN}: torch.eye(depth) + 0.01).")
+    align_cls: bool = opt(True, "Align the [CLS] token too (the reference concatenates it with the visible patches).")
+    pos_embed: Literal["sincos", "learned"] = opt(
+        "sincos", "Student position embeddings: fixed 2-D sin-cos in MAE's layout (the reference, built on MAE), "
+                  "or learned.")
+    loss_beta: float = opt(1.0, "Smooth-L1 transition point (the paper's loss: 1).")
+    align_weight: float = opt(2.0, f"Weight of the alignment loss (the mean over levels of smooth-L1); "
+                                   f"{MASKALIGN} forward_loss adds 2 * F.smooth_l1_loss.")
+
+    def validate(self) -> None:
+        require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"{self.mask_ratio} is outside (0, 1)")
+        at_least(self, 0, "adapter_hidden_dim", "w_offset", "align_weight")
+        at_least(self, 0, "loss_beta", strict=True)
+
+
 
 
 def align_targets(cls_tokens: list[torch.Tensor], patches: list[torch.Tensor], visible: torch.Tensor,
@@ -53,6 +100,7 @@ def align_loss(pred: torch.Tensor, targets: list[torch.Tensor], beta: float = 1.
 
 @register("maskalign")
 class MaskAlign(Method):
+    config_section = ("maskalign", MaskAlignConfig)
     knn_pool, knn_features = "avg", "student mean patch token"
 
     def __init__(self, student: VisionTransformer, clip_teacher: FrozenTeacher, student_blocks: list[int],
