@@ -11,7 +11,7 @@ Because nothing before the main stage mixes tokens across patches, a masked patc
 before the first stage: `forward_features(x, keep)` gathers the kept patches' inner tokens right
 after the embedding, and every stage computes on visible tokens only (HiViT's point: hierarchical,
 yet as cheap as a plain ViT under masking). Position embeddings are absolute, added at stride 16
-(the reference's `ape`; its relative bias `rpe` is not built here, see the README).
+(the reference's `ape`; its relative bias `rpe` is not built here, see docs/fidelity.md).
 
 Parameter names follow the reference (`patch_embed`, one `blocks` list holding the merges,
 `absolute_pos_embed`; timm's Block names in the main stage), so its backbone and pyramid weights

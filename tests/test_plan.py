@@ -70,7 +70,7 @@ def test_every_registered_vit_has_timms_parameter_count(arch):
         theirs = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0)
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in theirs.parameters()) + width  # + mask_token
-    if arch == "vit_gigantic":  # DESIGN.md: ViT-G/14 1.8B, depth 48, width 1664
+    if arch == "vit_gigantic":  # docs/design.md: ViT-G/14 1.8B, depth 48, width 1664
         assert (depth, width) == (48, 1664) and 1.84e9 < n < 1.85e9
 
 

@@ -5,12 +5,15 @@ interface the shared code asks it through, and the registry), built with trainer
     class Name(Method): ...
 
 `method_class(name)` is the one lookup by name; nothing outside a method's own module compares
-a method's name. Importing this package registers every method.
+a method's name. Importing this package imports every module in it, and so registers every method:
+a new method is a new file here and nothing else (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
 
-from . import beit, dvae, ibot, ibot_clip, itpn, maskalign  # noqa: F401  (register themselves)
+import importlib
+import pkgutil
+
 from .base import METHODS, Method, config_sections, method_class, register
 from .build import build_frozen_teacher, build_student, check_shapes, kernels
 
@@ -26,3 +29,8 @@ def frozen_files(cfg) -> dict[str, str]:
 def replicated_frozen(cfg) -> list[str]:
     """The frozen networks kept whole on every rank, outside the DeepSpeed engine (teacher.clip.replicate)."""
     return [name for name in frozen_files(cfg) if name == "clip_teacher" and cfg.teacher.clip.replicate]
+
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "build"):
+        importlib.import_module(f"{__name__}.{_module.name}")
