@@ -1,0 +1,76 @@
+"""What the run measures on the held-out split: kNN of the method's evaluation features (beside the
+same kNN on raw pixels), and the method's own held-out measures (`held_out_metrics`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.pipeline import labelled_batches
+from data.shards import expand_shards
+from data.transforms import normalize
+from evaluation.features import extract_features
+from evaluation.knn import knn_classify
+
+from .config import Config
+from .distributed import DistEnv
+
+
+def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv) -> float | None:
+    """Weighted kNN of the method's evaluation features: train split -> val split."""
+    if not cfg.data.val_shards:
+        return None
+    val_urls = expand_shards(cfg.data.val_shards)
+    train_urls = expand_shards(cfg.data.train_shards)
+    size, a = cfg.data.global_crops.size, cfg.data.augment
+    method = engine.module
+
+    def prepare(images):
+        return normalize(images.to(device), a.mean, a.std, dtype)
+
+    dummy = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    feats = {}
+    method.eval()
+    for name, urls in (("train", train_urls), ("val", val_urls)):
+        batches = labelled_batches(urls, size, cfg.eval.batch_size, env.rank, env.world_size)
+        feats[name] = extract_features(method.eval_features, batches, prepare, dummy, device=device)
+    method.train()
+    k = cfg.eval.knn_k
+    return knn_classify(*feats["train"], *feats["val"], ks=(k,), temperature=cfg.eval.knn_temp)[k]["top1"]
+
+
+def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv, run_dir: Path,
+             step: int) -> dict[str, float]:
+    """What tells a user the network is good: kNN on the held-out split (methods with
+    `eval_features`), and a method's own measures on the held-out images (`held_out_metrics`: the
+    tokenizer's PSNR, iTPN's pixel loss and reconstructions)."""
+    method = engine.module
+    out = {"knn": knn_eval(cfg, engine, device, dtype, env)} if hasattr(method, "eval_features") else {}
+    if not hasattr(method, "held_out_metrics") or not cfg.data.val_shards:
+        return out
+    batches = labelled_batches(expand_shards(cfg.data.val_shards), cfg.data.global_crops.size, cfg.eval.batch_size,
+                               env.rank, env.world_size)
+    method.eval()
+    with torch.no_grad():
+        out.update(method.held_out_metrics((images.to(device) for images, _ in batches), run_dir, step,
+                                           cfg.data.global_crops.size))
+    method.train()
+    return out
+
+
+def raw_pixel_knn(cfg: Config, env: DistEnv, device: torch.device) -> float | None:
+    """The same kNN on the images themselves (at the global crop size, mean-centred, cosine): what a
+    learned feature has to beat to be worth anything on this data."""
+    if not cfg.data.val_shards:
+        return None
+    feats = {}
+    for name, shards in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+        batches = labelled_batches(expand_shards(shards), cfg.data.global_crops.size, cfg.eval.batch_size, env.rank,
+                                   env.world_size)
+        feats[name] = extract_features(lambda x: x.flatten(1), batches, lambda x: x.to(device).float() / 255,
+                                       torch.zeros(1, 3, 1, 1, dtype=torch.uint8), device=device)
+    mean = feats["train"][0].mean(dim=0)
+    k = cfg.eval.knn_k
+    return knn_classify(feats["train"][0] - mean, feats["train"][1], feats["val"][0] - mean, feats["val"][1],
+                        ks=(k,), temperature=cfg.eval.knn_temp)[k]["top1"]
