@@ -8,7 +8,7 @@ takes a `numpy.random.Generator`, so a mask is a pure function of its seed (resu
   [min_aspect, 1/min_aspect], strictly smaller than the grid on both sides, added while some block
   adds at least one and at most `remaining` new patches (10 attempts per block). The random draws
   come in the reference's order, so with the same stream of numbers the masks are identical
-  (tests/test_masking.py runs both). Like the reference it can stop short of the target when no
+  (tests/unit/test_masking.py runs both). Like the reference it can stop short of the target when no
   block fits; `fill_exact` then grows the masked region patch by patch to the exact count.
 - `ibot_min_block(h, w)`: iBOT's smallest block, (min(h, w) // 3)^2.
 - `random_mask`: exactly `count` patches, uniformly.

@@ -8,7 +8,7 @@ process's GPU, where this work leaves the loader's CPUs.
 
 `apply_batch` is bit-identical to `apply_pil`: every op reproduces Pillow's C code (Blend.c,
 Convert.c's rgb2l / rgb2hsv / hsv2rgb, BoxBlur.c) with its float32 / float64 mix, truncations and
-roundings, so the augmentation distribution is the same on either side (tests/test_photometric.py).
+roundings, so the augmentation distribution is the same on either side (tests/unit/test_photometric.py).
 Working values are integer-valued float32 (float64 and int64 where the C is), one op after another
 as Pillow rounds to uint8 after each.
 """

@@ -47,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32: the same weights and the same arithmetic up to operation order (seen: 0, all on the CPU).
 # bf16: the weights are rounded to 8 mantissa bits (relative 2^-9 each), features computed in fp32;
 # seen 0.2-0.3% on a 2-step test model and on the trained default, so 2% passes rounding and still
-# catches a wrong mapping (swapped q/k gives errors of order 1, tests/test_export.py).
+# catches a wrong mapping (swapped q/k gives errors of order 1, tests/runs/test_export.py).
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 
 

@@ -10,7 +10,7 @@ stack (spills), shared memory against the device's limit, and the matrix instruc
 (HMMA: mma.sync, sm_80 and sm_90; HGMMA: wgmma, sm_90 only).
 
     python scripts/compile_kernels.py                      # the full sweep (about 1000 compilations)
-    python scripts/compile_kernels.py --subset ci          # what tests/test_compile_kernels.py runs
+    python scripts/compile_kernels.py --subset ci          # what tests/unit/test_compile_kernels.py runs
     python scripts/compile_kernels.py --targets sm_90 --head-dims 88 --kernels _attn_fwd -j 2
 
 Writes a table to stdout and JSON (`--json`, default bench/results/kernels_compiled.json for the

@@ -1,7 +1,7 @@
 """Bad data costs samples, never the run: each failure is skipped, counted by kind, logged with its
 shard, and summed over ranks in the metrics; too large a failed fraction stops the run clearly.
 (Corrupt, zero-byte, truncated and non-image samples, truncated tars and missing shards are also
-covered in tests/test_pipeline.py::test_corrupt_inputs_are_skipped_and_counted.)"""
+covered in tests/unit/test_pipeline.py::test_corrupt_inputs_are_skipped_and_counted.)"""
 
 import itertools
 import re

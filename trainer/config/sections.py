@@ -100,7 +100,8 @@ class AugmentConfig:
         "pil", "Random-resized-crop resampling: 'pil' (torchvision's PIL bicubic, as bytedance/ibot main_ibot.py "
                "DataAugmentationiBOT), 'torch' (torch's "
                 "uint8 antialiased bicubic, about 2x faster; within 1 level of PIL's on ~1% of pixels, "
-                "tests/test_photometric.py; needs photometric 'device'), 'auto' (torch where photometric is 'device').")
+                "tests/unit/test_photometric.py; needs photometric 'device'), 'auto' (torch where photometric is "
+                "'device').")
 
     def validate(self) -> None:
         require(self.resize != "torch" or self.photometric != "worker", "resize",

@@ -1,4 +1,4 @@
-"""Measured activation peaks, to check the planner against (scripts/bench_plan.py, tests/test_plan.py).
+"""Measured activation peaks, to check the planner against (scripts/bench_plan.py, tests/unit/test_plan.py).
 
 Two measures of the same forward + backward:
 
@@ -7,7 +7,7 @@ Two measures of the same forward + backward:
   it freed), plus the inputs the step is given. That is what the planner models: saved tensors,
   gradients, recomputed blocks. It leaves out the scratch buffers a kernel allocates and frees
   inside one operator (oneDNN's reorders, the CPU flash attention's per-thread buffers), so it does
-  not depend on which kernels the CPU gets or on the thread count (tests/test_plan.py).
+  not depend on which kernels the CPU gets or on the thread count (tests/unit/test_plan.py).
 - allocator_peak: what the allocator saw above what existed before: on a GPU
   torch.cuda.max_memory_allocated, on the CPU torch.profiler's memory timeline. On the CPU it adds
   those scratch buffers, which depend on the CPU's instruction set and the number of threads

@@ -21,7 +21,7 @@ largest working set, and under activation checkpointing one block's recomputed a
 
 What is not modelled is one row, a rule of thumb: the CUDA context, NCCL buffers and allocator
 fragmentation (1 GiB + 10% of the activations). The activation estimate is checked against
-measured peaks in tests/test_plan.py (CPU) and bench/results/ (GPU, where one was available).
+measured peaks in tests/unit/test_plan.py (CPU) and bench/results/ (GPU, where one was available).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_tokenizer_file, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -2,7 +2,7 @@
 seed 0 (one CPU rank, fp32 on the CPU as the configs run here) were recorded on main before anything
 moved (tests/golden/losses_4steps.json); the code must reproduce them exactly.
 
-    python tests/test_golden_losses.py --record    # only when a change is meant to move them
+    python tests/runs/test_golden_losses.py --record    # only when a change is meant to move them
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "golden" / "losses_4steps.json"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "runs" / "golden" / "losses_4steps.json"
 CONFIGS = ["defaults", "ibot_vit_tiny", "ibot_clip_vit_tiny", "maskalign_vit_tiny", "dvae_tiny", "beit_vit_tiny",
            "itpn_hivit_tiny"]
 STEPS = 4
@@ -23,7 +23,7 @@ STEPS = 4
 
 def frozen_files(tmp: Path) -> dict[str, str]:
     """The tiny CLIP and the tiny tokenizer, each from seed 0 (what the recorded run used)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))  # (run as a script: --record)
     from conftest import tiny_clip_file, tiny_tokenizer_file
 
     return {"clip": str(tiny_clip_file(tmp / "clip.safetensors")),

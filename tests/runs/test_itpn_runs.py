@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_clip_file, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

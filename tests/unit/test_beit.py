@@ -19,7 +19,7 @@ from models.dvae import DVAEArch, FrozenTokenizer
 from models.vit import RelativePositionBias, build_vit, relative_position_index
 from trainer.methods.beit import BEiT, beit_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_ARCH = DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32)
 
 

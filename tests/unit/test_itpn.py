@@ -12,7 +12,7 @@ from models.pyramid import FeaturePyramid, HiViTFPN, build_itpn, to_maps
 from trainer.config import ConfigError, load_config
 from trainer.methods.itpn import feature_target, pixel_loss, pixel_targets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "itpn_hivit_tiny.yaml"
 SMALL = ["model.arch=hivit_test", "itpn.fpn_dim=16", "itpn.decoder_dim=32", "itpn.decoder_depth=1",
          "itpn.decoder_heads=2", "itpn.mfm_dim=16", "itpn.mfm_heads=2"]

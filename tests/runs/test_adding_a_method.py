@@ -120,7 +120,7 @@ def test_the_package_never_names_a_method_outside_its_module():
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     names = "|".join(sorted(METHODS, key=len, reverse=True))
     q = r"[\"']"
     compare = re.compile(rf"method{q}?\]?\)?\s*(==|!=|not in|in)\s*[\(\[{{]?\s*{q}({names}){q}"

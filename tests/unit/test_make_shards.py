@@ -9,7 +9,7 @@ from PIL import Image
 
 from data.shards import expand_shards, read_shard
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def image_folder(root: Path) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ from trainer.engine import build_method, param_groups
 from trainer.methods.ibot_clip import distill_loss
 from trainer.methods.maskalign import align_loss, align_targets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.arch=vit_test", "model.patch_size=4", "data.batch_size=3", "data.mask.min_block_patches=4"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_clip_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -307,7 +307,7 @@ def test_bench_kernels_runs_its_real_code_at_tiny_size(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "k.json"
     env = {**os.environ, "PYTHONPATH": str(root), "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--quick", "--out", str(out)], cwd=root,
@@ -507,7 +507,7 @@ def test_the_declared_triton_range_is_the_tested_one(monkeypatch):
     import tomllib
     import triton
 
-    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
     triton_dep = next(d for d in deps if d.startswith("triton"))
     low, high = kernels_module.TESTED_TRITON
     assert re.match(rf"triton>={low[0]}\.{low[1]},<{high[0]}\.{high[1]};", triton_dep), triton_dep

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_clip_file, tiny_ibot_cmd, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -205,7 +205,7 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
     assert [s for s, _ in a] == [1, 2, 3, 4] and a == b
 
     # teacher.clip.replicate: the teacher whole on each rank, out of the engine, the same numbers; a resumed
-    # run reloads it from its file. (Built inside zero.Init with model.sharded_init: tests/test_comm.py.)
+    # run reloads it from its file. (Built inside zero.Init with model.sharded_init: tests/dist/test_comm.py.)
     replicated = tmp_path / "replicated"
     run = torchrun(*_maskalign_cmd(replicated, clip, 4, ["teacher.clip.replicate=true", "--stop-at", "2"]))
     assert "whole on every rank (teacher.clip.replicate), never gathered" in run.stderr

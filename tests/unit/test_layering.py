@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "data", "trainer", "evaluation", "export")
 # what each layer may not import (anything above it)
 FORBIDDEN = {

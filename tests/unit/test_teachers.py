@@ -9,7 +9,7 @@ import torch
 from models.teachers import FrozenTeacher, TeacherWeightsError, load_teacher_weights, save_clip, tiny_clip
 from trainer.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
