@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -115,6 +116,38 @@ def torchrun(*args: str, timeout: int = 600):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+class Run:
+    """A finished launch.py run: its metrics.jsonl records, status.json and what it printed."""
+
+    def __init__(self, out: Path, result):
+        self.out, self.stdout, self.stderr, self.returncode = out, result.stdout, result.stderr, result.returncode
+        metrics, status = out / "metrics.jsonl", out / "status.json"
+        self.records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        self.status = json.loads(status.read_text()) if status.exists() else None
+
+    def steps(self, *keys: str) -> list[dict]:
+        """Every training record (one per logged step), with `keys` only (all of them if none)."""
+        return [{k: r[k] for k in keys} if keys else r for r in self.records if "loss" in r]
+
+
+def launch_run(out: Path, config: str, *overrides: str, ranks: int = 1, check: bool = True, timeout: int = 900) -> Run:
+    """`python launch.py --config configs/<config>.yaml run.output_dir=<out> ...` on `ranks` CPU ranks
+    (torchrun for more than one), quietly (no pictures, no TensorBoard, no kNN unless asked)."""
+    import sys
+
+    args = ["launch.py", "--config", str(ROOT / "configs" / f"{config}.yaml"), f"run.output_dir={out}",
+            "log.tensorboard=false", "log.pictures=false", "eval.knn_at_end=false", "eval.knn_every_steps=0",
+            *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *args] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+        str(29600 + (os.getpid() + len(out.name) + sum(map(len, overrides))) % 1000), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return Run(out, result)
 
 
 def tiny_ibot_cmd(out: Path, steps: int, extra=()) -> list[str]:
