@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.teachers import TeacherWeightsError
     from trainer.checkpoint import CheckpointError, UntrustedFileError
     from trainer.faults import NumericalFault
+    from trainer.engine import leave_distributed
     from trainer.loop import train
     from trainer.methods import method_class
 
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at, stop_after=args.stop_after)
         stop_signals.ignore()  # saved: a late signal must not turn this into a killed process
+        leave_distributed()
     except tuple(errors) as e:
         what, code = next(v for k, v in errors.items() if isinstance(e, k))
         TRACEBACKS.error("%s", what, exc_info=True)

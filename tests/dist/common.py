@@ -5,7 +5,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from trainer.engine import apply_schedule
+from trainer.engine import apply_schedule, leave_distributed
 
 TINY = ["run.precision=bf16", "model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
         "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0"]
@@ -65,8 +65,5 @@ def collectives_during(fn) -> int:
 
 
 def finish():
-    """Leave the process group together: a rank exiting with a live gloo group can abort
-    ("terminate called without an active exception") while the other is still using it."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group together, as launch.py does after a run (trainer.engine.leave_distributed)."""
+    leave_distributed()

@@ -1,6 +1,9 @@
 """Issue 29: the redesign changes no numbers. The losses of the first 4 steps of every tiny config at
 seed 0 (one CPU rank, fp32 on the CPU as the configs run here) were recorded on main before anything
-moved (tests/golden/losses_4steps.json); the code must reproduce them exactly.
+moved (tests/runs/golden/losses_4steps.json); the code must reproduce them: exactly on the machine
+that recorded them (an Intel Xeon), within 1e-5 relative on another CPU, whose fp32 kernels (oneDNN on
+AMD EPYC against AMX on the Xeon) round differently: seen here, at most 2.1e-7 over the 4 steps of
+every config. A change to an init, a mask, a loss or a schedule moves them by far more.
 
     python tests/runs/test_golden_losses.py --record    # only when a change is meant to move them
 """
@@ -20,6 +23,7 @@ GOLDEN = ROOT / "tests" / "runs" / "golden" / "losses_4steps.json"
 CONFIGS = ["ibot_vit_tiny", "ibot_clip_vit_tiny", "maskalign_vit_tiny", "dvae_tiny", "beit_vit_tiny",
            "itpn_hivit_tiny"]
 STEPS = 4
+RTOL = 1e-5  # float rounding across CPU vendors, not a change of behaviour (see above)
 
 
 def frozen_files(tmp: Path) -> dict[str, str]:
@@ -62,7 +66,7 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_first_four_losses_are_the_recorded_ones(config, files, tmp_path):
     recorded = json.loads(GOLDEN.read_text())["losses"][config]
-    assert losses(config, tmp_path, files) == recorded
+    assert losses(config, tmp_path, files) == [pytest.approx(r, rel=RTOL, abs=0) for r in recorded]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
