@@ -215,17 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     from data.pipeline import DataFailureError
-    from models.dvae import TokenizerWeightsError
     from models.kernels import KernelFault
-    from models.teachers import TeacherWeightsError
+    from models.teachers import FrozenWeightsError
     from trainer.checkpoint import CheckpointError, UntrustedFileError
-    from trainer.faults import NumericalFault
     from trainer.engine import leave_distributed
+    from trainer.faults import NumericalFault
     from trainer.loop import train
     from trainer.methods import method_class
 
-    errors = {TeacherWeightsError: ("teacher error", 2), TokenizerWeightsError: ("tokenizer error", 2),
-              UntrustedFileError: ("untrusted file", 2),
+    errors = {FrozenWeightsError: ("{kind} error", 2), UntrustedFileError: ("untrusted file", 2),
               CheckpointError: ("checkpoint error", 3), NumericalFault: ("numerical fault", 3),
               DataFailureError: ("data error", 3), KernelFault: ("kernel error", 3)}
     try:
@@ -234,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         leave_distributed()
     except tuple(errors) as e:
         what, code = next(v for k, v in errors.items() if isinstance(e, k))
+        what = what.format(kind=getattr(e, "kind", ""))
         TRACEBACKS.error("%s", what, exc_info=True)
         say(f"mimscale: {what} (rank {env.rank}): {e}  [log: {log_dir / f'rank{env.rank}.log'}]")
         return code
@@ -245,30 +244,15 @@ def main(argv: list[str] | None = None) -> int:
             say(f"mimscale: {summary['stopped_by']}: saved step {summary['step']} and stopped; run the same "
                 "command to resume")
         return 0
-    if env.rank == 0 and summary.get("knn") is not None:
-        from evaluation.knn import percent
-
-        def pct(key: str) -> str:
-            return percent(summary.get(key))
-
-        which = method_class(cfg.method).knn_features
-        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {which}, held-out split): {pct('knn')}   "
-              f"random init: {pct('knn_random_init')}   raw pixels: {pct('knn_raw_pixels')}")
-    if env.rank == 0 and summary.get("psnr") is not None:  # the tokenizer (method dvae)
-        print(f"held-out reconstruction PSNR {summary['psnr']:.2f} dB "
-              f"(untrained: {summary['psnr_random_init']:.2f} dB; "
-              f"each image's mean colour: {summary['psnr_mean_colour']:.2f} dB), codebook perplexity "
-              f"{summary['perplexity']:.1f} of {cfg.dvae.vocab_size}, codes used {100 * summary['usage']:.1f}%")
-    if env.rank == 0 and summary.get("heldout_pixel") is not None:  # iTPN's pixel decoder
-        print(f"held-out pixel loss on masked patches {summary['heldout_pixel']:.3f} (untrained: "
-              f"{summary['heldout_pixel_random_init']:.3f}; predicting zeros: {summary['heldout_pixel_zero']:.3f}); "
-              f"reconstructions: {Path(cfg.run.output_dir).expanduser() / 'reconstructions.png'}")
+    run_dir = Path(cfg.run.output_dir).expanduser()
+    if env.rank == 0:
+        for line in method_class(cfg.method).summary_lines(cfg, summary, run_dir):
+            print(line)
     if env.rank == 0 and cfg.log.pictures and method_class(cfg.method).draws_run_pictures:
         from evaluation.pictures import write_run_pictures
         from export.backbones import load_backbone
 
         try:  # the run itself is saved and complete: a picture that fails is a warning, not a failed run
-            run_dir = Path(cfg.run.output_dir).expanduser()
             paths = write_run_pictures(run_dir, load_backbone(run_dir))
             print("pictures: " + "  ".join(str(p) for p in paths))
         except Exception as e:  # noqa: BLE001

@@ -75,10 +75,9 @@ def from_backbone(backbone) -> LoadedBackbone:
 
 
 def _itpn(backbone) -> LoadedBackbone:
-    from export.itpn import itpn_arch
     from models.pyramid import build_itpn
 
-    arch = itpn_arch(backbone.config)
+    arch = backbone.spec.arch
     with torch.device("meta"):
         model = build_itpn(arch)
     model.load_state_dict(backbone.state, strict=True, assign=True)
@@ -119,7 +118,7 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
             aug = info.get("mean"), info.get("std")
             return LoadedBackbone(model.to(dtype), "mimscale", info["itpn_arch"]["image_size"], tuple(aug[0]),
                                   tuple(aug[1]), str(path), path.parent / "eval_results.jsonl", num_prefix_tokens=0,
-                                  step=info.get("step"), method="itpn", run_knn=info.get("knn"))
+                                  step=info.get("step"), method=info.get("method"), run_knn=info.get("knn"))
         if "timm_name" not in meta:
             raise ValueError(f"{path} has no timm_name in its metadata: not a file written by convert_to_hf.py")
         model = load_timm(path, meta["timm_name"], json.loads(meta["timm_kwargs"])).to(dtype).eval()

@@ -38,7 +38,7 @@ import torch
 from evaluation.knn import percent
 from export.backbones import LoadedBackbone, from_backbone, load_backbone
 from export.hf import TIMM_FILE, is_beit, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state
-from export.itpn import itpn_arch, load_itpn, save_itpn
+from export.itpn import load_itpn, save_itpn
 from export.weights import Backbone, ExportError, read_backbone
 
 log = logging.getLogger("convert_to_hf")
@@ -262,11 +262,11 @@ def photos(size: int, mean, std) -> torch.Tensor:
 def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
     """iTPN: transformers has no HiViT class, so backbone + pyramid go to one safetensors file that
     `export.itpn.load_itpn` rebuilds strictly from its metadata (checked here like the others)."""
-    arch, c = itpn_arch(b.config), b.config
+    arch, c = b.spec.arch, b.config
     mean, std = list(c["data"]["augment"]["mean"]), list(c["data"]["augment"]["std"])
     with staged(out) as tmp:
         state = {k: v.to(DTYPES[args.dtype]) for k, v in b.state.items()}
-        save_itpn(state, arch, tmp / ITPN_FILE, {"mean": mean, "std": std, "method": "itpn", "weights": b.which,
+        save_itpn(state, arch, tmp / ITPN_FILE, {"mean": mean, "std": std, "method": b.method.name, "weights": b.which,
                                                   "step": b.step, "knn": {k: v for k, v in b.summary.items()
                                                                           if k.startswith("knn")}})
         errors = {}
@@ -285,7 +285,7 @@ def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
                                   f"(tolerance {TOLERANCE[args.dtype]:.0e})")
         (tmp / "README.md").write_text(
             f"# iTPN ({arch['arch']}, feature pyramid {arch['fpn_dim']} wide), mimscale step {b.step}\n\n"
-            f"Backbone and pyramid pretrained together (method itpn, teacher {c['itpn']['teacher']}). transformers "
+            f"Method {b.method.name}: {b.spec.about}. transformers "
             f"has no HiViT class; load with\n\n    from export.itpn import load_itpn\n"
             f"    model, meta = load_itpn({str(out / ITPN_FILE)!r})\n"
             f"    maps = model.forward_pyramid(images)  # strides 4, 8, 16: [B, {arch['fpn_dim']}, H/s, W/s]\n\n"

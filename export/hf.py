@@ -78,13 +78,6 @@ def is_beit(d: dict) -> bool:
     return d["rel_pos_bias"] != "none" or d["qkv_bias"] != "qkv" or d["pos_embed"] == "none"
 
 
-def layer_scale_init(backbone: Backbone) -> float:
-    """The run's layer-scale init (BEiT's `beit.layer_scale` replaces `model.layer_scale`); only a
-    config default for fresh models: the file's gammas replace it."""
-    c = backbone.config
-    return float((c.get("beit") or {}).get("layer_scale") or c["model"].get("layer_scale") or 1.0)
-
-
 def qv_biases(state: dict[str, torch.Tensor], zeros: bool) -> dict[str, torch.Tensor]:
     """Our names with BEiT's attention biases: a fused q/k/v bias becomes `q_bias` + `v_bias` (the key's
     dropped, see the module docstring); with no biases at all, zeros when `zeros` (BeitModel always has them)."""
@@ -114,8 +107,8 @@ def beit_config(backbone: Backbone, d: dict):
                       use_absolute_position_embeddings=d["pos_embed"] != "none",
                       use_relative_position_bias=d["rel_pos_bias"] == "per_block",
                       use_shared_relative_position_bias=d["rel_pos_bias"] == "shared",
-                      layer_scale_init_value=layer_scale_init(backbone) if backbone.layer_scale else 0.0,
-                      vocab_size=int((backbone.config.get("beit") or {}).get("vocab_size") or 8192))
+                      layer_scale_init_value=backbone.spec.layer_scale_init if backbone.layer_scale else 0.0,
+                      vocab_size=backbone.spec.vocab_size or 8192)
 
 
 def hf_model_and_config(backbone: Backbone):
@@ -318,7 +311,7 @@ def timm_call(backbone: Backbone) -> tuple[str, dict]:
         kwargs.update(use_abs_pos_emb=d["pos_embed"] != "none", use_rel_pos_bias=d["rel_pos_bias"] == "per_block",
                       use_shared_rel_pos_bias=d["rel_pos_bias"] == "shared", qkv_bias=d["qkv_bias"] != "none",
                       # 0, not None: create_model drops None kwargs, and beit_* default to layer-scale
-                      init_values=layer_scale_init(backbone) if backbone.layer_scale else 0.0,
+                      init_values=backbone.spec.layer_scale_init if backbone.layer_scale else 0.0,
                       global_pool="token")  # Beit's default, avg, moves the final norm after pooling (fc_norm)
     elif backbone.layer_scale:
         kwargs["init_values"] = 1.0  # any value: the file's gammas replace it

@@ -1,6 +1,7 @@
 """iTPN's exported file: HiViT with its feature pyramid (models/pyramid.py HiViTFPN) in one
-safetensors file whose metadata carries the architecture record, so `load_itpn` rebuilds it
-strictly (transformers has no HiViT class). scripts/convert_to_hf.py writes it (export/convert.py)."""
+safetensors file whose metadata carries the architecture record (the method's `export_spec().arch`),
+so `load_itpn` rebuilds it strictly (transformers has no HiViT class). scripts/convert_to_hf.py
+writes it (export/convert.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,6 @@ from pathlib import Path
 import torch
 
 from models.pyramid import HiViTFPN, build_itpn
-
-
-def itpn_arch(config: dict) -> dict:
-    """What models.hivit.build_itpn needs, from a run's resolved config."""
-    m, c = config["model"], config["itpn"]
-    return {"arch": m["arch"], "image_size": config["data"]["global_crops"]["size"], "patch_size": m["patch_size"],
-            "layer_scale": c["layer_scale"] or None, "pos_embed": c["pos_embed"], "fpn_dim": c["fpn_dim"],
-            "fpn_depth": c["fpn_depth"]}
 
 
 def save_itpn(state: dict[str, torch.Tensor], arch: dict, path: str | Path, extra: dict | None = None) -> Path:

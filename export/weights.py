@@ -30,11 +30,9 @@ import torch
 
 from trainer.checkpoint import Checkpointer, UntrustedFileError, check_weights_only, deepspeed_safe_globals
 from trainer.methods import method_class
-from trainer.methods.base import Method
+from trainer.methods.base import ExportSpec, Method
 
 BACKBONE = "backbone."
-# Methods whose backbone is trained with a [MASK] embedding in its input (MaskAlign drops the
-# masked patches instead, so its mask_token is never used and stays at its zero init).
 
 
 class ExportError(ValueError):
@@ -57,6 +55,11 @@ class Backbone:
     def method(self) -> type[Method]:
         """The run's method (trainer/methods/base.py): what it trained and how to export it."""
         return method_class(self.config["method"])
+
+    @property
+    def spec(self) -> ExportSpec:
+        """What the method says export needs from the run's config beyond the tensors."""
+        return self.method.export_spec(as_attributes(self.config))
 
     @property
     def uses_mask_token(self) -> bool:

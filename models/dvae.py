@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .teachers import load_frozen, state_mismatch
+from .teachers import FrozenWeightsError, load_frozen, state_mismatch
 
 LOGIT_LAPLACE_EPS = 0.1
 ENCODER_FORMAT = "mimscale-dvae-encoder"
@@ -38,8 +38,10 @@ ReconstructionLoss = Literal["logit_laplace", "l1", "mse"]
 RECONSTRUCTION_LOSSES = ("logit_laplace", "l1", "mse")
 
 
-class TokenizerWeightsError(ValueError):
+class TokenizerWeightsError(FrozenWeightsError):
     """The tokenizer's weights file is missing, unreadable, or of another architecture."""
+
+    kind = "tokenizer"
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,17 @@ def channel_column(values: tuple[float, ...], device: torch.device) -> torch.Ten
     """[1, 3, 1, 1] fp32 on `device`, made once: torch.tensor(..., device=cuda) per call is a blocking copy."""
     return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
-class TeacherWeightsError(ValueError):
+class FrozenWeightsError(ValueError):
+    """A frozen network's weights file is missing, unreadable, or of another architecture; `kind`
+    names the network in the one line a run stops with."""
+
+    kind = "frozen network"
+
+
+class TeacherWeightsError(FrozenWeightsError):
     """The teacher's weights file is missing, unreadable, or of another architecture."""
+
+    kind = "teacher"
 
 
 def resolve_arch(arch: str) -> tuple[str, dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -222,6 +223,37 @@ class VisionTransformer(TimmVisionTransformer):
         for t in (self.cls_token, self.mask_token):
             beit_normal_(t)
         self.rescale_block_outputs()
+
+    def partitioned_init_steps(self) -> list[tuple[list[nn.Parameter], Callable[[], None]]]:
+        """This model's own init as small steps, for when its parameters are partitioned (built under
+        DeepSpeed's zero.Init, where the constructor's init saw empty tensors): the caller gathers
+        each step's parameters, runs the step on one rank and partitions them again. Empty for timm's
+        init, which `models.init.init_module_` redoes module by module; BEiT's draws every weight
+        again and then scales each block's output projections by its depth."""
+        if self.init_kind != "beit":
+            return []
+
+        def draw(*tensors: torch.Tensor) -> Callable[[], None]:
+            def step() -> None:  # in fp32, then cast (bf16 trunc_normal_ is far off, see models/init.py)
+                for t in tensors:
+                    t.data.copy_(beit_normal_(torch.empty(t.shape, dtype=torch.float32, device=t.device)))
+            return step
+
+        def linear(module: nn.Module) -> Callable[[], None]:
+            def step() -> None:
+                draw(module.weight)()
+                if module.bias is not None:
+                    module.bias.data.zero_()
+            return step
+
+        steps = [(list(m.parameters(recurse=False)), linear(m)) for m in self.modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d))]
+        steps += [([t], draw(t)) for t in (self.cls_token, self.mask_token)]
+        if self.pos_embed is not None:
+            steps.append(([self.pos_embed], self.init_pos_embed))
+        steps += [([b.attn.proj.weight, b.mlp.fc2.weight], partial(self.rescale_block_outputs, only=b))
+                  for b in self.blocks]
+        return steps
 
     @torch.no_grad()
     def rescale_block_outputs(self, only: nn.Module | None = None) -> None:

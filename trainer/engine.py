@@ -27,38 +27,6 @@ from .syncs import HOST
 log = logging.getLogger(__name__)
 
 
-def beit_init_sharded(vit) -> None:
-    """BEiT's init of a partitioned ViT, one module at a time (see VisionTransformer.init_beit)."""
-    from models.vit import beit_normal_
-
-    rank0 = torch.distributed.get_rank() == 0
-
-    def draw(t: torch.Tensor) -> None:  # in fp32, then cast (bf16 trunc_normal_ is far off, see models/init.py)
-        t.data.copy_(beit_normal_(torch.empty(t.shape, dtype=torch.float32, device=t.device)))
-
-    for module in vit.modules():
-        own = list(module.parameters(recurse=False))
-        if own and isinstance(module, (nn.Linear, nn.Conv2d)):
-            with deepspeed.zero.GatheredParameters(own, modifier_rank=0), torch.no_grad():
-                if rank0:
-                    draw(module.weight)
-                    if module.bias is not None:
-                        module.bias.zero_()
-    for t in (vit.cls_token, vit.mask_token):
-        with deepspeed.zero.GatheredParameters([t], modifier_rank=0), torch.no_grad():
-            if rank0:
-                draw(t)
-    if vit.pos_embed is not None:
-        with deepspeed.zero.GatheredParameters([vit.pos_embed], modifier_rank=0):
-            if rank0:
-                vit.init_pos_embed()
-    for block in vit.blocks:
-        own = [block.attn.proj.weight, block.mlp.fc2.weight]
-        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
-            if rank0:
-                vit.rescale_block_outputs(only=block)
-
-
 def build_method(cfg: Config) -> nn.Module:
     return method_class(cfg.method).from_config(cfg)
 
@@ -88,7 +56,7 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
     first steps.
     """
     backbone = method.student["backbone"]  # a ViT; the dVAE (method dvae) has no blocks nor embeddings
-    no_wd = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
+    no_wd = set(method.no_weight_decay())
     if not decay_embeddings and hasattr(backbone, "no_weight_decay"):
         no_wd |= {f"backbone.{n}" for n in backbone.no_weight_decay()}
     fixed = {f"backbone.{n}" for n in backbone.fixed_parameters()} if hasattr(backbone, "fixed_parameters") else set()
@@ -227,8 +195,12 @@ def build_module(cfg: Config, ds_config: dict, seed: int) -> nn.Module:
                 with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                     if torch.distributed.get_rank() == 0:
                         init_module_(module)
-        if getattr(method.student.backbone, "init_kind", "timm") == "beit":
-            beit_init_sharded(method.student.backbone)
+        # ... then a network's own init beyond its modules' (BEiT's: models/vit.py), step by step.
+        for module in method.student.modules():
+            for params, step in getattr(module, "partitioned_init_steps", list)():
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+                    if torch.distributed.get_rank() == 0:
+                        step()
     else:
         method = build_method(cfg)
     return method
@@ -270,6 +242,8 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
         buf.data = buf.data.float()
     ema = None
     if hasattr(engine.module, "teacher"):
+        if method_class(cfg.method).ema_momentum(cfg) is None:
+            raise TypeError(f"method {cfg.method} has an EMA teacher but schedules no momentum (Method.ema_momentum)")
         ema = TeacherEMA(engine.module.student, engine.module.teacher)
         ema.gather_stream = gather_stream(engine)
         ema.copy_student_to_teacher()

@@ -46,8 +46,8 @@ def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     `eval_features`), and a method's own measures on the held-out images (`held_out_metrics`: the
     tokenizer's PSNR, iTPN's pixel loss and reconstructions)."""
     method = engine.module
-    out = {"knn": knn_eval(cfg, engine, device, dtype, env)} if hasattr(method, "eval_features") else {}
-    if not hasattr(method, "held_out_metrics") or not cfg.data.val_shards:
+    out = {"knn": knn_eval(cfg, engine, device, dtype, env)} if method.eval_features is not None else {}
+    if method.held_out_metrics is None or not cfg.data.val_shards:
         return out
     batches = labelled_batches(expand_shards(cfg.data.val_shards), cfg.data.global_crops.size, cfg.eval.batch_size,
                                env.rank, env.world_size)

@@ -89,8 +89,8 @@ def log_record(cfg: Config, values: dict, window: dict[str, float], window_steps
                flops_per_step: float | None, device: torch.device) -> dict:
     """One log line's record: the optimised losses (`window`, means over micro-batches, ranks and the
     applied steps since the last line), the schedules, throughput, data failures, phases, memory."""
-    record = {**window, "lr": values["lr"], "weight_decay": values["weight_decay"], "momentum": values["momentum"],
-              **{k: values[k] for k in logged_schedules},
+    record = {**window, "lr": values["lr"], "weight_decay": values["weight_decay"],
+              **{k: values[k] for k in ("momentum", *logged_schedules) if k in values},
               "images_per_s": window_steps * global_batch / elapsed, "step_time_s": elapsed / window_steps,
               "epoch": loader.epoch, "skipped_steps": guard.skipped, **data_failures(loader.counters, device),
               **timer.window(), **({"model_flops_per_step": flops_per_step} if flops_per_step else {}),
@@ -189,7 +189,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     elif cfg.eval.knn_at_end:  # what the trained network will be compared with
         start.summary.update({f"{k}_random_init": v for k, v in evaluate(cfg, engine, device, dtype, env, run_dir,
                                                                           0).items()})
-        if hasattr(method, "eval_features"):
+        if method.eval_features is not None:
             start.summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env, device)
     step, summary, guard.skipped = start.step, start.summary, start.skipped
     # What produced this run, for the exported model card (this rank's own argv; the launcher is not visible).
@@ -262,8 +262,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
 
     # ---- save
     finished = step >= cfg.schedule.steps
-    if finished and not stopped_by and cfg.eval.knn_at_end and not {"knn", "psnr"} & set(summary):
-        summary.update(evaluate(cfg, engine, device, dtype, env, run_dir, step))
+    if finished and not stopped_by and cfg.eval.knn_at_end and summary.get("held_out_step") != step:
+        summary.update(evaluate(cfg, engine, device, dtype, env, run_dir, step), held_out_step=step)
     newest = ckpt.latest()
     if newest is None or newest.name != f"step{step:08d}":  # not already saved by the loop
         save()

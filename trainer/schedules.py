@@ -29,15 +29,15 @@ def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
 
 @dataclass(frozen=True)
 class Schedules:
-    """The optimizer's schedules and the EMA teacher's momentum, with the method's own values
-    (`Method.schedules`: iBOT's teacher temperatures, the dVAE's relaxation temperature...)."""
+    """The optimizer's schedules and, for a method with an EMA teacher, its momentum, with the method's
+    own values (`Method.schedules`: iBOT's teacher temperatures, the dVAE's relaxation temperature...)."""
 
     total: int
     lr: float
     min_lr: float
     warmup: int
     weight_decay: tuple[float, float]
-    momentum: tuple[float, float]
+    momentum: tuple[float, float] | None  # None: no EMA teacher
     decay: int = 0  # the lr cosine ends here (0: at total)
     method_values: Callable[[int], dict[str, float]] = lambda step: {}
 
@@ -53,6 +53,6 @@ class Schedules:
         return {
             "lr": warmup_cosine(step, self.decay or self.total, self.lr, self.min_lr, self.warmup),
             "weight_decay": cosine(step, self.total, *self.weight_decay),
-            "momentum": cosine(step, self.total, *self.momentum),
+            **({"momentum": cosine(step, self.total, *self.momentum)} if self.momentum else {}),
             **self.method_values(step),
         }

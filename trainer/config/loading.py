@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from .fields import ConfigError, Invalid
-from .schema import Config, method_sections
+from .schema import Config, method_names, method_sections
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -84,7 +84,10 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], key + ".")
         else:
-            rows.append((key, f.metadata.get("help", ""), getattr(default, f.name)))
+            help_text = f.metadata.get("help", "")
+            if cls is Config and f.name == "method":
+                help_text += f" Registered: {', '.join(sorted(method_names()))}."
+            rows.append((key, help_text, getattr(default, f.name)))
     if cls is Config:
         for key, section in method_sections().items():
             rows += describe(section, f"{prefix}{key}.")

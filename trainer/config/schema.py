@@ -21,8 +21,7 @@ from .teacher import TeacherConfig
 @dataclass
 class Config:
     method: str = opt(
-        "ibot", "Pretraining objective, a registered method (trainer/methods/<method>.py): ibot, ibot_clip, maskalign, "
-                "beit, dvae (BEiT's tokenizer, stage 1), itpn (a HiViT with its feature pyramid).")
+        "ibot", "Pretraining objective: a registered method, one module each (trainer/methods/<method>.py).")
     run: RunConfig = opt(RunConfig(), "Run directory, seed, precision, kernels.")
     model: ModelConfig = opt(ModelConfig(), "Backbone.")
     data: DataConfig = opt(DataConfig(), "Shards, multi-crop augmentation and masks.")
@@ -72,6 +71,13 @@ class Config:
         if self.data.mask.kind == "block" and self.data.mask.ratio[1] > 0:
             require((self.data.mask.min_block_patches or 1) <= grid, "data.mask.min_block_patches",
                     f"{self.data.mask.min_block_patches} exceeds the {grid} patches of a global crop")
+
+
+def method_names() -> list[str]:
+    """Every registered method's name."""
+    from trainer.methods import METHODS
+
+    return list(METHODS)
 
 
 def method_sections() -> dict[str, type]:

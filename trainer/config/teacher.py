@@ -1,5 +1,5 @@
-"""The frozen teachers' section (`teacher.clip`), shared by the methods that distil from one
-(ibot_clip, maskalign, itpn with itpn.teacher clip)."""
+"""The frozen teachers' section (`teacher.clip`), shared by the methods that distil from one (the
+ones whose `frozen_files` name `clip_teacher`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ class FrozenTeacherConfig:
     weights: str | None = opt(None, "Local weights file: open_clip .pt/.bin (whole CLIP or its visual tower), a "
                                     "timm/DINO state dict, or .safetensors. Never downloaded.")
     blocks: list[int] = opt([], "Teacher blocks whose outputs are targets (0-based; negative counts from the end). "
-                                "Empty: the method's default (maskalign: the last 5, MaskAlign's --loss_weights top5; "
-                                "ibot_clip: the last).")
+                                "Empty: the method's default (its own section's help says which).")
     mean: tuple[float, float, float] | None = opt(None, "Teacher input normalisation mean; null: the arch's own.")
     std: tuple[float, float, float] | None = opt(None, "Teacher input normalisation std; null: the arch's own.")
     antialias: bool = opt(False, "Resize the teacher's input and position embeddings with antialiasing (timm's "
@@ -33,6 +32,6 @@ class FrozenTeacherConfig:
 
 @dataclass
 class TeacherConfig:
-    clip: FrozenTeacherConfig = opt(FrozenTeacherConfig(), "The frozen teacher of maskalign and ibot_clip.")
+    clip: FrozenTeacherConfig = opt(FrozenTeacherConfig(), "The frozen teacher of the methods that distil from one.")
 
 

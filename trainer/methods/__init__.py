@@ -26,9 +26,9 @@ def frozen_files(cfg) -> dict[str, str]:
     return method_class(cfg.method).frozen_files(cfg)
 
 
-def replicated_frozen(cfg) -> list[str]:
-    """The frozen networks kept whole on every rank, outside the DeepSpeed engine (teacher.clip.replicate)."""
-    return [name for name in frozen_files(cfg) if name == "clip_teacher" and cfg.teacher.clip.replicate]
+def replicated_frozen(cfg) -> tuple[str, ...]:
+    """The frozen networks kept whole on every rank, outside the DeepSpeed engine (Method.replicated_frozen)."""
+    return method_class(cfg.method).replicated_frozen(cfg)
 
 
 for _module in pkgutil.iter_modules(__path__):

@@ -7,16 +7,20 @@ under the names `frozen_files` gives) and answers, on the class (from a config, 
 built) or on the built module:
 
 - building and training: `from_config(cfg)`, `forward(batch, values) -> {term: unweighted loss}`,
-  `loss_weights` (the loop does the weighting), `eval_features(images)` (what kNN measures);
+  `loss_weights` (the loop does the weighting), `no_weight_decay()` (parameter names outside weight
+  decay), `eval_features(images)` (what kNN measures) and `held_out_metrics(...)` (its own measures
+  on the held-out images), the last two optional;
 - the config: `validate(cfg)` (its own checks, raising `Invalid(dotted key, problem)`), its frozen
-  networks' weight files (`frozen_files`), its EMA teacher's momentum, the kernels' loss widths;
+  networks' weight files (`frozen_files`) and which of them stay whole outside the engine
+  (`replicated_frozen`), its schedules and its EMA teacher's momentum, the kernels' loss widths;
 - the planner and the FLOP count: `plan_calls` (each pass of a micro-batch) and `loss_logits` (the
   score matrices its loss holds);
 - export and evaluation: what kind of network it trains (`family`, `product`), which parts are the
   exported backbone, whether its EMA teacher is exportable, whether the backbone's mask token is
-  trained, which pooled feature evaluates it;
-- the run's end: what the summary line says about its kNN feature, and whether the run's pictures
-  are drawn for it.
+  trained, which pooled feature evaluates it, and what the exporter needs from the run's config
+  beyond the tensors (`export_spec`);
+- the run's end: the lines that report its held-out measures (`summary_lines`), and whether the
+  run's pictures are drawn for it.
 
 Everything has a default that fits a ViT method with no EMA teacher and no frozen network, so a new
 method overrides only what differs (docs/adding-a-method.md).
@@ -24,10 +28,25 @@ method overrides only what differs (docs/adding-a-method.md).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+
+FROZEN_TEACHER = "clip_teacher"  # the attribute of the shared frozen teacher (section teacher.clip, build.py)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What export needs from a run's config beyond the tensors it reads (Method.export_spec)."""
+
+    layer_scale_init: float = 1.0  # layer-scale init in a transformers config (the file's gammas replace it)
+    vocab_size: int | None = None  # the visual-token vocabulary a BEiT-style transformers config names
+    arch: Any = None  # the record that rebuilds a network its tensors do not describe (HiViT + pyramid, a dVAE)
+    about: str = ""  # what the model card says about how it was pretrained, beside the method's name
 
 
 def meta_images(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,8 +74,20 @@ class Method(nn.Module):
     # every registered section exists in every config, with its defaults unless set
     config_section: ClassVar[tuple[str, type] | None] = None
     logged_schedules: ClassVar[tuple[str, ...]] = ()  # its scheduled values, logged beside the losses
+    loss_weights: dict[str, float]  # set in __init__: {term: weight}; the loop weights forward's terms
+    # optional: (images [B, 3, S, S], normalised) -> [B, C], the features kNN measures (None: no kNN)
+    eval_features: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # optional: (image batches, run directory, step, crop size) -> {name: value} measured on the held-out
+    # split, with the same names + "_random_init" for the untrained network (the dVAE's PSNR, iTPN's pixel loss)
+    held_out_metrics: Callable[[Iterable[torch.Tensor], Path, int, int], dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ from the config
+
+    @classmethod
+    def from_config(cls, cfg) -> Method:
+        """The method module for a run's config, its networks built and initialised (weights of frozen
+        networks are loaded by the engine afterwards)."""
+        raise TypeError(f"method {cls.name} does not say how it is built (from_config)")
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -69,15 +100,22 @@ class Method(nn.Module):
         return {}
 
     @classmethod
+    def replicated_frozen(cls, cfg) -> tuple[str, ...]:
+        """Its frozen networks kept whole on every rank, outside the DeepSpeed engine (never gathered):
+        the shared frozen teacher (`clip_teacher`) when `teacher.clip.replicate` is set."""
+        return tuple(n for n in cls.frozen_files(cfg) if n == FROZEN_TEACHER and cfg.teacher.clip.replicate)
+
+    @classmethod
     def schedules(cls, cfg):
         """Its values beyond the optimizer's, as a function of the optimizer step -> {name: value}
         (pure: nothing to save); `forward` gets them in `values`."""
         return lambda step: {}
 
     @classmethod
-    def ema_momentum(cls, cfg) -> tuple[float, float]:
-        """The EMA teacher's momentum schedule (start, end): iBOT's section holds the default."""
-        return tuple(cfg.ibot.ema_momentum)
+    def ema_momentum(cls, cfg) -> tuple[float, float] | None:
+        """The EMA teacher's momentum, start and end of a cosine over the run; a method with a `teacher`
+        must say it (None: no EMA teacher, and no momentum is scheduled or logged)."""
+        return None
 
     @classmethod
     def loss_classes(cls, cfg) -> dict[str, tuple[int, ...]]:
@@ -89,6 +127,30 @@ class Method(nn.Module):
         """(masks [n, h, w], title) that `scripts/visualize.py masks` draws over loader views: the
         loader's own masks, unless the method chooses its masked patches itself."""
         return loader_masks, f"{cfg.method}: block masks of the loader"
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as `named_parameters` gives them) kept out of weight decay beyond the usual biases and
+        norms: a method's own tensors, such as MaskAlign's W."""
+        return set()
+
+    # ------------------------------------------------------------------ export and the run's end
+
+    @classmethod
+    def export_spec(cls, cfg) -> ExportSpec:
+        """What export/ needs from the run's config (a checkpoint's, read by attribute) beyond the tensors."""
+        return ExportSpec(layer_scale_init=float(cfg.model.layer_scale or 1.0))
+
+    @classmethod
+    def summary_lines(cls, cfg, summary: dict, run_dir: Path) -> list[str]:
+        """What the end of a run prints about its held-out measures, each beside what it is compared
+        with (`summary`: the run's, with the untrained network's as `<name>_random_init`)."""
+        if summary.get("knn") is None:
+            return []
+        from evaluation.knn import percent
+
+        return [f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {cls.knn_features}, held-out split): "
+                f"{percent(summary.get('knn'))}   random init: {percent(summary.get('knn_random_init'))}   "
+                f"raw pixels: {percent(summary.get('knn_raw_pixels'))}"]
 
     # ------------------------------------------------------------------ the planner
 

@@ -30,7 +30,7 @@ from models.vit import VisionTransformer, beit_normal_
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, at_least, checking_files, opt, require
 
-from .base import Method, meta_images, register
+from .base import ExportSpec, Method, meta_images, register
 from .build import build_student, kernels
 
 BEIT = "microsoft/unilm beit/"
@@ -142,6 +142,12 @@ class BEiT(Method):
         require(not checking_files() or g.second_size == side * down, "data.global_crops.second_size",
                 f"{g.second_size}: the tokenizer ({down}x down-sampling) must see a {side} x {side} grid like the "
                 f"student's patches, so it must be {side * down}")
+
+    @classmethod
+    def export_spec(cls, cfg) -> ExportSpec:
+        """BEiT's layer-scale init replaces `model.layer_scale`; its vocabulary goes into BeitConfig."""
+        return ExportSpec(layer_scale_init=float(cfg.beit.layer_scale or cfg.model.layer_scale or 1.0),
+                          vocab_size=cfg.beit.vocab_size)
 
     @classmethod
     def frozen_files(cls, cfg) -> dict[str, str]:

@@ -43,7 +43,7 @@ from trainer.config.checks import check_single_view
 from trainer.config.fields import at_least, check_prob, opt, require
 from trainer.schedules import cosine
 
-from .base import Method, register
+from .base import ExportSpec, Method, register
 
 DALLE = "openai/DALL-E and its paper (Ramesh et al. 2021, appendix A.2)"
 
@@ -119,6 +119,11 @@ class DVAE(Method):
         return cls(dvae_arch(cfg), d.recon_loss, d.straight_through, d.min_code_usage, a.mean, a.std)
 
     @classmethod
+    def export_spec(cls, cfg) -> ExportSpec:
+        """The tokenizer's architecture, which export/tokenizer.py rebuilds the encoder with."""
+        return ExportSpec(arch=dvae_arch(cfg), about="BEiT's tokenizer (DALL-E's dVAE), stage 1")
+
+    @classmethod
     def schedules(cls, cfg):
         """DALL-E's: the relaxation temperature annealed and the KL weight ramped, both by half-cosines."""
         d = cfg.dvae
@@ -164,6 +169,14 @@ class DVAE(Method):
             perplexity, usage = code_stats(logits.argmax(dim=1), self.arch.vocab_size)
         return {"recon": recon, "kl": values["kl_weight"] * kl, "kl_per_dim": kl.detach(),
                 "batch_perplexity": torch.as_tensor(perplexity, dtype=torch.float32, device=logits.device)}
+
+    @classmethod
+    def summary_lines(cls, cfg, summary: dict, run_dir: Path) -> list[str]:
+        if summary.get("psnr") is None:
+            return []
+        return [f"held-out reconstruction PSNR {summary['psnr']:.2f} dB (untrained: {summary['psnr_random_init']:.2f} "
+                f"dB; each image's mean colour: {summary['psnr_mean_colour']:.2f} dB), codebook perplexity "
+                f"{summary['perplexity']:.1f} of {cfg.dvae.vocab_size}, codes used {100 * summary['usage']:.1f}%"]
 
     @torch.no_grad()
     def held_out_metrics(self, batches, run_dir: Path, step: int, size: int) -> dict[str, float]:

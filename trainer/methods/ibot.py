@@ -86,7 +86,8 @@ class IBOTConfig:
     cls_weight: float = opt(1.0, "Weight of L_CLS in the optimised loss.")
     mim_weight: float = opt(1.0, "Weight of L_MIM in the optimised loss.")
     freeze_last_layer_steps: int = opt(1250, "Prototype layer gets lr 0 for these first steps (one epoch).")
-    clip_weight: float = opt(1.0, "method ibot_clip: weight of the frozen-teacher feature distillation term.")
+    clip_weight: float = opt(1.0, "method ibot_clip: weight of the frozen-teacher feature distillation term "
+                                  "(its target: the block teacher.clip.blocks names; empty: the last).")
     clip_loss: Literal["cosine", "smooth_l1"] = opt(
         "cosine", "method ibot_clip: distance between predicted and (normalised) teacher features.")
 
@@ -166,12 +167,12 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 @register("ibot")
 class IBOT(Method):
+    """Student and EMA teacher (backbone + iBOT head each) on one module tree."""
+
     config_section = ("ibot", IBOTConfig)
     logged_schedules = ("teacher_temp", "teacher_patch_temp")
     uses_mask_token = True
     fp32_buffers = ("center", "center_patch")  # averages: fp32 whatever the engine's precision
-
-    """Student and EMA teacher (backbone + iBOT head each) on one module tree."""
 
     def __init__(self, student: VisionTransformer, student_head: IBOTHead, teacher: VisionTransformer,
                  teacher_head: IBOTHead, out_dim: int, patch_out_dim: int, student_temp: float = 0.1,
@@ -221,6 +222,10 @@ class IBOT(Method):
     @classmethod
     def from_config(cls, cfg) -> IBOT:
         return cls(**cls.networks(cfg))
+
+    @classmethod
+    def ema_momentum(cls, cfg) -> tuple[float, float]:
+        return tuple(cfg.ibot.ema_momentum)
 
     @classmethod
     def schedules(cls, cfg):

@@ -41,7 +41,7 @@ from models.pyramid import FeaturePyramid
 from trainer.config.checks import check_frozen_teacher, check_single_view
 from trainer.config.fields import at_least, check_range, opt, require
 
-from .base import Method, meta_images, register
+from .base import ExportSpec, Method, meta_images, register
 from .build import build_frozen_teacher, kernels
 
 ITPN = "sunsmarterjie/iTPN"
@@ -55,7 +55,7 @@ class ITPNConfig:
     teacher: Literal["ema", "clip", "none"] = opt(
         "none", f"Target of masked feature modelling: none = pixels only ({ITPN} itpn_pixel), ema = the moving-"
                 f"averaged backbone (the paper's MFM; its code is not public), clip = the frozen teacher.clip.* "
-                f"({ITPN} itpn_clip).")
+                f"({ITPN} itpn_clip; teacher.clip.blocks: one per pyramid level, empty: the last block for each).")
     mask_ratio: float = opt(0.75, "Fraction of patches dropped before the first stage; int(N * (1 - r)) are "
                                   f"encoded, uniformly random per image ({ITPN} itpn_pixel --mask_ratio 0.75).")
     pos_embed: Literal["sincos", "learned"] = opt(
@@ -242,8 +242,18 @@ class ITPN(Method):
         return {"clip_teacher": cfg.teacher.clip.weights} if cfg.itpn.teacher == "clip" else {}
 
     @classmethod
-    def ema_momentum(cls, cfg) -> tuple[float, float]:
-        return tuple(cfg.itpn.ema_momentum)
+    def export_spec(cls, cfg) -> ExportSpec:
+        """HiViT with its pyramid: transformers has no class for it, so the file carries the record that
+        rebuilds it (models.pyramid.build_itpn)."""
+        c = cfg.itpn
+        arch = {"arch": cfg.model.arch, "image_size": cfg.data.global_crops.size, "patch_size": cfg.model.patch_size,
+                "layer_scale": c.layer_scale or None, "pos_embed": c.pos_embed, "fpn_dim": c.fpn_dim,
+                "fpn_depth": c.fpn_depth}
+        return ExportSpec(arch=arch, about=f"backbone and pyramid pretrained together, teacher {c.teacher}")
+
+    @classmethod
+    def ema_momentum(cls, cfg) -> tuple[float, float] | None:
+        return tuple(cfg.itpn.ema_momentum) if cfg.itpn.teacher == "ema" else None
 
     def plan_calls(self, cfg, s, dt) -> list:
         b, n = s.b, s.patches
@@ -322,6 +332,15 @@ class ITPN(Method):
         if zeros:
             losses["mfm_zero"] = torch.stack(zeros).mean()
         return losses
+
+    @classmethod
+    def summary_lines(cls, cfg, summary: dict, run_dir: Path) -> list[str]:
+        lines = super().summary_lines(cfg, summary, run_dir)
+        if summary.get("heldout_pixel") is not None:  # its pixel decoder
+            lines.append(f"held-out pixel loss on masked patches {summary['heldout_pixel']:.3f} (untrained: "
+                         f"{summary['heldout_pixel_random_init']:.3f}; predicting zeros: "
+                         f"{summary['heldout_pixel_zero']:.3f}); reconstructions: {run_dir / 'reconstructions.png'}")
+        return lines
 
     @torch.no_grad()
     def held_out_metrics(self, batches, run_dir: Path, step: int, size: int) -> dict[str, float]:

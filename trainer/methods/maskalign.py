@@ -50,7 +50,8 @@ class MaskAlignConfig:
                        f"probabilities proportional to the attention ({MASKALIGN} models_pretrain.py "
                        "attention_masking: torch.multinomial), or the top-k.")
     student_blocks: list[int] = opt([], "Student blocks fed to the alignment (0-based, negative from the end); "
-                                        "empty: all.")
+                                        "empty: all. The teacher's are teacher.clip.blocks (empty: its last 5, "
+                                        "MaskAlign's --loss_weights top5).")
     adapter_on: Literal["teacher_level", "student_level"] = opt(
         "teacher_level", f"teacher_level: W mixes the student's block outputs, then one adapter per teacher level "
                          f"maps the mix ({MASKALIGN} models_pretrain.py get_student); student_level: one adapter per "

@@ -76,8 +76,9 @@ def count_parameters(method: nn.Module, replicated: tuple[str, ...] = ()) -> Cou
     """`replicated`: frozen networks kept whole outside the engine, which ZeRO-3 never gathers."""
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     ema = sum(p.numel() for p in method.teacher.parameters()) if hasattr(method, "teacher") else 0
-    frozen = {name: sum(p.numel() for p in getattr(method, name).parameters())
-              for name in ("clip_teacher", "tokenizer") if hasattr(method, name)}
+    # frozen networks are the children loaded from a file (Method.frozen_files: each has load_weights)
+    frozen = {name: sum(p.numel() for p in child.parameters())
+              for name, child in method.named_children() if hasattr(child, "load_weights")}
     parts = [getattr(method, n) for n in ("student", "teacher") if hasattr(method, n)]
     heads = sum(p.numel() for part in parts if "head" in part for p in part["head"].parameters())
     name, largest = max(((n, sum(p.numel() for p in m.parameters(recurse=False))) for n, m in method.named_modules()
