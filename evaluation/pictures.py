@@ -188,3 +188,27 @@ def write_run_pictures(run_dir: Path, backbone, num_images: int = 6) -> list[Pat
             patch = backbone.features(x)["patch"]
             out.append(clusters_figure(patch, x, backbone.mean, backbone.std, 4, run_dir / "clusters.png"))
     return out
+
+
+def sample_images(paths: list[str] | None, backbone) -> torch.Tensor:
+    """Normalised [B, 3, S, S] for `backbone` (its image_size, mean, std, run_config): the given files,
+    a digits run's held-out images, or scikit-learn's two sample photos, resized (bicubic) and
+    centre-cropped to its resolution."""
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    from data.transforms import normalize
+
+    size = backbone.image_size
+    if paths:
+        pil = [Image.open(p).convert("RGB") for p in paths]
+    elif backbone.run_config and backbone.run_config["data"].get("val_shards") and size < 64:
+        return normalize(first_images(backbone.run_config["data"]["val_shards"], size, 6), backbone.mean,
+                         backbone.std)
+    else:
+        from sklearn.datasets import load_sample_images
+
+        pil = [Image.fromarray(a) for a in load_sample_images().images]
+    x = torch.stack([F.pil_to_tensor(F.center_crop(F.resize(p, size, F.InterpolationMode.BICUBIC), size))
+                     for p in pil])
+    return normalize(x, backbone.mean, backbone.std)

@@ -1,7 +1,5 @@
-"""Convert a training checkpoint to a Hugging Face `transformers` model directory and a timm file.
-
-    python scripts/convert_to_hf.py runs/x out/vit-l16-ibot                 # newest checkpoint, EMA teacher
-    python scripts/convert_to_hf.py runs/x/checkpoints/step00100000 out/s --weights student --dtype bf16
+"""A training checkpoint converted to a Hugging Face `transformers` model directory and a timm file
+(scripts/convert_to_hf.py is the command line).
 
 Input: a run directory (its newest complete checkpoint), a checkpoint directory, or
 `checkpoints/latest`, written by ZeRO-3 or ZeRO-2 on any number of ranks. One CPU process, no
@@ -13,15 +11,14 @@ preprocessor_config.json (the run's resolution and normalisation), timm_model.sa
 layout, its `beit_*` models for BEiT; the command that loads it is printed and in the card) and
 README.md (the model card); an iTPN run (HiViT + pyramid, no transformers class) becomes
 itpn.safetensors, which `export.itpn.load_itpn` rebuilds strictly, and a short card. Before it
-exits, the script loads what it wrote with `AutoModel` and timm (or `load_itpn`) and compares
-their [CLS] and patch features on two real photos with ours (`--no-check` skips this). Errors
+returning, `convert` loads what it wrote with `AutoModel` and timm (or `load_itpn`) and compares
+their [CLS] and patch features on two real photos with ours (`check=False` skips this). Errors
 (not a checkpoint, incomplete, untrusted pickle, unknown architecture, an existing output) are one
-line on stderr and exit 2; nothing is left at the output path.
+`ExportError` line; nothing is left at the output path.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -29,8 +26,8 @@ import os
 import resource
 import shlex
 import shutil
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +39,7 @@ from export.itpn import load_itpn, save_itpn
 from export.weights import Backbone, ExportError, read_backbone
 
 log = logging.getLogger("convert_to_hf")
+SCRIPT = "scripts/convert_to_hf.py"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Relative error ||ours - theirs|| / ||ours|| of [CLS] and patch features allowed by the check.
 # fp32: the same weights and the same arithmetic up to operation order (seen: 0, all on the CPU).
@@ -98,7 +96,18 @@ def check(ours: LoadedBackbone, out: Path, dtype: str) -> dict[str, float]:
     return errors
 
 
-def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, args: argparse.Namespace, errors: dict) -> str:
+@dataclass
+class Converted:
+    """What `convert` wrote: the directory, and how to load it (`lines`, printed by the script)."""
+
+    out: Path
+    hf_class: str  # the transformers class, or "iTPN file"
+    errors: dict[str, float] = field(default_factory=dict)  # the check's relative feature errors
+    timm_name: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, out: Path, command: str, errors: dict) -> str:
     c = b.config
     global_batch = c["data"]["batch_size"] * c["optim"]["grad_accum"] * b.world_size
     ranks = f"{b.world_size} rank" + ("s" if b.world_size > 1 else "")
@@ -136,7 +145,7 @@ pipeline_tag: image-feature-extraction
   std {c['data']['augment']['std']}.
 - **kNN top-1**: {knn}.
 - **Produced by**: `{b.command or 'not recorded (checkpoint older than this field)'}`
-- **Converted by**: `{shlex.join(['python', 'scripts/convert_to_hf.py', *args.argv])}`
+- **Converted by**: `{command}`
 - **Export check** (relative feature error against mimscale's model on two photos): {check_line}.
 - **Left out** (pretraining only): {'; '.join(b.left_out)}.
 
@@ -144,8 +153,8 @@ pipeline_tag: image-feature-extraction
 
 ```python
 from transformers import AutoImageProcessor, AutoModel
-processor = AutoImageProcessor.from_pretrained("{args.out}")
-model = AutoModel.from_pretrained("{args.out}")
+processor = AutoImageProcessor.from_pretrained("{out}")
+model = AutoModel.from_pretrained("{out}")
 features = model(**processor(images=image, return_tensors="pt")).last_hidden_state[:, 0]  # [CLS]
 ```
 
@@ -188,32 +197,38 @@ def staged(out: Path):
         raise
 
 
-def convert(args: argparse.Namespace) -> Path:
-    out = Path(args.out).expanduser()
+def convert(checkpoint: str | Path, out: str | Path, weights: str = "auto", dtype: str = "fp32",
+            overwrite: bool = False, check_export: bool = True, command: str | None = None) -> Converted:
+    """Write the backbone of `checkpoint` (a run, a checkpoint directory or checkpoints/latest; `weights`:
+    auto, teacher or student) to the directory `out` in `dtype` (fp32 or bf16), and, unless
+    `check_export` is off, compare what was written with our model; `command`: the command line for
+    the model card (default: the script with these arguments)."""
+    command = command or shlex.join(["python", SCRIPT, str(checkpoint), str(out), "--weights", weights, "--dtype",
+                                     dtype])
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
-    if out.exists() and not args.overwrite:
+    if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     start_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the imports' share
     anon = anonymous_gib()
     try:
-        b = read_backbone(args.checkpoint, args.weights)
+        b = read_backbone(checkpoint, weights)
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # e.g. DeepSpeed on a missing optimizer shard
         if isinstance(e, ExportError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(f"cannot read {args.checkpoint}: {type(e).__name__}: {first}") from None
+        raise ExportError(f"cannot read {checkpoint}: {type(e).__name__}: {first}") from None
     read_gib = anonymous_gib() - anon
     if b.method.family == "hivit":
-        return convert_itpn(b, out, args)
+        return convert_itpn(b, out, dtype, check_export, command)
     dims = shapes(b)  # an unknown architecture stops here, before anything is written
     backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30
     log.info("read the %s backbone of %s (step %d, %d ranks): %d tensors, %.1fM parameters", b.which, b.checkpoint,
              b.step, b.world_size, len(b.state), sum(v.numel() for v in b.state.values()) / 1e6)
     log.info("left out (pretraining only): %s", "; ".join(b.left_out))
     with staged(out) as tmp:
-        dtype = DTYPES[args.dtype]
         name, kwargs = timm_call(b)
         c = b.config
         meta = {"timm_name": name, "timm_kwargs": json.dumps(kwargs), "image_size": str(dims["image_size"]),
@@ -223,24 +238,23 @@ def convert(args: argparse.Namespace) -> Path:
                 "knn": json.dumps({k: v for k, v in b.summary.items() if k.startswith("knn")})}
         from safetensors.torch import save_file
 
-        save_file(timm_state(b, dtype), str(tmp / TIMM_FILE), metadata=meta)
-        hf_class = save_hf(b, tmp, dtype).__name__
+        save_file(timm_state(b, DTYPES[dtype]), str(tmp / TIMM_FILE), metadata=meta)
+        hf_class = save_hf(b, tmp, DTYPES[dtype]).__name__
         save_processor(b, tmp)
         ours = from_backbone(b)  # assigned from b.state: no copy
         b.state = {}
-        errors = {} if args.no_check else check(ours, tmp, args.dtype)
+        errors = check(ours, tmp, dtype) if check_export else {}
         del ours  # the last reference to the backbone's tensors
         timm_line = timm_snippet(name, kwargs, str(out / TIMM_FILE))
-        (tmp / "README.md").write_text(model_card(b, dims, hf_class, timm_line, args, errors))
-    log.info("wrote %s (%s, %s)%s in %.0f s", out, hf_class, args.dtype,
+        (tmp / "README.md").write_text(model_card(b, dims, hf_class, timm_line, out, command, errors))
+    log.info("wrote %s (%s, %s)%s in %.0f s", out, hf_class, dtype,
              "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "",
              time.perf_counter() - t0)
     log.info("memory: %.2f GiB allocated by reading the backbone (fp32 backbone: %.2f GiB); peak resident %.2f GiB, "
              "%.2f GiB of it before reading (imports), the rest the backbone and memory-mapped checkpoint pages",
              read_gib, backbone_gib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, start_gib)
-    print(f"transformers: AutoModel.from_pretrained({str(out)!r})  [{hf_class}]")
-    print(f"timm ({name}): {timm_line}")
-    return out
+    return Converted(out, hf_class, errors, name, [
+        f"transformers: AutoModel.from_pretrained({str(out)!r})  [{hf_class}]", f"timm ({name}): {timm_line}"])
 
 
 ITPN_FILE = "itpn.safetensors"
@@ -259,18 +273,18 @@ def photos(size: int, mean, std) -> torch.Tensor:
     return torch.stack(out)
 
 
-def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
+def convert_itpn(b: Backbone, out: Path, dtype: str, check_export: bool, command: str) -> Converted:
     """iTPN: transformers has no HiViT class, so backbone + pyramid go to one safetensors file that
     `export.itpn.load_itpn` rebuilds strictly from its metadata (checked here like the others)."""
     arch, c = b.spec.arch, b.config
     mean, std = list(c["data"]["augment"]["mean"]), list(c["data"]["augment"]["std"])
     with staged(out) as tmp:
-        state = {k: v.to(DTYPES[args.dtype]) for k, v in b.state.items()}
+        state = {k: v.to(DTYPES[dtype]) for k, v in b.state.items()}
         save_itpn(state, arch, tmp / ITPN_FILE, {"mean": mean, "std": std, "method": b.method.name, "weights": b.which,
                                                   "step": b.step, "knn": {k: v for k, v in b.summary.items()
                                                                           if k.startswith("knn")}})
         errors = {}
-        if not args.no_check:
+        if check_export:
             ours = from_backbone(b).model
             theirs = load_itpn(tmp / ITPN_FILE)[0].float()
             x = photos(arch["image_size"], mean, std)
@@ -280,9 +294,9 @@ def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
             errors.update({f"pyramid{s}": relative_error(p, q) for s, p, q in zip((16, 8, 4), a["pyramid"],
                                                                                    t["pyramid"])})
             worst = max(errors.values())
-            if worst > TOLERANCE[args.dtype]:
+            if worst > TOLERANCE[dtype]:
                 raise ExportError(f"the written iTPN file differs from the checkpoint's model by {worst:.1e} "
-                                  f"(tolerance {TOLERANCE[args.dtype]:.0e})")
+                                  f"(tolerance {TOLERANCE[dtype]:.0e})")
         (tmp / "README.md").write_text(
             f"# iTPN ({arch['arch']}, feature pyramid {arch['fpn_dim']} wide), mimscale step {b.step}\n\n"
             f"Method {b.method.name}: {b.spec.about}. transformers "
@@ -290,31 +304,7 @@ def convert_itpn(b: Backbone, out: Path, args: argparse.Namespace) -> Path:
             f"    model, meta = load_itpn({str(out / ITPN_FILE)!r})\n"
             f"    maps = model.forward_pyramid(images)  # strides 4, 8, 16: [B, {arch['fpn_dim']}, H/s, W/s]\n\n"
             f"Input: {arch['image_size']} px, normalised with mean {mean} and std {std}. Command: "
-            f"{shlex.join(['python', 'scripts/convert_to_hf.py', *args.argv])}\n")
-    log.info("wrote %s (iTPN backbone + pyramid, %s)%s", out / ITPN_FILE, args.dtype,
+            f"{command}\n")
+    log.info("wrote %s (iTPN backbone + pyramid, %s)%s", out / ITPN_FILE, dtype,
              "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "")
-    print(f"iTPN: export.itpn.load_itpn({str(out / ITPN_FILE)!r})")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a run directory, a checkpoint directory (stepNNNNNNNN) or "
-                                           "<run>/checkpoints/latest")
-    parser.add_argument("out", help="output directory (must not exist, unless --overwrite)")
-    parser.add_argument("--weights", choices=["auto", "teacher", "student"], default="auto",
-                        help="the EMA teacher (what iBOT/DINO release and evaluate), the student, or auto: the "
-                             "teacher where the method has one (ibot, ibot_clip), else the student (maskalign)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--no-check", action="store_true", help="skip loading and comparing what was written")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv  # for the model card
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        convert(args)
-    except ExportError as e:
-        print(f"convert_to_hf: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return Converted(out, "iTPN file", errors, lines=[f"iTPN: export.itpn.load_itpn({str(out / ITPN_FILE)!r})"])

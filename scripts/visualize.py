@@ -1,4 +1,4 @@
-"""Pictures of a backbone and of a run.
+"""Pictures of a backbone and of a run (evaluation/pictures.py).
 
     python scripts/visualize.py attention runs/x                 # last block's [CLS] attention per head
     python scripts/visualize.py clusters out/vit-hf --k 5        # k-means of patch features (any backbone)
@@ -11,61 +11,13 @@ on digits, its first held-out images), resized and centre-cropped to the backbon
 Each command prints the path of the PNG it wrote.
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation import pictures  # noqa: E402
-
-
-def load_images(paths: list[str] | None, backbone) -> torch.Tensor:
-    """Normalised [B, 3, S, S] for `backbone`: the given files, the run's held-out images, or two photos."""
-    from PIL import Image
-    from torchvision.transforms import functional as F
-
-    from data.transforms import normalize
-
-    size = backbone.image_size
-    if paths:
-        pil = [Image.open(p).convert("RGB") for p in paths]
-    elif backbone.run_config and backbone.run_config["data"].get("val_shards") and size < 64:
-        return normalize(pictures.first_images(backbone.run_config["data"]["val_shards"], size, 6), backbone.mean,
-                         backbone.std)
-    else:
-        from sklearn.datasets import load_sample_images
-
-        pil = [Image.fromarray(a) for a in load_sample_images().images]
-    x = torch.stack([F.pil_to_tensor(F.center_crop(F.resize(p, size, F.InterpolationMode.BICUBIC), size))
-                     for p in pil])
-    return normalize(x, backbone.mean, backbone.std)
-
-
-def training_views(config: str | None, overrides: list[str], n: int):
-    """(views [n, 3, H, W] normalised, masks [n, h, w] or None, mean, std, title) from the config's loader
-    and, for MaskAlign, its teacher's attentive choice of visible patches."""
-    from data.digits import resolve_builtin
-    from data.pipeline import build_train_loader
-    from data.transforms import normalize_batch
-    from trainer.config import load_config
-
-    cfg = load_config(config, overrides)
-    d = cfg.data
-    d.train_shards, d.val_shards = resolve_builtin(d.train_shards, d.val_shards, d.cache_dir)
-    d.num_workers, d.batch_size = 0, n
-    batch = normalize_batch(next(iter(build_train_loader(d, patch_size=cfg.model.patch_size, seed=cfg.run.seed))),
-                            d.augment.mean, d.augment.std)
-    from trainer.methods import method_class
-
-    views = batch["global_crops"][0]
-    masks, title = method_class(cfg.method).masks_to_draw(cfg, views, batch["masks"][0])
-    return views, masks, d.augment.mean, d.augment.std, title
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} ({', '.join(panels)})")
         return 0
     if args.what == "masks":
+        from trainer.cli import training_views
+
         views, masks, mean, std, title = training_views(args.config, args.overrides, args.views)
         print(pictures.masks_figure(views, masks, mean, std, title, Path(args.out)))
         return 0
@@ -106,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"visualize: {e}", file=sys.stderr)
         return 2
-    x = load_images(args.images, backbone)
+    x = pictures.sample_images(args.images, backbone)
     if args.what == "attention":
         if backbone.kind != "mimscale":
             print("visualize: attention maps need a run directory or checkpoint (the exported files are the same "

@@ -76,6 +76,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Tests import the package, never a script (tests/unit/test_layering.py reads their source; this
+    sees what was really imported, in whatever way): a session that imported one fails."""
+    import sys
+
+    scripts = ROOT / "scripts"
+    imported = sorted(name for name, m in list(sys.modules.items())
+                      if Path(getattr(m, "__file__", None) or "/").resolve().is_relative_to(scripts))
+    if imported:
+        session.config.get_terminal_writer().line(f"tests imported scripts: {', '.join(imported)}", red=True)
+        session.exitstatus = 1
+
+
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -102,8 +115,6 @@ def digits_dirs(tmp_path_factory):
     from data.digits import digits_shards
 
     return digits_shards(tmp_path_factory.mktemp("cache"))
-
-
 
 
 def torchrun(*args: str, timeout: int = 600):

@@ -80,3 +80,24 @@ def cuda_index(local_rank: int, visible: int, environ: Mapping[str, str] | None 
     raise RuntimeError(f"local rank {local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
                        f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each task one GPU (srun --gpus-per-task=1) "
                        "or every task all of the node's (--gpus-per-node without --gpu-bind)")
+
+
+def leave_distributed() -> None:
+    """Leave the process group together, while the interpreter is whole: a rank that exits with a
+    live gloo group can abort ("terminate called without an active exception", SIGABRT) when the
+    group's worker threads release their last tensors during interpreter shutdown, and torchrun or
+    Slurm then sees a failed rank after a finished run. Engines left in reference cycles are freed
+    first, so no collective's buffers outlive the group. Only after success: a rank that failed
+    may leave its peers inside a collective, and destroying the group would hang them. A group of one
+    process is kept: DeepSpeed caches its groups, and a second run in the same process (launch.main
+    called again, as tests do) would meet the destroyed one."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()

@@ -101,26 +101,6 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def leave_distributed() -> None:
-    """Leave the process group together, while the interpreter is whole: a rank that exits with a
-    live gloo group can abort ("terminate called without an active exception", SIGABRT) when the
-    group's worker threads release their last tensors during interpreter shutdown, and torchrun or
-    Slurm then sees a failed rank after a finished run. Engines left in reference cycles are freed
-    first, so no collective's buffers outlive the group. Only after success: a rank that failed
-    may leave its peers inside a collective, and destroying the group would hang them. A group of one
-    process is kept: DeepSpeed caches its groups, and a second run in the same process (launch.main
-    called again, as tests do) would meet the destroyed one."""
-    import gc
-
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    gc.collect()
-
-
 def agree_on_kernels(cfg: Config, device: torch.device) -> tuple[str, str]:
     """`run.kernels` resolved once per rank, at the run's shapes, and agreed: 'triton' only if every
     rank's self-check passed (ranks that chose differently would pack crops differently, issue

@@ -57,8 +57,8 @@ class StepGuard:
         rank = dist.get_rank() if dist.is_initialized() else 0
         flags = torch.zeros(world + 1, dtype=torch.float32, device=loss.device)
         flags[rank] = (~torch.isfinite(loss.detach())).float()
-        if self.signal_name is None and stop_signals.received:
-            self.signal_name = stop_signals.received
+        if self.signal_name is None:
+            self.signal_name = stop_signals.take()
         if self.signal_name is None and self.deadline is not None and self.deadline.due():
             self.signal_name = "time limit"
         flags[world] = float(self.signal_name is not None)

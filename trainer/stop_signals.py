@@ -2,9 +2,10 @@
 
 They are caught from launch.py's first lines, before its imports: a signal that arrives while a rank
 still imports torch or builds the engine would otherwise kill it (their default action), and the
-job would look crashed. Here it is only recorded; the train loop's StepGuard reads it after each
-micro-step, agrees with every rank, and the run stops after that step with a save. After training,
-`ignore()`: a late signal cannot turn a finished run into a killed process.
+job would look crashed. Here it is only recorded (process state, as the signal is the process's);
+the train loop's StepGuard takes it after each micro-step (`take`: once, so a later run in the same
+process starts without it), agrees with every rank, and the run stops after that step with a save.
+After training, `ignore()`: a late signal cannot turn a finished run into a killed process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ def _record(signum, frame) -> None:
     # Only a flag: saving from inside a handler would interrupt a collective half-way.
     global received
     received = received or signal.Signals(signum).name
+
+
+def take() -> str | None:
+    """The stop signal recorded and not yet taken (None if none), cleared."""
+    global received
+    name, received = received, None
+    return name
 
 
 def catch() -> None:

@@ -5,7 +5,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from trainer.engine import apply_schedule, leave_distributed
+from trainer.distributed import leave_distributed
+from trainer.engine import apply_schedule
 
 TINY = ["run.precision=bf16", "model.arch=vit_test", "model.patch_size=8", "ibot.out_dim=64", "ibot.head_hidden_dim=64",
         "ibot.head_bottleneck_dim=16", "data.batch_size=4", "ibot.freeze_last_layer_steps=0"]

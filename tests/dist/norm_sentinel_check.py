@@ -9,6 +9,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from common import finish
 from trainer.engine import init_distributed, sentinel_on_host
 from trainer.syncs import HOST
 
@@ -58,8 +59,8 @@ def main(report_path):
     if dist.get_rank() == 0:
         with open(report_path, "w") as f:
             json.dump(report, f)
-    dist.barrier()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish()

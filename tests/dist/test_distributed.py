@@ -210,9 +210,9 @@ def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
     from transformers import AutoModelForImageClassification
 
     out = tmp_path / "hf"
-    from export.convert import main as convert
+    from export.convert import convert
 
-    assert convert([str(split), str(out)]) == 0
+    assert convert(split, out).hf_class == "ViTModel"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "mask_token" in k] and "embeddings.cls_token" in f.keys()
     assert json.loads((out / "config.json").read_text())["mimscale"]["weights"] == "student"

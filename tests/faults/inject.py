@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import launch  # noqa: E402
 import trainer.checkpoint  # noqa: E402
 import trainer.loop  # noqa: E402
+from trainer import stop_signals  # noqa: E402
 
 
 def rank() -> int:
@@ -71,7 +72,7 @@ def hold_after(step: int) -> None:
         if calls["n"] == step + 1:
             sys.stderr.write(f"inject: rank {rank()} holds after step {step} until a stop signal\n")
             end = time.monotonic() + HOLD_S
-            while launch.stop_signals.received is None and time.monotonic() < end:
+            while stop_signals.received is None and time.monotonic() < end:
                 time.sleep(0.05)  # (the signal's handler runs between sleeps)
         return normalize(*args, **kwargs)
 
@@ -122,7 +123,7 @@ def main() -> int:
         else:
             raise SystemExit(f"unknown fault {spec!r}")
     torch.set_num_threads(1)
-    launch.stop_signals.catch()  # what running launch.py as a script does first
+    stop_signals.catch()  # what running launch.py as a script does first
     return launch.main(sys.argv[split + 1:])
 
 

@@ -59,7 +59,8 @@ def test_resume_and_export_refuse_a_poisoned_checkpoint(tmp_path):
     assert last.startswith("mimscale: untrusted file") and "zero_pp_rank_0_mp_rank_00_model_states.pt" in last
     exported = subprocess.run([sys.executable, "scripts/convert_to_hf.py", str(tag), str(tmp_path / "hf")],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 2 and "not a plain tensor file" in exported.stderr.strip().splitlines()[-1]
+    last = exported.stderr.strip().splitlines()[-1]  # the script: one line, exit 2
+    assert exported.returncode == 2 and last.startswith("convert_to_hf: ") and "not a plain tensor file" in last
     assert not (tmp_path / "hf").exists()
     # our own per-rank file is refused the same way
     _poisoned(tag / "rank00000.pt", marker)

@@ -1,4 +1,5 @@
-"""scripts/hf_convert.py and scripts/evaluate.py on real checkpoints of 2-rank runs (ZeRO-3 and ZeRO-2)."""
+"""The conversion (export/convert.py, scripts/convert_to_hf.py's one call) and scripts/evaluate.py on real
+checkpoints of 2-rank runs (ZeRO-3 and ZeRO-2)."""
 
 import json
 import logging
@@ -11,6 +12,7 @@ import torch
 from conftest import ROOT, tiny_ibot_cmd, torchrun
 
 from export import convert as hf_convert
+from export.weights import ExportError
 
 pytestmark = pytest.mark.slow
 
@@ -38,26 +40,19 @@ def _info_logs(caplog):
     caplog.set_level(logging.INFO)
 
 
-def convert(capsys, *args: str) -> tuple[int, str, str]:
-    code = hf_convert.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("weights", ["teacher", "student"])
-def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_run, tmp_path, capsys, caplog,
-                                                                 weights):
+def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_run, tmp_path, caplog, weights):
     from transformers import AutoModel, AutoModelForImageClassification
 
     from export.backbones import from_backbone, load_backbone
     from export.weights import read_backbone
 
     out = tmp_path / "hf"
-    code, stdout, err = convert(capsys, ibot_two_rank_run, out, "--weights", weights)
-    assert code == 0, err
+    done = hf_convert.convert(ibot_two_rank_run, out, weights)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                     "preprocessor_config.json", "timm_model.safetensors"]
-    assert "timm.create_model('vit_small_patch16_224', pretrained=True" in stdout  # the timm name, printed
+    assert done.hf_class == "ViTModel" and done.timm_name == "vit_small_patch16_224"
+    assert "timm.create_model('vit_small_patch16_224', pretrained=True" in done.lines[1]  # what the script prints
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["ViTModel"] and config["mimscale"]["method"] == "ibot"
@@ -112,14 +107,13 @@ def test_teacher_is_the_default_and_differs_from_the_student(ibot_two_rank_run):
     assert not torch.equal(teacher.state["blocks.0.attn.qkv.weight"], student.state["blocks.0.attn.qkv.weight"])
 
 
-def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tmp_path, capsys, caplog):
+def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tmp_path, caplog):
     from transformers import AutoModel, AutoModelForImageClassification
 
     from export.weights import read_backbone
 
     out = tmp_path / "hf"
-    code, _, err = convert(capsys, layer_scale_run, out, "--dtype", "bf16")
-    assert code == 0, err
+    done = hf_convert.convert(layer_scale_run, out, dtype="bf16")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Dinov2Model"] and config["dtype"] == "bfloat16"
     assert config["image_size"] == 32 and config["patch_size"] == 8
@@ -129,14 +123,12 @@ def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tm
     assert torch.equal(state["encoder.layer.1.layer_scale2.lambda1"].float(), gamma.bfloat16().float())
     _, info = AutoModelForImageClassification.from_pretrained(out, num_labels=3, output_loading_info=True)
     assert all(k.startswith("classifier.") for k in info["missing_keys"]) and not info["unexpected_keys"]
-    check = next(line for line in caplog.messages if "check:" in line)
-    errors = [float(v) for v in check.split("check: ")[1].split(" in ")[0].replace(",", "").split()[1::2]]
-    assert len(errors) == 4 and max(errors) <= hf_convert.TOLERANCE["bf16"], check
+    assert len(done.errors) == 4 and max(done.errors.values()) <= hf_convert.TOLERANCE["bf16"], done.errors
+    assert any("check: transformers_cls" in line for line in caplog.messages)  # and logged
     assert "layer-scale" in (out / "README.md").read_text()
 
     # The student of a ZeRO-2 checkpoint (DeepSpeed's stage-2 layout, both ranks' partitions), fp32, checked.
-    code, _, err = convert(capsys, layer_scale_run, tmp_path / "student", "--weights", "student")
-    assert code == 0, err
+    hf_convert.convert(layer_scale_run, tmp_path / "student", "student")
     student = read_backbone(layer_scale_run, "student").state["blocks.1.ls2.gamma"]
     got = AutoModel.from_pretrained(tmp_path / "student").state_dict()["encoder.layer.1.layer_scale2.lambda1"]
     assert torch.equal(got, student) and not torch.equal(student, gamma)
@@ -171,7 +163,7 @@ def test_layer_scale_with_an_mlp_dinov2_cannot_hold_is_folded_into_a_vit(tmp_pat
     assert hf_convert.relative_error(ours["patch"], theirs[:, 1:]) < 1e-5
 
 
-def test_check_fails_on_a_wrong_mapping(ibot_two_rank_run, tmp_path, capsys, monkeypatch):
+def test_check_fails_on_a_wrong_mapping(ibot_two_rank_run, tmp_path, monkeypatch):
     import export.hf
 
     real = export.hf.to_hf_state
@@ -184,19 +176,19 @@ def test_check_fails_on_a_wrong_mapping(ibot_two_rank_run, tmp_path, capsys, mon
         return out
 
     monkeypatch.setattr(export.hf, "to_hf_state", swapped)
-    code, _, err = convert(capsys, ibot_two_rank_run, tmp_path / "hf")
-    assert code == 2 and "check failed" in err.strip().splitlines()[-1] and "transformers_cls" in err
+    with pytest.raises(ExportError, match="check failed.*transformers_cls"):
+        hf_convert.convert(ibot_two_rank_run, tmp_path / "hf")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_bad_inputs_stop_with_one_line_and_write_nothing(ibot_two_rank_run, tmp_path, capsys):
+def test_bad_inputs_stop_with_one_line_and_write_nothing(ibot_two_rank_run, tmp_path):
     tag = ibot_two_rank_run / "checkpoints" / "step00000006"
     out = tmp_path / "out"
 
-    def fails(source, expect: str, *extra: str) -> None:
-        code, _, err = convert(capsys, source, out, *extra)
-        lines = err.strip().splitlines()
-        assert code == 2 and lines and lines[-1].startswith("convert_to_hf: ") and expect in lines[-1], err[-2000:]
+    def fails(source, expect: str, **options) -> None:
+        with pytest.raises(ExportError) as e:
+            hf_convert.convert(source, out, **options)
+        assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)[-2000:]
         assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
 
     empty = tmp_path / "empty"
@@ -225,22 +217,23 @@ def test_bad_inputs_stop_with_one_line_and_write_nothing(ibot_two_rank_run, tmp_
     fails(unknown, "unknown architecture 'vit_colossal'")
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = convert(capsys, tag, out)
-    assert code == 2 and "exists; pass --overwrite" in err.strip().splitlines()[-1]
+    with pytest.raises(ExportError, match="exists; pass --overwrite"):
+        hf_convert.convert(tag, out)
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = convert(capsys, tag, out / "keep.txt", "--overwrite")
-    assert code == 2 and "exists and is not a directory" in err.strip().splitlines()[-1]
+    with pytest.raises(ExportError, match="exists and is not a directory"):
+        hf_convert.convert(tag, out / "keep.txt", overwrite=True)
     missing = tmp_path / "missing" / "step00000006"  # complete-looking, but one rank's optimizer shard is gone
     shutil.copytree(tag, missing)
     next(missing.glob("*rank_1*optim_states.pt")).unlink()
-    code, _, err = convert(capsys, missing, tmp_path / "out2", "--weights", "student")
-    assert code == 2 and err.strip().splitlines()[-1].startswith(f"convert_to_hf: cannot read {missing}"), err[-2000:]
+    with pytest.raises(ExportError) as e:
+        hf_convert.convert(missing, tmp_path / "out2", "student")
+    assert str(e.value).startswith(f"cannot read {missing}"), str(e.value)[-2000:]
     assert not (tmp_path / "out2").exists()
 
 
-def test_evaluating_the_export_gives_the_run_directorys_numbers(ibot_two_rank_run, tmp_path, capsys, digits_dirs):
+def test_evaluating_the_export_gives_the_run_directorys_numbers(ibot_two_rank_run, tmp_path, digits_dirs):
     out = tmp_path / "hf"
-    assert convert(capsys, ibot_two_rank_run, out, "--no-check")[0] == 0
+    assert hf_convert.convert(ibot_two_rank_run, out, check_export=False).errors == {}
     data = ["--train", str(digits_dirs["train"]), "--val", str(digits_dirs["val"])]
     results = []
     for source, sink in ((ibot_two_rank_run, ibot_two_rank_run / "metrics.jsonl"),

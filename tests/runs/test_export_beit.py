@@ -1,4 +1,4 @@
-"""scripts/hf_convert.py on BEiT runs: `BeitModel` and timm's Beit, from real 2-step checkpoints
+"""The conversion (export/convert.py) on BEiT runs: `BeitModel` and timm's Beit, from real 2-step checkpoints
 of configs/beit_vit_tiny.yaml (vit_test, a tiny random dVAE tokenizer, one CPU process)."""
 
 import json
@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT
 
 from export import convert as hf_convert
+from export.weights import ExportError
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +60,6 @@ def per_block_run(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(autouse=True)
 def _info_logs(caplog):
     caplog.set_level(logging.INFO)
-
-
-def convert(capsys, *args) -> tuple[int, str, str]:
-    code = hf_convert.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def check_errors(caplog) -> dict[str, float]:
-    """The newest conversion's logged check: {'transformers_cls': ..., 'timm_patch': ...}."""
-    line = [m for m in caplog.messages if "check: " in m][-1]
-    parts = line.split("check: ")[1].split(" in ")[0].replace(",", "").split()
-    return {k: float(v) for k, v in zip(parts[::2], parts[1::2])}
 
 
 def one(state: dict, *suffixes: str) -> torch.Tensor:
@@ -124,16 +112,15 @@ def test_relative_position_index_is_beits():
         assert torch.equal(gen_relative_position_index(grid), ours)
 
 
-def test_shared_bias_run_becomes_beit_model_and_timm_beit(shared_run, tmp_path, capsys, caplog):
+def test_shared_bias_run_becomes_beit_model_and_timm_beit(shared_run, tmp_path):
     from export.weights import read_backbone
 
     out = tmp_path / "hf"
-    code, stdout, err = convert(capsys, shared_run, out)
-    assert code == 0, err
+    done = hf_convert.convert(shared_run, out)
     assert sorted(p.name for p in out.iterdir()) == FILES
-    assert "[BeitModel]" in stdout and "timm.create_model('beit_base_patch16_224', pretrained=True" in stdout
-    errors = check_errors(caplog)
-    assert len(errors) == 4 and max(errors.values()) <= 1e-5, errors
+    assert done.hf_class == "BeitModel" and done.timm_name == "beit_base_patch16_224"
+    assert "timm.create_model('beit_base_patch16_224', pretrained=True" in done.lines[1]
+    assert len(done.errors) == 4 and max(done.errors.values()) <= 1e-5, done.errors
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BeitModel"] and config["mimscale"]["method"] == "beit"
@@ -176,13 +163,11 @@ def test_shared_bias_run_becomes_beit_model_and_timm_beit(shared_run, tmp_path, 
     assert "beit_base_patch16_224" in card and "pooler_output" in card
 
 
-def test_per_block_bias_with_absolute_positions_and_a_key_bias(per_block_run, tmp_path, capsys, caplog):
+def test_per_block_bias_with_absolute_positions_and_a_key_bias(per_block_run, tmp_path):
     from export.weights import read_backbone
 
     out = tmp_path / "hf"
-    code, stdout, err = convert(capsys, per_block_run, out)
-    assert code == 0, err
-    errors = check_errors(caplog)
+    errors = hf_convert.convert(per_block_run, out).errors
     assert len(errors) == 4 and max(errors.values()) <= 1e-5, errors
     config = json.loads((out / "config.json").read_text())
     assert config["use_relative_position_bias"] and not config["use_shared_relative_position_bias"]
@@ -210,7 +195,7 @@ def test_per_block_bias_with_absolute_positions_and_a_key_bias(per_block_run, tm
     assert "key bias is dropped" in card
 
 
-def test_check_sees_the_beit_tensors(shared_run, per_block_run, tmp_path, capsys, caplog, monkeypatch):
+def test_check_sees_the_beit_tensors(shared_run, per_block_run, tmp_path, monkeypatch):
     # After 2 steps the tables, biases and gammas are still near their init (zeros, 0.1): give them
     # large random values, so the check compares features that depend on them (the per-block run's
     # key bias too, which the export drops); then a table in the wrong order must fail the check.
@@ -228,9 +213,7 @@ def test_check_sees_the_beit_tensors(shared_run, per_block_run, tmp_path, capsys
 
     monkeypatch.setattr(hf_convert, "read_backbone", randomised)
     for run in (shared_run, per_block_run):
-        code, _, err = convert(capsys, run, tmp_path / run.parent.name)
-        assert code == 0, err
-        errors = check_errors(caplog)
+        errors = hf_convert.convert(run, tmp_path / run.parent.name).errors
         assert max(errors.values()) <= 1e-5, (run, errors)
 
     def flipped(*args, **kwargs):  # loads strictly, puts each offset's bias on another offset
@@ -240,8 +223,8 @@ def test_check_sees_the_beit_tensors(shared_run, per_block_run, tmp_path, capsys
         return out
 
     monkeypatch.setattr(export.hf, "to_hf_state", flipped)
-    code, _, err = convert(capsys, shared_run, tmp_path / "flipped")
-    last = err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith("convert_to_hf: check failed") and "transformers_cls" in last, err[-2000:]
-    assert "timm_" not in last  # the timm file was written from the same state, correctly
+    with pytest.raises(ExportError) as e:
+        hf_convert.convert(shared_run, tmp_path / "flipped")
+    assert str(e.value).startswith("check failed") and "transformers_cls" in str(e.value), str(e.value)[-2000:]
+    assert "timm_" not in str(e.value)  # the timm file was written from the same state, correctly
     assert not (tmp_path / "flipped").exists()

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, tiny_ibot_cmd
 
-import launch
+from trainer.cli import say_ranks
 from trainer.distributed import DistEnv
 
 
@@ -45,13 +45,13 @@ def test_a_single_accelerate_process_says_so(monkeypatch, caplog):
     alone and which command starts two."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     with caplog.at_level(logging.INFO, logger="mimscale"):
-        launch.say_ranks(DistEnv())
+        say_ranks(DistEnv())
     assert "training on 1 rank (a single process" in caplog.text
     assert "accelerate launch --multi_gpu --num_processes N" in caplog.text
     caplog.clear()
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     with caplog.at_level(logging.INFO, logger="mimscale"):
-        launch.say_ranks(DistEnv(rank=0, world_size=4, launcher="slurm", master_addr="gpu003", master_port=20042))
+        say_ranks(DistEnv(rank=0, world_size=4, launcher="slurm", master_addr="gpu003", master_port=20042))
     assert "training on 4 ranks (from slurm; rendezvous gpu003:20042)" in caplog.text
     assert "accelerate" not in caplog.text
 

@@ -1,4 +1,5 @@
-"""scripts/slurm/submit.py without a cluster: the script it would submit (--dry-run), sweeps, bad input."""
+"""Slurm submission without a cluster (trainer/slurm.py, scripts/slurm/submit.py's one call): the script it
+would submit (--dry-run), sweeps, bad input."""
 
 import json
 import subprocess
@@ -10,22 +11,42 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = ROOT / "scripts" / "slurm" / "submit.py"
 TINY = str(ROOT / "configs" / "ibot_vit_tiny.yaml")
-sys.path.insert(0, str(SUBMIT.parent))
 
-import submit  # noqa: E402
+from trainer import slurm as submit  # noqa: E402
 
 
 @pytest.fixture
-def dry_run(capsys, monkeypatch):
-    """submit.py --dry-run in this process (a subprocess per case would spend seconds importing)."""
+def dry_run(monkeypatch):
+    """A --dry-run submission in this process (a subprocess per case would spend seconds importing), as
+    the script reports it: the script on stdout and the sbatch line on stderr, or its one error line
+    and exit 2 (test_the_script_prints_the_dry_run_and_one_error_line runs the script itself)."""
     monkeypatch.chdir(ROOT)
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        rc = submit.main(["--dry-run", *args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out, err)
+        try:
+            done = submit.submit(*submit.parse_args(["--dry-run", *args]))
+        except submit.SubmitError as e:
+            return subprocess.CompletedProcess(args, 2, "", f"submit: {e}\n")
+        return subprocess.CompletedProcess(args, 0, done.script, "\n".join(done.report) + "\n")
 
     return run
+
+
+def test_the_script_prints_the_dry_run_and_one_error_line(dry_run, tmp_path):
+    script = subprocess.run([sys.executable, str(SUBMIT), "--dry-run", "--config", TINY, "--runs-dir", str(tmp_path),
+                             "--gpus-per-node", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0, script.stderr
+    same = dry_run("--config", TINY, "--runs-dir", str(tmp_path), "--gpus-per-node", "1").stdout
+
+    def undated(text: str) -> list[str]:  # the settings line says when it was written
+        return [line for line in text.splitlines() if "written by scripts/slurm/submit.py on" not in line]
+
+    assert undated(script.stdout) == undated(same) and "#SBATCH --gpus-per-task=1" in same
+    assert "sbatch --parsable" in script.stderr and not (tmp_path / "ibot_vit_tiny").exists()
+    bad = subprocess.run([sys.executable, str(SUBMIT), "--config", TINY, "--nodes", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("submit: --nodes 0")
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def sbatch_lines(script: str) -> list[str]:

@@ -1,0 +1,106 @@
+"""Every tiny recipe at full length on the embedded digits, with what each number is compared to;
+scripts/bench_quality.py is the command line.
+
+Each recipe is `python launch.py --config configs/<its>.yaml` as the docs run it (the frozen CLIP is
+the tiny one of models/teachers.py; BEiT's tokenizer is the dVAE recipe's own, exported). For every
+backbone: the run's kNN of its evaluation feature against random init and raw pixels, and a linear
+probe (scripts/evaluate.py linear); for the tokenizer its PSNR against the untrained network and
+each image's mean colour; for iTPN its held-out pixel loss against the untrained network and zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import ROOT
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: str  # configs/<config>.yaml
+    overrides: tuple[str, ...] = ()  # with {clip} and {tokenizer} filled in
+    backbone: bool = True  # a backbone (kNN and a linear probe), not a tokenizer
+    needs: str | None = None  # the recipe whose exported product it uses (BEiT: the dVAE's tokenizer)
+    exports: tuple[str, ...] = ()  # after training: a script that writes what `needs` names, and its file
+
+
+RECIPES = {
+    "ibot": Recipe("defaults"),
+    "ibot_clip": Recipe("ibot_clip_vit_tiny", ("teacher.clip.weights={clip}",)),
+    "maskalign": Recipe("maskalign_vit_tiny", ("teacher.clip.weights={clip}",)),
+    "dvae": Recipe("dvae_tiny", backbone=False, exports=("scripts/export_tokenizer.py", "{tokenizer}")),
+    "beit": Recipe("beit_vit_tiny", ("beit.tokenizer={tokenizer}",), needs="dvae"),
+    "itpn": Recipe("itpn_hivit_tiny"),
+}
+KEYS = ("knn", "knn_random_init", "knn_raw_pixels", "psnr", "psnr_random_init", "psnr_mean_colour", "perplexity",
+        "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero")
+
+
+class RecipeFailed(RuntimeError):
+    """A recipe's run (or its export or probe) failed; the message has its command and its stderr."""
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RecipeFailed(f"{shlex.join(args)} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def order(names: list[str]) -> list[str]:
+    """`names` in RECIPES' order, each after the recipe it needs (added where missing)."""
+    wanted = set(names)
+    for name in names:
+        while RECIPES[name].needs:
+            name = RECIPES[name].needs
+            wanted.add(name)
+    return [n for n in RECIPES if n in wanted]
+
+
+def run_recipes(names: list[str], seed: int = 0, steps: int | None = None,
+                progress: Callable[[str, dict], None] = lambda name, result: None) -> dict:
+    """Train each recipe of `names` (and what they need) at `seed`, at its own length or `steps` (a
+    smoke test) -> {name: {"command", "seconds", "steps", "first_loss", "last_loss", the held-out
+    figures (KEYS), and for backbones "linear_top1"}}."""
+    from models.teachers import save_clip, tiny_clip
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="quality_") as tmp:
+        files = {"clip": str(save_clip(tiny_clip(), Path(tmp) / "clip.safetensors")),
+                 "tokenizer": str(Path(tmp) / "dvae" / "encoder.safetensors")}
+        for name in order(names):
+            recipe, run_dir = RECIPES[name], Path(tmp) / name
+            cmd = ["launch.py", "--config", f"configs/{recipe.config}.yaml", f"run.output_dir={run_dir}",
+                   f"run.seed={seed}", "log.pictures=false", *(o.format(**files) for o in recipe.overrides)]
+            if steps:
+                cmd += [f"schedule.steps={steps}", "eval.knn_every_steps=0", "optim.warmup_steps=0"]
+            t0 = time.perf_counter()
+            _run(*cmd)
+            seconds = time.perf_counter() - t0
+            rows = _records(run_dir)
+            losses = [r for r in rows if "loss" in r]
+            result = {"command": shlex.join(["python", *cmd]).replace(tmp, "<tmp>"), "seconds": round(seconds, 1),
+                      "steps": losses[-1]["step"], "first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"],
+                      **{k: v for r in rows for k, v in r.items() if k in KEYS}}
+            if recipe.exports:
+                script, product = recipe.exports
+                _run(script, str(run_dir), product.format(**files))
+            if recipe.backbone:
+                _run("scripts/evaluate.py", "linear", str(run_dir))
+                probe = [r for r in _records(run_dir) if r.get("eval") == "linear"][-1]
+                result.update(linear_top1=probe["linear_top1"], linear_features=probe["features"])
+            results[name] = result
+            progress(name, result)
+    return results
