@@ -137,6 +137,11 @@ def visible_count(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(num_patches * (1.0 - mask_ratio)))
 
 
+def dropped_mask(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[B, K] kept (visible) patch indices -> [B, N] bool, True at the dropped (masked) patches."""
+    return torch.ones(keep.shape[0], num_patches, dtype=torch.bool, device=keep.device).scatter(1, keep, False)
+
+
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
     """The masks' random numbers: a pure function of (seed, rank, micro-step), so a resume draws the
     same masks and ranks draw different ones (hash of a tuple of ints: the same in every process)."""

@@ -136,3 +136,32 @@ def test_the_package_never_names_a_method_outside_its_module():
             if compare.search(line) or table.search(line):
                 hits.append(f"{rel}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_shared_code_never_reads_a_methods_config_section():
+    """What method_branches.py cannot see: shared code reading a method's own section (`cfg.itpn.x`,
+    `config["beit"]`) knows that method as surely as a comparison of its name. Only the modules of
+    the methods that own a section read it (ibot_clip shares iBOT's)."""
+    import re
+    from pathlib import Path
+
+    from trainer.methods import config_sections
+
+    root = Path(__file__).resolve().parents[2]
+    sections = config_sections()
+    owners = {key: {f"trainer/methods/{n}.py" for n, cls in METHODS.items()
+                    if cls.config_section and cls.config_section[0] == key} for key in sections}
+    names = "|".join(sorted(sections, key=len, reverse=True))
+    packages = {"export", "models", "trainer", "data", "evaluation", "bench", "methods", "scripts"}
+    attribute = re.compile(rf"(\w+)\.({names})\.\w")
+    item = re.compile(rf"(?:\[|get\()\s*[\"']({names})[\"']")
+    hits = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith(("tests/", ".venv/", "runs/")):
+            continue
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            read = [m.group(2) for m in attribute.finditer(line) if m.group(1) not in packages]
+            read += [m.group(1) for m in item.finditer(line)]
+            hits += [f"{rel}:{i}: {line.strip()}" for key in read if rel not in owners[key]]
+    assert not hits, "\n".join(hits)

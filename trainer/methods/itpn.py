@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.masking import random_visible, step_generator, visible_count
+from data.masking import dropped_mask, random_visible, step_generator, visible_count
 from models.decoders import MaskedDecoder
 from models.hivit import HiViT, build_hivit
 from models.kernels import get_attention
@@ -105,11 +105,6 @@ log = logging.getLogger(__name__)
 
 LEVELS = (16, 8, 4)  # the pyramid's strides, in its output order
 INNER = {16: 1, 8: 2, 4: 4}  # inner tokens per patch side at each stride
-
-
-def dropped(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """[B, K] kept indices -> [B, N] bool, True at the dropped (masked) patches."""
-    return torch.ones(keep.shape[0], num_patches, dtype=torch.bool, device=keep.device).scatter(1, keep, False)
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -314,7 +309,7 @@ class ITPN(Method):
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         N = grid[0] * grid[1]
         keep = self.visible(images.shape[0], N, int(values["micro_step"]), images.device)
-        masked = dropped(keep, N)
+        masked = dropped_mask(keep, N)
         targets = self.teacher_targets(images, grid)
         preds = self.predict(images, keep)
         losses = {}
@@ -362,7 +357,7 @@ class ITPN(Method):
         N = grid[0] * grid[1]
         keep = random_visible(x.shape[0], N, visible_count(N, self.mask_ratio), torch.Generator().manual_seed(0),
                               device)
-        masked = dropped(keep, N)
+        masked = dropped_mask(keep, N)
         dtype = self.student.pyramid.split_16to8.reduction.weight.dtype
         pred = self.predict(x.to(dtype), keep)["pixel"].float()
         target = pixel_targets(x, p, self.norm_pix)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.masking import attentive_visible, random_visible, step_generator, visible_count
+from data.masking import attentive_visible, dropped_mask, random_visible, step_generator, visible_count
 from models.align import DynamicAlign, layerwise_matrix
 from models.teachers import FrozenTeacher
 from models.vit import VisionTransformer
@@ -181,7 +181,7 @@ class MaskAlign(Method):
             t = method.clip_teacher(views, grid, a.mean, a.std, method.teacher_blocks,
                                     attention=method.masking == "attentive")
         visible = method.visible(t.get("cls_attn"), n, grid[0] * grid[1], 0, views.device)
-        masks = torch.ones(n, grid[0] * grid[1], dtype=torch.bool).scatter_(1, visible, False).view(n, *grid)
+        masks = dropped_mask(visible, grid[0] * grid[1]).view(n, *grid)
         return masks, f"maskalign: {method.masking} masking, visible patches kept"
 
     def no_weight_decay(self) -> set[str]:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from trainer.config import Config, files_unchecked
 
@@ -114,14 +115,18 @@ def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     return out
 
 
-@contextlib.contextmanager
-def flash_attention_on_meta() -> Iterator[None]:
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _flash_sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+class _FlashAttentionOnMeta(TorchFunctionMode):
+    """SDPA calls inside it go to `_flash_sdpa` (this thread only, whoever holds a reference to SDPA:
+    nothing in torch is replaced)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return _flash_sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def flash_attention_on_meta() -> contextlib.AbstractContextManager:
+    return _FlashAttentionOnMeta()
 
 
 def _nbytes(x) -> int:
