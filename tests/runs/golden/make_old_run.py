@@ -2,7 +2,7 @@
 tests/runs/test_old_files.py can show they still load. Run once with the OLD code, from its checkout:
 
     git worktree add /tmp/old 8fe8d9d && cd /tmp/old
-    /path/to/mimscale/.venv/bin/python /path/to/mimscale/tests/runs/golden/make_old_run.py /path/to/mimscale/tests/runs/golden/old_run
+    M=/path/to/mimscale; $M/.venv/bin/python $M/tests/runs/golden/make_old_run.py $M/tests/runs/golden/old_run
 
 It trains (one CPU process) an iBOT run of 4 steps and the same run stopped at step 2 (whose directory,
 with its step-2 checkpoint, is kept), and a 2-step iTPN run exported to its own file (bf16), whose
