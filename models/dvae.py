@@ -267,7 +267,16 @@ class FrozenTokenizer(nn.Module):
         return super().train(False)  # a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
 
     def load_weights(self, path: str | Path) -> str:
+        """Load `path` strictly (partitioned or not) -> the file's sha256, also kept as `weights_sha256`."""
         return load_tokenizer_weights(self, path)
+
+    def read_weights(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """The file's tensors under this module's own parameter names; refuses another architecture."""
+        arch, state = read_encoder_file(path)
+        if arch != self.arch:
+            raise TokenizerWeightsError(f"{path}: a tokenizer of architecture {arch}, the run was built for "
+                                        f"{self.arch}")
+        return {f"encoder.{k}": v for k, v in state.items()}
 
     @torch.no_grad()
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
@@ -395,12 +404,5 @@ def read_encoder_arch(path: str | Path, check: bool = True) -> DVAEArch:
 def load_tokenizer_weights(tokenizer: FrozenTokenizer, path: str | Path) -> str:
     """Load `path` into `tokenizer` strictly (partitioned under ZeRO-3 or not: `load_frozen`) and
     return the file's sha256. A file of another architecture or vocabulary is refused."""
-    def read(p: Path) -> dict[str, torch.Tensor]:
-        arch, state = read_encoder_file(p)
-        if arch != tokenizer.arch:
-            raise TokenizerWeightsError(f"{p}: a tokenizer of architecture {arch}, the run was built for "
-                                        f"{tokenizer.arch}")
-        return {f"encoder.{k}": v for k, v in state.items()}
-
-    tokenizer.weights_sha256 = load_frozen(tokenizer, path, read, TokenizerWeightsError)
+    tokenizer.weights_sha256 = load_frozen(tokenizer, path, tokenizer.read_weights, TokenizerWeightsError)
     return tokenizer.weights_sha256

@@ -121,7 +121,12 @@ class FrozenTeacher(nn.Module):
         return super().train(False)  # a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
 
     def load_weights(self, path: str | Path) -> str:
+        """Load `path` strictly (partitioned or not) -> the file's sha256, also kept as `weights_sha256`."""
         return load_teacher_weights(self, path)
+
+    def read_weights(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """The file's tensors under this module's own parameter names (what `load_weights` loads)."""
+        return convert_state_dict(read_state_dict(path), self, path)
 
     def prepare(self, images: torch.Tensor, grid: tuple[int, int], mean, std) -> torch.Tensor:
         """Student-normalised images -> this teacher's normalisation, resized to grid * patch."""
@@ -287,8 +292,7 @@ def load_frozen(module: nn.Module, path: str | Path, read, error: type[ValueErro
 
 def load_teacher_weights(teacher: FrozenTeacher, path: str | Path) -> str:
     """Load `path` into `teacher` (strictly, see `load_frozen`) and return the file's sha256."""
-    teacher.weights_sha256 = load_frozen(
-        teacher, path, lambda p: convert_state_dict(read_state_dict(p), teacher, p), TeacherWeightsError)
+    teacher.weights_sha256 = load_frozen(teacher, path, teacher.read_weights, TeacherWeightsError)
     return teacher.weights_sha256
 
 

@@ -142,6 +142,11 @@ class Run:
         """Every training record (one per logged step), with `keys` only (all of them if none)."""
         return [{k: r[k] for k in keys} if keys else r for r in self.records if "loss" in r]
 
+    @property
+    def summary(self) -> dict:
+        """The run's end: the last record (its held-out measures beside their baselines)."""
+        return self.records[-1] if self.records else {}
+
 
 def launch_run(out: Path, config: str, *overrides: str, ranks: int = 1, check: bool = True, timeout: int = 900) -> Run:
     """`python launch.py --config configs/<config>.yaml run.output_dir=<out> ...` on `ranks` CPU ranks
@@ -176,6 +181,25 @@ def ibot_two_rank_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ibot2") / "run"
     torchrun(*tiny_ibot_cmd(run, 6))
     return run
+
+
+@pytest.fixture(scope="session")
+def beit_chain(tmp_path_factory) -> dict:
+    """BEiT's two stages as docs/methods.md runs them, trained once for the session and shared by its tests
+    (tests/runs/test_beit_chain.py asserts they learn, tests/runs/test_export_beit.py converts the BEiT
+    run): the tokenizer (configs/dvae_tiny.yaml) with its held-out PSNR, its encoder exported
+    (scripts/export_tokenizer.py), BEiT (configs/beit_vit_tiny.yaml) against it with its kNN.
+    -> {"dvae": Run, "encoder": Path, "beit": Run}"""
+    import sys
+
+    tmp = tmp_path_factory.mktemp("beit_chain")
+    dvae = launch_run(tmp / "dvae", "dvae_tiny", "eval.knn_at_end=true")
+    encoder = tmp / "encoder.safetensors"
+    exported = subprocess.run([sys.executable, "scripts/export_tokenizer.py", str(dvae.out), str(encoder)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    beit = launch_run(tmp / "beit", "beit_vit_tiny", f"beit.tokenizer={encoder}", "eval.knn_at_end=true")
+    return {"dvae": dvae, "encoder": encoder, "beit": beit}
 
 
 # A one-node Slurm for the tests in tests/slurm/ that submit jobs (scripts/ci/slurm_up.sh; .ci/run starts it

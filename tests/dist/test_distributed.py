@@ -1,4 +1,6 @@
-"""Two CPU ranks (gloo) under ZeRO-3: the EMA teacher, and resuming a run exactly."""
+"""Two CPU ranks (gloo) under ZeRO-3: the EMA teacher, gradient clipping, logged means, sharded
+construction, the Triton kernels' agreement, a replicated frozen teacher. (Resuming exactly:
+tests/dist/test_resume.py; frozen networks: tests/dist/test_frozen.py.)"""
 
 import json
 import math
@@ -107,58 +109,7 @@ def test_resume_after_changing_loader_workers_keeps_the_model(tmp_path):
     assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
 
 
-# --------------------------------------------------------------------------- frozen (CLIP) teachers
-
-
-def _tensor_keys(obj, prefix="") -> list[str]:
-    """Every key path leading to a tensor inside a saved object."""
-    if isinstance(obj, torch.Tensor):
-        return [prefix]
-    if isinstance(obj, dict):
-        return [k for key, v in obj.items() for k in _tensor_keys(v, f"{prefix}.{key}")]
-    if isinstance(obj, (list, tuple)):
-        return [k for i, v in enumerate(obj) for k in _tensor_keys(v, f"{prefix}[{i}]")]
-    return []
-
-
-def test_clip_teacher_is_partitioned_frozen_and_not_checkpointed(tmp_path):
-    clip = tiny_clip_file(tmp_path / "clip.safetensors")
-    report, ckpt_dir = tmp_path / "frozen.json", tmp_path / "ckpt"
-    torchrun(str(ROOT / "tests" / "dist" / "frozen_teacher_check.py"), str(report), str(clip), str(ckpt_dir))
-    r = json.loads(report.read_text())
-    assert r["world"] == 2 and 0.45 < r["local_fraction"] < 0.55  # each rank holds about half of it
-    assert r["matches_file"] and r["unchanged"] and r["no_grads"] and r["clip_eval"] and not r["clip_in_optimizer"]
-    assert all(math.isfinite(v) for losses in r["losses"] for v in losses.values())
-
-    # Nothing of either teacher is in DeepSpeed's files: the CLIP tower is reloaded from its file,
-    # the EMA teacher from its fp32 shadow in our rankNNNNN.pt parts.
-    step = ckpt_dir / "step00000003"
-    for f in step.glob("*.pt"):
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        keys = _tensor_keys(state)
-        if f.name.startswith("rank"):
-            assert all(k.startswith(".ema.shadow") for k in keys), f.name
-        else:
-            assert not [k for k in keys if "teacher" in k], (f.name, [k for k in keys if "teacher" in k][:3])
-            assert state.get("frozen_param_fragments") is None
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    trainable = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=step.name)
-    assert any(k.startswith("clip_head.") for k in trainable) and not any("teacher" in k for k in trainable)
-
-    # The EMA teacher backbone, reassembled from the two ranks' shadow slices, is the trained teacher.
-    from export.weights import read_backbone
-    from models.vit import build_vit
-
-    backbone = read_backbone(step)
-    exported = backbone.state
-    assert backbone.config["method"] == "ibot_clip" and backbone.which == "teacher"
-    assert any("clip_teacher" in entry for entry in backbone.left_out)
-    expected = torch.load(tmp_path / "teacher_backbone.pt", weights_only=True)
-    assert exported.keys() == expected.keys()
-    for k in expected:  # the live teacher is the bf16 cast of the shadow
-        assert torch.equal(exported[k].to(torch.bfloat16).float(), expected[k]), k
-    build_vit("vit_test", img_size=32, patch_size=8).load_state_dict(exported, strict=True)
+# --------------------------------------------------------------------------- a replicated frozen teacher
 
 
 def _maskalign_cmd(out: Path, clip: Path, steps: int, extra=()) -> list[str]:
@@ -168,9 +119,10 @@ def _maskalign_cmd(out: Path, clip: Path, steps: int, extra=()) -> list[str]:
             "data.num_workers=1", "log.tensorboard=false", *extra]
 
 
-def test_maskalign_resumes_exactly_and_refuses_another_teacher_file(tmp_path):
+def test_a_replicated_teacher_trains_as_a_partitioned_one_and_another_file_is_refused(tmp_path):
+    """MaskAlign's CLIP teacher kept whole on each rank (teacher.clip.replicate) gives the partitioned
+    run's losses, through a resume that reloads it from its file; a resume with another file stops."""
     clip = tiny_clip_file(tmp_path / "clip.pt")
-    # (resuming exactly, partitioned: tests/dist/test_resume.py)
     straight = tmp_path / "straight"
     torchrun(*_maskalign_cmd(straight, clip, 4))
     a = _losses(straight)

@@ -18,6 +18,9 @@ CASES = {
                            "dvae.kl_steps=4"]),
     "beit": ("beit_vit_tiny", [*SMALL_VIT, "beit.tokenizer={tokenizer}"]),
     "itpn": ("itpn_hivit_tiny", ["model.arch=hivit_test", "data.batch_size=8", "data.num_workers=1"]),
+    "itpn with the CLIP teacher": ("itpn_hivit_tiny", ["model.arch=hivit_test", "data.batch_size=8",
+                                                       "data.num_workers=1", "itpn.teacher=clip",
+                                                       "teacher.clip.arch=clip_vit_tiny", "teacher.clip.weights={clip}"]),
 }
 SCHEDULES = ("lr", "weight_decay", "momentum", "teacher_temp", "teacher_patch_temp", "gumbel_temp", "kl_weight")
 

@@ -1,9 +1,7 @@
-"""BEiT's two stages chained as the README runs them, on the embedded digits, on the CPU: train the
-tokenizer, export its encoder, pretrain the ViT against it."""
+"""BEiT's two stages chained as docs/methods.md runs them, on the embedded digits, on the CPU: train the
+tokenizer, export its encoder, pretrain the ViT against it (conftest's `beit_chain`, trained once)."""
 
-import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,56 +13,43 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _run(*args: str, rc: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == rc, (args, r.stderr[-4000:])
-    return r
-
-
-def test_tokenizer_then_beit_learns_features(tmp_path):
-    cache = f"data.cache_dir={tmp_path / 'cache'}"
-    # Stage 1: the held-out reconstruction improves on the untrained network and on each image's mean
-    # colour, and the codebook does not collapse (seen here: 16.5 dB against 8.1 and 9.3; 100% of 32 used).
-    dvae_run = tmp_path / "dvae"
-    r = _run("launch.py", "--config", "configs/dvae_tiny.yaml", f"run.output_dir={dvae_run}", cache)
-    m = re.search(r"PSNR ([\d.]+) dB \(untrained: ([\d.]+) dB; each image's mean colour: ([\d.]+) dB\), codebook "
-                  r"perplexity ([\d.]+) of (\d+), codes used ([\d.]+)%", r.stdout)
-    assert m, r.stdout[-2000:]
-    psnr, untrained, colour, perplexity, vocab, used = map(float, m.groups())
-    assert psnr > untrained + 5 and psnr > colour + 5, m.group(0)
-    assert used > 50 and perplexity > vocab / 4, m.group(0)  # dvae.min_code_usage is 5%
-    assert "codebook is collapsing" not in r.stderr
-    assert (dvae_run / "reconstructions.png").stat().st_size > 10_000
-
-    # Export: the encoder alone, its architecture in the metadata.
-    encoder = tmp_path / "encoder.safetensors"
-    _run("scripts/export_tokenizer.py", str(dvae_run), str(encoder))
-    with safe_open(str(encoder), "pt") as f:
+def test_the_tokenizer_reconstructs_and_uses_its_codebook(beit_chain):
+    # The held-out reconstruction improves on the untrained network and on each image's mean colour, and
+    # the codebook does not collapse (bench/results/quality_cpu*.json: 16.5 dB against 8.2 and 9.3 at seed 0).
+    dvae = beit_chain["dvae"]
+    s = dvae.summary
+    assert s["psnr"] > s["psnr_random_init"] + 5 and s["psnr"] > s["psnr_mean_colour"] + 5, s
+    assert s["usage"] > 0.5 and s["perplexity"] > 32 / 4, s  # dvae.min_code_usage is 5%; 32 codes
+    assert "codebook is collapsing" not in dvae.stderr
+    assert (dvae.out / "reconstructions.png").stat().st_size > 10_000
+    # Its export: the encoder alone, its architecture in the metadata.
+    with safe_open(str(beit_chain["encoder"]), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-    assert meta["vocab_size"] == str(int(vocab)) and meta["group_count"] == "3"
+    assert meta["vocab_size"] == "32" and meta["group_count"] == "3"
     assert keys and all(k.startswith("blocks.") for k in keys)  # no decoder
 
-    # Stage 2: the masked-token loss falls below what the image-blind predictor gets on the same tokens,
-    # and the kNN of the mean patch token beats the untrained network's clearly.
-    beit_run = tmp_path / "beit"
-    r = _run("launch.py", "--config", "configs/beit_vit_tiny.yaml", f"beit.tokenizer={encoder}",
-             f"run.output_dir={beit_run}", cache, "eval.knn_every_steps=0", "log.pictures=false")
-    assert "frozen tokenizer loaded from" in r.stderr
-    lines = [json.loads(line) for line in (beit_run / "metrics.jsonl").read_text().splitlines()]
-    last_loss = [rec for rec in lines if "loss_mim" in rec][-1]
-    assert last_loss["loss_mim"] < last_loss["mim_blind"] - 0.2, last_loss
-    assert last_loss["token_accuracy"] > last_loss["accuracy_blind"], last_loss
-    m = re.search(r"kNN top-1 .*: ([\d.]+)%\s+random init: ([\d.]+)%", r.stdout)
-    assert m, r.stdout[-2000:]
-    trained, random_init = float(m.group(1)), float(m.group(2))
-    # Seen here: README's figures (BEiT section)
-    assert trained >= random_init + 5.0, (trained, random_init)
 
-    # Continuing the run with another tokenizer of the same shape stops before any step, naming that file.
+def test_beit_learns_features_against_it(beit_chain):
+    # The masked-token loss falls below what the image-blind predictor gets on the same tokens, and the kNN
+    # of the mean patch token beats the untrained network's clearly (bench/results/quality_cpu*.json).
+    beit = beit_chain["beit"]
+    assert "frozen tokenizer loaded from" in beit.stderr
+    last = beit.steps()[-1]
+    assert last["loss_mim"] < last["mim_blind"] - 0.2, last
+    assert last["token_accuracy"] > last["accuracy_blind"], last
+    s = beit.summary
+    assert s["knn"] >= s["knn_random_init"] + 5.0, s
+
+
+def test_continuing_with_another_tokenizer_stops_before_any_step(beit_chain, tmp_path):
     from models.dvae import Encoder, read_encoder_arch, save_encoder
 
-    other = save_encoder(Encoder(read_encoder_arch(encoder)), tmp_path / "other.safetensors")
-    r = _run("launch.py", "--config", "configs/beit_vit_tiny.yaml", f"beit.tokenizer={other}",
-             f"run.output_dir={beit_run}", cache, "schedule.steps=700", rc=2)
-    assert "is not the file" in r.stderr and str(other) in r.stderr, r.stderr[-3000:]
+    other = save_encoder(Encoder(read_encoder_arch(beit_chain["encoder"])), tmp_path / "other.safetensors")
+    run = beit_chain["beit"].out
+    status = (run / "status.json").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "launch.py", "--config", "configs/beit_vit_tiny.yaml",
+                        f"beit.tokenizer={other}", f"run.output_dir={run}", "schedule.steps=700"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "is not the file" in r.stderr and str(other) in r.stderr, r.stderr[-3000:]
+    assert (run / "status.json").read_text() == status  # the run is as it was

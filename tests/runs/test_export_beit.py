@@ -1,16 +1,14 @@
-"""The conversion (export/convert.py) on BEiT runs: `BeitModel` and timm's Beit, from real 2-step checkpoints
-of configs/beit_vit_tiny.yaml (vit_test, a tiny random dVAE tokenizer, one CPU process)."""
+"""The conversion (export/convert.py) on BEiT runs: `BeitModel` and timm's Beit, from real checkpoints of
+configs/beit_vit_tiny.yaml: the session's BEiT training (its defaults, conftest's beit_chain) and a 2-step
+one with the other switches (vit_test), against the session's tokenizer."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import launch_run
 
 from export import convert as hf_convert
 from export.weights import ExportError
@@ -21,40 +19,20 @@ FILES = ["README.md", "config.json", "model.safetensors", "preprocessor_config.j
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Path:
-    """A random dVAE encoder (4x down-sampling: 16-pixel views -> the 4 x 4 patch grid); BEiT's
-    targets need not be good for an export test."""
-    from models.dvae import DVAEArch, Encoder, save_encoder
-
-    torch.manual_seed(0)
-    encoder = Encoder(DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32))
-    return save_encoder(encoder, tmp_path_factory.mktemp("tokenizer") / "encoder.safetensors")
-
-
-def beit_run(root: Path, tokenizer: Path, *extra: str) -> Path:
-    run = root / "run"
-    cmd = [sys.executable, "launch.py", "--config", str(ROOT / "configs" / "beit_vit_tiny.yaml"),
-           f"run.output_dir={run}", f"beit.tokenizer={tokenizer}", "beit.vocab_size=32", "schedule.steps=2",
-           "checkpoint.every_steps=2", "eval.knn_at_end=false", "log.pictures=false", "log.tensorboard=false",
-           "model.arch=vit_test", "data.batch_size=8", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return run
+def shared_run(beit_chain) -> Path:
+    """BEiT's defaults: shared relative position bias, no absolute position embeddings, q/v biases,
+    layer-scale: the session's BEiT training (conftest's beit_chain)."""
+    return beit_chain["beit"].out
 
 
 @pytest.fixture(scope="module")
-def shared_run(tmp_path_factory, tokenizer) -> Path:
-    """BEiT's defaults: shared relative position bias, no absolute position embeddings, q/v biases, layer-scale."""
-    return beit_run(tmp_path_factory.mktemp("beit_shared"), tokenizer)
-
-
-@pytest.fixture(scope="module")
-def per_block_run(tmp_path_factory, tokenizer) -> Path:
+def per_block_run(tmp_path_factory, beit_chain) -> Path:
     """The other switches, in one run: a table per block, absolute position embeddings too, timm's fused
     q/k/v bias (BeitModel has no key bias) and no layer-scale."""
-    return beit_run(tmp_path_factory.mktemp("beit_per_block"), tokenizer, "beit.rel_pos_bias=per_block",
-                    "beit.abs_pos_embed=true", "beit.qkv_bias=qkv", "beit.layer_scale=0")
+    return launch_run(tmp_path_factory.mktemp("beit_per_block") / "run", "beit_vit_tiny",
+                      f"beit.tokenizer={beit_chain['encoder']}", "schedule.steps=2", "checkpoint.every_steps=2",
+                      "model.arch=vit_test", "data.batch_size=8", "beit.rel_pos_bias=per_block",
+                      "beit.abs_pos_embed=true", "beit.qkv_bias=qkv", "beit.layer_scale=0").out
 
 
 @pytest.fixture(autouse=True)

@@ -95,8 +95,9 @@ class Method(nn.Module):
 
     @classmethod
     def frozen_files(cls, cfg) -> dict[str, str]:
-        """Frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256` and
-        `weights_sha256`; the engine loads them, checkpoints keep only the hash."""
+        """Frozen networks, attribute -> weights file: each has `load_weights(path) -> sha256`,
+        `read_weights(path) -> state` and `weights_sha256`; the engine loads them, checkpoints keep
+        only the hash."""
         return {}
 
     @classmethod
