@@ -37,6 +37,18 @@ def tiny_tokenizer_file(path: Path, seed: int = 0, arch=None) -> Path:
     return path
 
 
+def tiny_frozen_files(tmp: Path) -> dict[str, str]:
+    """The tiny CLIP and the tiny tokenizer, each from seed 0, in `tmp`: {"clip": path, "tokenizer": path}."""
+    return {"clip": str(tiny_clip_file(tmp / "clip.safetensors")),
+            "tokenizer": str(tiny_tokenizer_file(tmp / "tokenizer.safetensors"))}
+
+
+@pytest.fixture(scope="session")
+def frozen_files(tmp_path_factory) -> dict[str, str]:
+    """tiny_frozen_files, written once per session."""
+    return tiny_frozen_files(tmp_path_factory.mktemp("frozen_files"))
+
+
 # Loader workers and the tests share 2 cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -127,6 +139,13 @@ def torchrun(*args: str, timeout: int = 600):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of a run directory's metrics.jsonl, in its order: a continuous curve has each step
+    once (dict() of it keeps the last record of each step)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 class Run:

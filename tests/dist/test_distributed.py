@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_clip_file, tiny_ibot_cmd, torchrun
+from conftest import losses, tiny_clip_file, tiny_ibot_cmd, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -79,10 +79,6 @@ def test_head_batch_norm_uses_every_ranks_statistics(tmp_path):
         assert r["world"] == 2 and max(r["y"], r["dx"], r["dw"]) < 1e-4, r
 
 
-def _losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
 
 def test_sharded_init_builds_like_dense_and_trains(tmp_path):
     report = tmp_path / "init.json"
@@ -106,7 +102,7 @@ def test_resume_after_changing_loader_workers_keeps_the_model(tmp_path):
                             timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "num_streams 2 -> 1" in second.stderr and "resumed from" in second.stderr
-    assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- a replicated frozen teacher
@@ -125,7 +121,7 @@ def test_a_replicated_teacher_trains_as_a_partitioned_one_and_another_file_is_re
     clip = tiny_clip_file(tmp_path / "clip.pt")
     straight = tmp_path / "straight"
     torchrun(*_maskalign_cmd(straight, clip, 4))
-    a = _losses(straight)
+    a = losses(straight)
     assert [s for s, _ in a] == [1, 2, 3, 4]
 
     # teacher.clip.replicate: the teacher whole on each rank, out of the engine, the same numbers; a resumed
@@ -134,7 +130,7 @@ def test_a_replicated_teacher_trains_as_a_partitioned_one_and_another_file_is_re
     run = torchrun(*_maskalign_cmd(replicated, clip, 4, ["teacher.clip.replicate=true", "--stop-at", "2"]))
     assert "whole on every rank (teacher.clip.replicate), never gathered" in run.stderr
     torchrun(*_maskalign_cmd(replicated, clip, 4, ["teacher.clip.replicate=true"]))
-    assert _losses(replicated) == a
+    assert losses(replicated) == a
 
     # Resuming with a different teacher file stops before any step, naming the file.
     other = tiny_clip_file(tmp_path / "other.pt", seed=1)
@@ -144,7 +140,7 @@ def test_a_replicated_teacher_trains_as_a_partitioned_one_and_another_file_is_re
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "mimscale: teacher error" in result.stderr and str(other) in result.stderr
-    assert "is not the file" in result.stderr and [s for s, _ in _losses(split)] == [1, 2, 3, 4]
+    assert "is not the file" in result.stderr and [s for s, _ in losses(split)] == [1, 2, 3, 4]
 
     # The exported student backbone carries none of MaskAlign's alignment modules.
     from export.weights import read_backbone
@@ -190,7 +186,7 @@ def test_triton_kernels_and_packed_crops_match_torch_on_two_ranks(tmp_path):
                 os.environ.pop("TRITON_INTERPRET")
             else:
                 os.environ["TRITON_INTERPRET"] = old
-        runs[impl] = _losses(out)
+        runs[impl] = losses(out)
     assert [s for s, _ in runs["triton"]] == [1, 2]
     for (_, a), (_, b) in zip(runs["torch"], runs["triton"]):
         assert abs(a - b) < 2e-2 * max(1.0, abs(b)), (runs["torch"], runs["triton"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_clip_file, tiny_tokenizer_file, torchrun
+from conftest import ROOT, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,11 @@ def _tensor_keys(obj, prefix="") -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_frozen_network_is_partitioned_frozen_and_not_checkpointed(case, tmp_path):
-    files = {"clip": tiny_clip_file(tmp_path / "clip.safetensors"),
-             "tokenizer": tiny_tokenizer_file(tmp_path / "tok.safetensors")}
+def test_a_frozen_network_is_partitioned_frozen_and_not_checkpointed(case, frozen_files, tmp_path):
     config, overrides = CASES[case]
     report, ckpt_dir = tmp_path / "report.json", tmp_path / "ckpt"
     torchrun(str(ROOT / "tests" / "dist" / "frozen_check.py"), str(report), str(ckpt_dir),
-             str(ROOT / "configs" / f"{config}.yaml"), *(o.format(**files) for o in overrides))
+             str(ROOT / "configs" / f"{config}.yaml"), *(o.format(**frozen_files) for o in overrides))
     r = json.loads(report.read_text())
     assert r["world"] == 2 and r["frozen"] and all(math.isfinite(v) for v in r["losses"])
     for name, f in r["frozen"].items():

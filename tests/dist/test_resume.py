@@ -4,7 +4,7 @@ values at every step, and ends with the same fp32 weights and the same EMA shado
 
 import pytest
 import torch
-from conftest import launch_run, tiny_clip_file, tiny_tokenizer_file
+from conftest import launch_run
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +25,6 @@ CASES = {
 SCHEDULES = ("lr", "weight_decay", "momentum", "teacher_temp", "teacher_patch_temp", "gumbel_temp", "kl_weight")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("frozen")
-    return {"clip": tiny_clip_file(tmp / "clip.safetensors"), "tokenizer": tiny_tokenizer_file(tmp / "tok.safetensors")}
-
-
 def numbers(run) -> list[dict]:
     """What must match step for step: each loss term and metric, and each scheduled value."""
     return [{k: v for k, v in r.items() if k == "step" or k.startswith("loss") or k in SCHEDULES}
@@ -38,11 +32,11 @@ def numbers(run) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", list(CASES))
-def test_resume_is_exact(method, files, tmp_path):
+def test_resume_is_exact(method, frozen_files, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     config, overrides = CASES[method]
-    args = [*(o.format(**files) for o in overrides), "schedule.steps=4", "checkpoint.every_steps=2", "log.every_steps=1"]
+    args = [*(o.format(**frozen_files) for o in overrides), "schedule.steps=4", "checkpoint.every_steps=2", "log.every_steps=1"]
     straight = launch_run(tmp_path / "straight", config, *args, ranks=2)
     launch_run(tmp_path / "split", config, *args, "--stop-at", "2", ranks=2)
     split = launch_run(tmp_path / "split", config, *args, ranks=2)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import losses as conftest_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 INJECT = str(ROOT / "tests" / "faults" / "inject.py")
@@ -44,12 +45,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def losses(run: Path) -> dict[int, float]:
     """step -> loss, the last record of each step winning (a resumed run appends)."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
-    return out
+    return dict(conftest_losses(run))
 
 
 def metrics(run: Path) -> list[dict]:

@@ -26,15 +26,6 @@ STEPS = 4
 RTOL = 1e-5  # float rounding across CPU vendors, not a change of behaviour (see above)
 
 
-def frozen_files(tmp: Path) -> dict[str, str]:
-    """The tiny CLIP and the tiny tokenizer, each from seed 0 (what the recorded run used)."""
-    sys.path.insert(0, str(ROOT / "tests"))  # (run as a script: --record)
-    from conftest import tiny_clip_file, tiny_tokenizer_file
-
-    return {"clip": str(tiny_clip_file(tmp / "clip.safetensors")),
-            "tokenizer": str(tiny_tokenizer_file(tmp / "tokenizer.safetensors"))}
-
-
 def losses(config: str, tmp: Path, files: dict[str, str]) -> list[dict[str, float]]:
     """Every logged loss term of steps 1..4 of `configs/<config>.yaml`, as metrics.jsonl has them."""
     import launch
@@ -58,15 +49,11 @@ def losses(config: str, tmp: Path, files: dict[str, str]) -> list[dict[str, floa
     return [{k: v for k, v in r.items() if k.startswith("loss")} for r in rows if "loss" in r][:STEPS]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return frozen_files(tmp_path_factory.mktemp("golden_files"))
-
-
 @pytest.mark.parametrize("config", CONFIGS)
-def test_first_four_losses_are_the_recorded_ones(config, files, tmp_path):
+def test_first_four_losses_are_the_recorded_ones(config, frozen_files, tmp_path):
+    """(the tiny CLIP and tokenizer: conftest's, from seed 0, as when they were recorded)"""
     recorded = json.loads(GOLDEN.read_text())["losses"][config]
-    assert losses(config, tmp_path, files) == [pytest.approx(r, rel=RTOL, abs=0) for r in recorded]
+    assert losses(config, tmp_path, frozen_files) == [pytest.approx(r, rel=RTOL, abs=0) for r in recorded]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
@@ -75,8 +62,11 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
 
     import torch
 
+    sys.path.insert(0, str(ROOT / "tests"))  # (run as a script: --record)
+    from conftest import tiny_frozen_files
+
     with tempfile.TemporaryDirectory() as tmp:
-        made = frozen_files(Path(tmp))
+        made = tiny_frozen_files(Path(tmp))
         table = {c: losses(c, Path(tmp), made) for c in CONFIGS}
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps({"steps": STEPS, "seed": 0, "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""iTPN end to end: the tiny digits run as the README runs it, and both teachers on two CPU ranks
+"""iTPN end to end: the tiny digits run as docs/methods.md runs it, and both teachers on two CPU ranks
 under ZeRO-3."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_clip_file, torchrun
+from conftest import launch_run, tiny_clip_file, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -34,24 +34,15 @@ def test_both_teachers_train_and_the_ema_is_shard_local(tmp_path):
 
 def test_tiny_run_learns_features_and_draws_reconstructions(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "launch.py", "--config", "configs/itpn_hivit_tiny.yaml",
-                             f"run.output_dir={run}", f"data.cache_dir={tmp_path / 'cache'}",
-                             # the final kNN does not depend on it; it costs CI time. 400 of the README's 600
-                             # steps, for CI's time: seen here kNN 64.0% against 54.7% at random init, held-out
-                             # pixel loss 0.471 against 0.995 for zeros (the 600 steps: 72.0%, 0.351)
-                             "eval.knn_every_steps=0", "schedule.steps=400"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stderr[-4000:]
-    match = re.search(r"kNN top-1 .*: ([\d.]+)%\s+random init: ([\d.]+)%", result.stdout)
-    assert match, result.stdout[-2000:]
-    trained, random_init = float(match.group(1)), float(match.group(2))
-    assert trained >= random_init + 5.0, (trained, random_init)
-    pixel = re.search(r"held-out pixel loss on masked patches ([\d.]+) \(untrained: ([\d.]+); predicting zeros: "
-                      r"([\d.]+)\)", result.stdout)
-    assert pixel, result.stdout[-2000:]
-    loss, untrained, zeros = map(float, pixel.groups())
-    assert loss < 0.6 * min(untrained, zeros), pixel.groups()
+    # 400 of the recipe's 600 steps, for CI's time: seen here kNN 64.0% against 54.7% at random init, held-out
+    # pixel loss 0.471 against 0.995 for zeros (the 600 steps: bench/results/quality_cpu*.json)
+    result = launch_run(tmp_path / "run", "itpn_hivit_tiny", "schedule.steps=400", "eval.knn_at_end=true",
+                        "log.pictures=true")
+    run, s = result.out, result.summary
+    trained = s["knn"]
+    assert trained >= s["knn_random_init"] + 5.0, s
+    assert s["heldout_pixel"] < 0.6 * min(s["heldout_pixel_random_init"], s["heldout_pixel_zero"]), s
+    assert "held-out pixel loss on masked patches" in result.stdout  # the run's end says it, with its baselines
     from PIL import Image
 
     with Image.open(run / "reconstructions.png") as im:

@@ -1,21 +1,15 @@
 """torchrun and `accelerate launch` start the same launch.py on two ranks that really train together."""
 
-import json
 import logging
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, tiny_ibot_cmd
+from conftest import ROOT, losses, tiny_ibot_cmd
 
 from trainer.cli import say_ranks
 from trainer.distributed import DistEnv
-
-
-def _losses(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def test_torchrun_trains_on_two_ranks(ibot_two_rank_run):
@@ -37,7 +31,7 @@ def test_accelerate_multi_gpu_trains_two_cpu_ranks_like_torchrun(tmp_path, ibot_
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "training on 2 ranks (from accelerate" in done.stderr
     assert (run / "logs" / "rank1.log").exists()
-    assert _losses(run) == _losses(ibot_two_rank_run)
+    assert losses(run) == losses(ibot_two_rank_run)
 
 
 def test_a_single_accelerate_process_says_so(monkeypatch, caplog):

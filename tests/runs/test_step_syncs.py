@@ -8,17 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, tiny_clip_file, tiny_tokenizer_file
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def frozen_files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("frozen")
-    clip = tmp / "clip.safetensors"
-    tiny_clip_file(clip)
-    return {"clip": str(clip), "tokenizer": str(tiny_tokenizer_file(tmp / "tokenizer.safetensors"))}
 
 
 CASES = {

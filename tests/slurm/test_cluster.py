@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_ibot_cmd
+from conftest import ROOT, losses, tiny_ibot_cmd
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -66,12 +66,6 @@ def wait(env: dict, job: str, timeout: float = 600) -> dict[str, str]:
 def restarts(env: dict, job: str) -> int:
     out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
     return int(re.search(r"Restarts=(\d+)", out).group(1))
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    """(step, loss) in the order metrics.jsonl has them: one continuous curve has each step once."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def logs(run: Path) -> str:

@@ -243,13 +243,14 @@ def test_every_shipped_config_is_valid(tmp_path):
 
     weights = tmp_path / "teacher.pt"
     weights.write_bytes(b"")
-    from models.dvae import DVAEArch, Encoder, save_encoder
+    from conftest import tiny_tokenizer_file
 
-    # Stand-in tokenizers: the recipes' shape (8x down, 8192 codes) and the tiny one's (4x, 32), narrow.
-    tokenizers = {}
-    for name, arch in (("beit_vit_tiny.yaml", DVAEArch(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32)),
-                       ("*", DVAEArch(group_count=4, n_hid=8, n_blk_per_group=1, vocab_size=8192))):
-        tokenizers[name] = save_encoder(Encoder(arch), tmp_path / f"tok{arch.vocab_size}.safetensors")
+    from models.dvae import DVAEArch
+
+    # Stand-in tokenizers: the tiny one (4x down, 32 codes) and the recipes' shape (8x, 8192), narrow.
+    tokenizers = {"beit_vit_tiny.yaml": tiny_tokenizer_file(tmp_path / "tok32.safetensors"),
+                  "*": tiny_tokenizer_file(tmp_path / "tok8192.safetensors",
+                                           arch=DVAEArch(group_count=4, n_hid=8, n_blk_per_group=1, vocab_size=8192))}
     configs = sorted((Path(launch.__file__).parent / "configs").glob("*.yaml"))
     assert len(configs) >= 14
     for path in configs:
