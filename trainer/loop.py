@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import shlex
 import sys
@@ -55,6 +56,38 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, floa
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return dict(zip(names, values.tolist()))
+
+
+def logged_name(term: str, loss_weights: dict) -> str:
+    """A loss term is logged as `loss_<term>`; a method's other outputs are metrics under their own
+    names (BEiT's token accuracy)."""
+    return f"loss_{term}" if term in loss_weights else term
+
+
+class LogWindow:
+    """What one log line averages: each output's sum over the applied steps since the last line (one
+    step's loss on a small batch is too noisy to compare across lines; a skipped step's non-finite
+    loss stays out), and the steps and wall time the line covers."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.sums, self.micro_batches = time.perf_counter(), 0, {}, 0
+
+    def add(self, sums: dict[str, torch.Tensor], micro_batches: int) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.micro_batches += micro_batches
+
+    def means(self, names) -> dict[str, float]:
+        """The means over micro-batches and ranks (a collective); NaN if every step was skipped."""
+        return mean_over_ranks(self.sums, self.micro_batches) if self.micro_batches else dict.fromkeys(names, math.nan)
+
+
+def float_buffers(method) -> list[torch.Tensor]:
+    """The method's running statistics (iBOT's centers): they move in its forward, so a skipped step undoes them."""
+    return [b for b in method.buffers() if b.is_floating_point()]
 
 
 def size_run(cfg: Config, ds_config: dict, env: DistEnv, device: torch.device) -> float | None:
@@ -137,7 +170,7 @@ def optimizer_step(engine, batches, values: dict, step: int, cfg: Config, timer:
             loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
         with timer.phase("backward"):
             engine.backward(guard.check(loss))
-        for k, v in {"loss": loss, **{(f"loss_{k}" if k in weights else k): v for k, v in losses.items()}}.items():
+        for k, v in {"loss": loss, **{logged_name(k, weights): v for k, v in losses.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         with timer.phase("optimizer"):
             if clipper is not None and engine.is_gradient_accumulation_boundary():
@@ -200,19 +233,11 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         log.info("saved %s", path)
 
     # ---- steps
-    def logged(k: str) -> str:  # a method's outputs beside its loss terms are metrics (BEiT's accuracy)
-        return f"loss_{k}" if k in method.loss_weights else k
-
     clipper = None
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
     timer = StepTimer(cfg.log.sync_timing, device)
-    batches = iter(loader)
-    window_start, window_steps = time.perf_counter(), 0
-    # Loss sums over the applied steps since the last log line: one step's loss on a small batch
-    # is too noisy to compare across lines (a skipped step's non-finite loss stays out).
-    window_sums: dict[str, torch.Tensor] = {}
-    window_count = 0
+    batches, window = iter(loader), LogWindow()
     last = min(cfg.schedule.steps, stop_at or cfg.schedule.steps, step + (stop_after or cfg.schedule.steps))
     stopped_by = None
     while step < last:
@@ -220,38 +245,32 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         timer.start_step(logged_next=(step + 1) % cfg.log.every_steps == 0 or step + 1 == cfg.schedule.steps)
         values = schedules.at(step)
         apply_schedule(engine.optimizer, values)
-        # The method's running statistics (iBOT's centers) move in its forward; a skipped step undoes them.
-        before = [b.clone() for b in method.buffers() if b.is_floating_point()]
+        before = [b.clone() for b in float_buffers(method)]
         losses, sums = optimizer_step(engine, batches, values, step, cfg, timer, guard, clipper, device, dtype)
         step += 1
-        window_steps += 1
+        window.steps += 1
         if deadline is not None:
             deadline.observe(time.perf_counter() - step_start)
         if guard.record(engine.was_step_applied(), step, losses, ckpt.latest):
             if ema is not None:
                 with timer.phase("ema"):
                     ema.update(values["momentum"])
-            for k, v in sums.items():
-                window_sums[k] = window_sums.get(k, 0.0) + v
-            window_count += cfg.optim.grad_accum
-        else:
-            for b, saved in zip((b for b in method.buffers() if b.is_floating_point()), before):
+            window.add(sums, cfg.optim.grad_accum)
+        else:  # skipped on every rank: the running statistics go back too
+            for b, saved in zip(float_buffers(method), before):
                 b.copy_(saved)
         if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
-            elapsed = time.perf_counter() - window_start
-            window = (mean_over_ranks(window_sums, window_count) if window_count else
-                      {k: float("nan") for k in sums})  # NaN when every step since the last line was skipped
-            record = log_record(cfg, values, window, window_steps, elapsed, global_batch, loader, guard, timer,
-                                method.logged_schedules, flops_per_step, device)
+            record = log_record(cfg, values, window.means(sums), window.steps, time.perf_counter() - window.start,
+                                global_batch, loader, guard, timer, method.logged_schedules, flops_per_step, device)
             metrics.write(step, record)
-            shown = " ".join(f"{k} {record[logged(k)]:.4f}" for k in losses)
+            shown = " ".join(f"{k} {record[logged_name(k, method.loss_weights)]:.4f}" for k in losses)
             log.info("step %d/%d loss %.4f (%s) lr %.2e %.0f img/s %.2fs/step%s", step, cfg.schedule.steps,
                      record["loss"], shown, record["lr"], record["images_per_s"], record["step_time_s"],
                      breakdown(record))
-            window_start, window_steps, window_sums, window_count = time.perf_counter(), 0, {}, 0
+            window.reset()
         every = cfg.eval.knn_every_steps
         if every and step % every == 0 and step < cfg.schedule.steps and cfg.data.val_shards:
-            window_start += evaluate_during(cfg, engine, device, dtype, env, run_dir, step, metrics, summary)
+            window.start += evaluate_during(cfg, engine, device, dtype, env, run_dir, step, metrics, summary)
         if guard.stop_requested:
             log.warning("%s: saving step %d and stopping; the same command resumes",
                         guard.signal_name or "a stop signal on another rank", step)
