@@ -37,12 +37,6 @@ from models.vit import RelativePositionBias
 
 from .weights import Backbone, ExportError
 
-# Registered timm models with our archs' shapes (exact names of our own registry, not substrings).
-TIMM_NAMES = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
-              "vit_large": "vit_large_patch16_224", "vit_huge": "vit_huge_patch14_224",
-              "vit_giant": "vit_giant_patch14_224", "vit_gigantic": "vit_gigantic_patch14_224"}
-# timm's BEiT models (timm.models.beit) for our BEiT archs; other sizes override this one's shapes.
-TIMM_BEIT_NAMES = {"vit_base": "beit_base_patch16_224", "vit_large": "beit_large_patch16_224"}
 TIMM_FILE = "timm_model.safetensors"
 
 
@@ -299,10 +293,11 @@ def timm_call(backbone: Backbone) -> tuple[str, dict]:
     its Beit for a BEiT backbone."""
     d = shapes(backbone)
     beit = is_beit(d)
-    names = TIMM_BEIT_NAMES if beit else TIMM_NAMES
-    name = names.get(d["arch"], "beit_base_patch16_224" if beit else "vit_small_patch16_224")
+    arch = VIT_ARCHS[d["arch"]]
+    registered = arch.timm_beit if beit else arch.timm  # timm's model of these shapes (models/archs.py)
+    name = registered or ("beit_base_patch16_224" if beit else "vit_small_patch16_224")
     kwargs: dict = {}
-    if d["arch"] not in names:  # our test/tiny sizes: timm's class with our shapes
+    if registered is None:  # our test/tiny sizes: timm's class with our shapes
         kwargs.update(embed_dim=d["width"], depth=d["depth"], num_heads=d["heads"], mlp_ratio=d["mlp"] / d["width"])
     if f"patch{d['patch']}_" not in name:
         kwargs["patch_size"] = d["patch"]

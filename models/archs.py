@@ -16,6 +16,8 @@ class Arch:
     patch: int  # the default patch size
     mlp_ratio: float = 4.0
     mlp_depth: int = 0  # HiViT: MLP-only blocks in each of its two early stages
+    timm: str | None = None  # timm's registered model of these shapes (what an export names)
+    timm_beit: str | None = None  # timm's BEiT of these shapes
 
     @property
     def head_dim(self) -> int:
@@ -23,18 +25,22 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    "vit_test": Arch("vit", 32, 2, 2, 4, mlp_ratio=2.0),
-    "vit_tiny": Arch("vit", 96, 6, 3, 8),
-    "vit_small": Arch("vit", 384, 12, 6, 16),
-    "vit_base": Arch("vit", 768, 12, 12, 16),
-    "vit_large": Arch("vit", 1024, 24, 16, 16),
-    "vit_huge": Arch("vit", 1280, 32, 16, 14),
-    "vit_giant": Arch("vit", 1408, 40, 16, 14, mlp_ratio=6144 / 1408),
-    "vit_gigantic": Arch("vit", 1664, 48, 16, 14, mlp_ratio=8192 / 1664),
-    "hivit_test": Arch("hivit", 32, 2, 2, 8, mlp_depth=1),
-    "hivit_tiny": Arch("hivit", 96, 4, 3, 8, mlp_depth=1),
-    "hivit_base": Arch("hivit", 512, 24, 8, 16, mlp_depth=3),
-    "hivit_large": Arch("hivit", 768, 40, 12, 16, mlp_depth=2),
+    "vit_test": Arch("vit", width=32, depth=2, heads=2, patch=4, mlp_ratio=2.0),
+    "vit_tiny": Arch("vit", width=96, depth=6, heads=3, patch=8),
+    "vit_small": Arch("vit", width=384, depth=12, heads=6, patch=16, timm="vit_small_patch16_224"),
+    "vit_base": Arch("vit", width=768, depth=12, heads=12, patch=16, timm="vit_base_patch16_224",
+                     timm_beit="beit_base_patch16_224"),
+    "vit_large": Arch("vit", width=1024, depth=24, heads=16, patch=16, timm="vit_large_patch16_224",
+                      timm_beit="beit_large_patch16_224"),
+    "vit_huge": Arch("vit", width=1280, depth=32, heads=16, patch=14, timm="vit_huge_patch14_224"),
+    "vit_giant": Arch("vit", width=1408, depth=40, heads=16, patch=14, mlp_ratio=6144 / 1408,
+                      timm="vit_giant_patch14_224"),
+    "vit_gigantic": Arch("vit", width=1664, depth=48, heads=16, patch=14, mlp_ratio=8192 / 1664,
+                         timm="vit_gigantic_patch14_224"),
+    "hivit_test": Arch("hivit", width=32, depth=2, heads=2, patch=8, mlp_depth=1),
+    "hivit_tiny": Arch("hivit", width=96, depth=4, heads=3, patch=8, mlp_depth=1),
+    "hivit_base": Arch("hivit", width=512, depth=24, heads=8, patch=16, mlp_depth=3),
+    "hivit_large": Arch("hivit", width=768, depth=40, heads=12, patch=16, mlp_depth=2),
 }
 VIT_ARCHS = {name: a for name, a in ARCHS.items() if a.family == "vit"}
 HIVIT_ARCHS = {name: a for name, a in ARCHS.items() if a.family == "hivit"}

@@ -56,18 +56,13 @@ def test_every_method_runs_its_step_on_the_meta_device(name):
     assert flops["total"] > 0 and len(flops) == len(passes) + 1 + ("student prototype scores (in the loss)" in flops)
 
 
-TIMM_NAMES = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
-              "vit_large": "vit_large_patch16_224", "vit_huge": "vit_huge_patch14_224",
-              "vit_giant": "vit_giant_patch14_224", "vit_gigantic": "vit_gigantic_patch14_224"}
-
-
-@pytest.mark.parametrize("arch", [a for a in VIT_ARCHS if a in TIMM_NAMES])
+@pytest.mark.parametrize("arch", [a for a, record in VIT_ARCHS.items() if record.timm])
 def test_every_registered_vit_has_timms_parameter_count(arch):
     """Our backbones on the meta device against timm's registry (the published shapes), plus our [MASK]."""
     width, depth = VIT_ARCHS[arch].width, VIT_ARCHS[arch].depth
     with torch.device("meta"):
         ours = build_vit(arch, img_size=224)
-        theirs = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0)
+        theirs = timm.create_model(VIT_ARCHS[arch].timm, pretrained=False, num_classes=0)
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in theirs.parameters()) + width  # + mask_token
     if arch == "vit_gigantic":  # docs/design.md: ViT-G/14 1.8B, depth 48, width 1664
