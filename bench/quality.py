@@ -30,6 +30,7 @@ class Recipe:
     backbone: bool = True  # a backbone (kNN and a linear probe), not a tokenizer
     needs: str | None = None  # the recipe whose exported product it uses (BEiT: the dVAE's tokenizer)
     exports: tuple[str, ...] = ()  # after training: a script that writes what `needs` names, and its file
+    ci: tuple[str, ...] = ()  # how CI's learning test runs it differently (a shorter schedule)
 
 
 RECIPES = {
@@ -38,7 +39,7 @@ RECIPES = {
     "maskalign": Recipe("maskalign_vit_tiny", ("teacher.clip.weights={clip}",)),
     "dvae": Recipe("dvae_tiny", backbone=False, exports=("scripts/export_tokenizer.py", "{tokenizer}")),
     "beit": Recipe("beit_vit_tiny", ("beit.tokenizer={tokenizer}",), needs="dvae"),
-    "itpn": Recipe("itpn_hivit_tiny"),
+    "itpn": Recipe("itpn_hivit_tiny", ci=("schedule.steps=400",)),  # tests/runs/test_itpn_runs.py
 }
 KEYS = ("knn", "knn_random_init", "knn_raw_pixels", "psnr", "psnr_random_init", "psnr_mean_colour", "perplexity",
         "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero")
@@ -69,11 +70,18 @@ def order(names: list[str]) -> list[str]:
     return [n for n in RECIPES if n in wanted]
 
 
-def run_recipes(names: list[str], seed: int = 0, steps: int | None = None,
+def curve(rows: list[dict]) -> list[dict]:
+    """Each training record's step, loss terms, in-training kNN and the method's own measures beside
+    its loss (BEiT's token accuracy and its blind baselines): what CI's learning tests compare."""
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith(("loss", "knn")) or "blind" in k
+             or "accuracy" in k} for r in rows if "loss" in r or "knn" in r]
+
+
+def run_recipes(names: list[str], seed: int = 0, steps: int | None = None, lengths: str = "full",
                 progress: Callable[[str, dict], None] = lambda name, result: None) -> dict:
-    """Train each recipe of `names` (and what they need) at `seed`, at its own length or `steps` (a
-    smoke test) -> {name: {"command", "seconds", "steps", "first_loss", "last_loss", the held-out
-    figures (KEYS), and for backbones "linear_top1"}}."""
+    """Train each recipe of `names` (and what they need) at `seed`, at its own length (`lengths` "ci":
+    as CI's learning tests run it) or `steps` (a smoke test) -> {name: {"command", "seconds", "steps",
+    "first_loss", "last_loss", "curve", the held-out figures (KEYS), and for backbones "linear_top1"}}."""
     from models.teachers import save_clip, tiny_clip
 
     results = {}
@@ -83,7 +91,8 @@ def run_recipes(names: list[str], seed: int = 0, steps: int | None = None,
         for name in order(names):
             recipe, run_dir = RECIPES[name], Path(tmp) / name
             cmd = ["launch.py", "--config", f"configs/{recipe.config}.yaml", f"run.output_dir={run_dir}",
-                   f"run.seed={seed}", "log.pictures=false", *(o.format(**files) for o in recipe.overrides)]
+                   f"run.seed={seed}", "log.pictures=false", *(o.format(**files) for o in recipe.overrides),
+                   *(recipe.ci if lengths == "ci" else ())]
             if steps:
                 cmd += [f"schedule.steps={steps}", "eval.knn_every_steps=0", "optim.warmup_steps=0"]
             t0 = time.perf_counter()
@@ -93,7 +102,7 @@ def run_recipes(names: list[str], seed: int = 0, steps: int | None = None,
             losses = [r for r in rows if "loss" in r]
             result = {"command": shlex.join(["python", *cmd]).replace(tmp, "<tmp>"), "seconds": round(seconds, 1),
                       "steps": losses[-1]["step"], "first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"],
-                      **{k: v for r in rows for k, v in r.items() if k in KEYS}}
+                      **{k: v for r in rows for k, v in r.items() if k in KEYS}, "curve": curve(rows)}
             if recipe.exports:
                 script, product = recipe.exports
                 _run(script, str(run_dir), product.format(**files))

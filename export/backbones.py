@@ -58,7 +58,7 @@ def from_backbone(backbone) -> LoadedBackbone:
     from export.hf import shapes
     from models.vit import build_vit
 
-    if backbone.method.family == "hivit":
+    if backbone.spec.format == "itpn":
         return _itpn(backbone)
     d = shapes(backbone)
     with torch.device("meta"):

@@ -221,7 +221,7 @@ def convert(checkpoint: str | Path, out: str | Path, weights: str = "auto", dtyp
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"cannot read {checkpoint}: {type(e).__name__}: {first}") from None
     read_gib = anonymous_gib() - anon
-    if b.method.family == "hivit":
+    if b.spec.format == "itpn":
         return convert_itpn(b, out, dtype, check_export, command)
     dims = shapes(b)  # an unknown architecture stops here, before anything is written
     backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30

@@ -21,6 +21,7 @@ refused (`UntrustedFileError`) before DeepSpeed reads it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -106,6 +107,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# What trainer.engine.param_groups puts on every optimizer group beside torch's keys.
+GROUP_KEYS = ("lr_scale", "wd_scale", "lr_factor")
+
+
+@contextlib.contextmanager
+def group_keys_kept(optimizer):
+    """A checkpoint load replaces each optimizer group's dict with the saved one (torch's
+    `load_state_dict`; DeepSpeed 0.19's universal load even gives every group group 0's): put ours
+    back as this run built them, so a checkpoint written before a key existed gets it too."""
+    kept = [{k: g[k] for k in GROUP_KEYS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, keys in zip(optimizer.param_groups, kept):
+        group.update(keys)
 
 
 class Checkpointer:
@@ -199,6 +215,7 @@ class Checkpointer:
         for f in sorted(path.glob("*.pt")):
             check_weights_only(f)
         # Not strict: the frozen parameters are absent by design (see `save`).
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+        with group_keys_kept(engine.optimizer):
+            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no engine state in {path}")

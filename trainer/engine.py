@@ -52,8 +52,8 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
     backbone's `no_weight_decay()` names (position / [CLS] / [MASK] embeddings, timm's convention;
     iBOT, DINO and MAE decay them). `lr_scale` is the layer-wise decay factor (modules beside the
     backbone count as its last layer), 0 for the backbone's `fixed_parameters()` (a sin-cos table);
-    `last_layer` marks the prototype layers (iBOT: every name with "last_layer"), frozen for the
-    first steps.
+    `lr_factor` names the scheduled value the group's lr is also multiplied by, where the method's
+    `lr_factors` says so (iBOT's prototype layers, held at 0 for the first steps).
     """
     backbone = method.student["backbone"]  # a ViT; the dVAE (method dvae) has no blocks nor embeddings
     no_wd = set(method.no_weight_decay())
@@ -61,6 +61,7 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
         no_wd |= {f"backbone.{n}" for n in backbone.no_weight_decay()}
     fixed = {f"backbone.{n}" for n in backbone.fixed_parameters()} if hasattr(backbone, "fixed_parameters") else set()
     depth = len(getattr(backbone, "blocks", []))
+    factors = getattr(method, "lr_factors", {})
     groups: dict[tuple, dict] = {}
     for full_name, p in method.named_parameters():
         if not p.requires_grad:
@@ -68,11 +69,11 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
         name = full_name.removeprefix("student.")
         decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_wd or name in fixed)
         scale = 0.0 if name in fixed else layer_decay ** (depth + 1 - layer_id(name, depth))
-        last = "last_layer" in name
-        key = (decay, scale, last)
+        factor = next((value for part, value in factors.items() if part in name), None)
+        key = (decay, scale, factor)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0, "wd_scale": float(decay), "lr_scale": scale,
-                           "last_layer": last, "names": []}
+                           "lr_factor": factor, "names": []}
         groups[key]["params"].append(p)
         groups[key]["names"].append(full_name)
     return list(groups.values())
@@ -82,8 +83,8 @@ def apply_schedule(optimizer, values: dict[str, float]) -> None:
     """Write this step's lr and weight decay into every parameter group."""
     for group in optimizer.param_groups:
         lr = values["lr"] * group["lr_scale"]
-        if group["last_layer"]:
-            lr *= values.get("last_layer_lr_factor", 1.0)
+        if group.get("lr_factor"):
+            lr *= values.get(group["lr_factor"], 1.0)
         group["lr"] = lr
         group["weight_decay"] = values["weight_decay"] * group["wd_scale"]
 

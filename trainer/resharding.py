@@ -5,7 +5,7 @@ DeepSpeed's part: its sharded files are converted once by its own converter
 parameter: fp32 weights and Adam moments, whole), which an engine built with
 `"checkpoint": {"load_universal": true}` loads at any world size. Two things DeepSpeed 0.19's
 universal load gets wrong are put right after it: every optimizer group receives saved group 0's
-extra keys (our lr_scale / wd_scale / last_layer), and the Adam step counter becomes one tensor
+extra keys (our lr_scale / wd_scale / lr_factor), and the Adam step counter becomes one tensor
 shared by all groups (it then advances once per group per step, skewing the bias correction).
 
 Our parts (`rank<N>.pt`) are re-sliced here:
@@ -36,12 +36,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _all_ranks_ok, _rank, check_weights_only
+from .checkpoint import CheckpointError, _all_ranks_ok, _rank, check_weights_only, group_keys_kept
 
 log = logging.getLogger(__name__)
-
-GROUP_KEYS = ("lr_scale", "wd_scale", "last_layer")
-
 
 def saved_world_size(path: str | Path) -> int:
     """How many ranks wrote the checkpoint at `path` (its rank<N>.pt files)."""
@@ -79,12 +76,10 @@ def load_engine(engine, universal: Path) -> None:
     """DeepSpeed's state from its universal form (the engine was built with checkpoint.load_universal)."""
     for f in sorted(universal.rglob("*.pt")):  # DeepSpeed unpickles them with weights_only=False
         check_weights_only(f)
-    groups = [{k: g[k] for k in GROUP_KEYS if k in g} for g in engine.optimizer.param_groups]
-    load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_module_strict=False)
+    with group_keys_kept(engine.optimizer):
+        load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_module_strict=False)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no engine state in {universal}")
-    for group, keys in zip(engine.optimizer.param_groups, groups):
-        group.update(keys)
     opt = engine.optimizer
     for flat in getattr(opt, "fp32_partitioned_groups_flat", []):
         state = opt.optimizer.state.get(flat, {})

@@ -17,7 +17,7 @@ from common import TINY, finish, random_batch, train_step
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from trainer import resharding
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import GROUP_KEYS, Checkpointer
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
 from trainer.engine import build_engine, init_distributed
@@ -36,7 +36,7 @@ def consolidated(engine, ema) -> dict:
         dist.all_gather(slices, sh.contiguous())
         out["shadow"][n] = torch.cat(slices)[: t.ds_numel].view(t.ds_shape).clone()
     out["buffers"] = {n: b.float().clone() for n, b in engine.module.named_buffers()}
-    out["groups"] = [{k: g[k] for k in resharding.GROUP_KEYS} for g in engine.optimizer.param_groups]
+    out["groups"] = [{k: g[k] for k in GROUP_KEYS} for g in engine.optimizer.param_groups]
     return out
 
 

@@ -147,11 +147,11 @@ def test_param_groups_decay_and_layer_scales():
     assert layer_id("backbone.blocks.1.mlp.fc1.weight", depth) == 2
     assert by_name["student.backbone.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
     assert by_name["student.head.cls.mlp.0.weight"]["lr_scale"] == 1.0
-    assert by_name["student.head.cls.last_layer.weight"]["last_layer"]
+    assert by_name["student.head.cls.last_layer.weight"]["lr_factor"] == "last_layer_lr_factor"
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in method.student.parameters())
     # iBOT freezes every prototype layer ("last_layer" in the name), last_layer2 included
     groups = param_groups(_tiny_ibot("ibot.shared_head=false"))
-    assert {n for g in groups if g["last_layer"] for n in g["names"]} == {
+    assert {n for g in groups if g["lr_factor"] for n in g["names"]} == {
         "student.head.cls.last_layer.weight", "student.head.last_layer2.weight"}
 
 

@@ -40,7 +40,7 @@ class Config:
                 setattr(self, key, section())
 
     def validate(self) -> None:
-        from models.archs import HIVIT_ARCHS
+        from models.archs import ARCHS
         from trainer.methods import METHODS, method_class
 
         p = self.model.patch_size
@@ -54,13 +54,13 @@ class Config:
             method = method_class(self.method)
         except ValueError as e:
             raise Invalid("method", str(e)) from None
-        hier = self.model.arch in HIVIT_ARCHS
-        if method.family == "hivit":
-            require(hier, "model.arch", f"{self.model.arch!r}: {self.method} trains a HiViT ({', '.join(HIVIT_ARCHS)})")
-        else:
-            hivit = ", ".join(name for name, m in METHODS.items() if m.family == "hivit")
-            require(not hier, "model.arch", f"{self.model.arch!r} is a HiViT: method {self.method} does not train one "
-                    f"(methods that do: {hivit})")
+        family = ARCHS[self.model.arch].family if self.model.arch in ARCHS else None
+        wanted = method.family or "vit"  # (a tokenizer has no backbone: model.arch keeps a ViT's name)
+        if family is not None and family != wanted:
+            archs = ", ".join(name for name, a in ARCHS.items() if a.family == wanted)
+            others = ", ".join(name for name, m in METHODS.items() if m.family == family)
+            require(False, "model.arch", f"{self.model.arch!r} is a {family} architecture: method {self.method} trains "
+                    f"a {wanted} ({archs}); methods that train a {family}: {others}")
         method.validate(self)
         for name in ("blur_p", "solarize_p"):
             require(len(getattr(self.data.augment, name)) == self.data.global_crops.number, f"data.augment.{name}",

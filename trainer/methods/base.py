@@ -43,6 +43,9 @@ FROZEN_TEACHER = "clip_teacher"  # the attribute of the shared frozen teacher (s
 class ExportSpec:
     """What export needs from a run's config beyond the tensors it reads (Method.export_spec)."""
 
+    # how the backbone is written: "transformers" (a ViTModel / Dinov2Model / BeitModel directory and a
+    # timm file, export/hf.py) or "itpn" (HiViT + pyramid in one file rebuilt from `arch`, export/itpn.py)
+    format: str = "transformers"
     layer_scale_init: float = 1.0  # layer-scale init in a transformers config (the file's gammas replace it)
     vocab_size: int | None = None  # the visual-token vocabulary a BEiT-style transformers config names
     arch: Any = None  # the record that rebuilds a network its tensors do not describe (HiViT + pyramid, a dVAE)
@@ -74,6 +77,8 @@ class Method(nn.Module):
     # every registered section exists in every config, with its defaults unless set
     config_section: ClassVar[tuple[str, type] | None] = None
     logged_schedules: ClassVar[tuple[str, ...]] = ()  # its scheduled values, logged beside the losses
+    # parameters whose name holds a key have their lr multiplied by the scheduled value it names
+    lr_factors: ClassVar[dict[str, str]] = {}
     loss_weights: dict[str, float]  # set in __init__: {term: weight}; the loop weights forward's terms
     # optional: (images [B, 3, S, S], normalised) -> [B, C], the features kNN measures (None: no kNN)
     eval_features: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -171,6 +171,7 @@ class IBOT(Method):
 
     config_section = ("ibot", IBOTConfig)
     logged_schedules = ("teacher_temp", "teacher_patch_temp")
+    lr_factors = {"last_layer": "last_layer_lr_factor"}  # the prototypes, frozen for the first steps
     uses_mask_token = True
     fp32_buffers = ("center", "center_patch")  # averages: fp32 whatever the engine's precision
 

@@ -244,7 +244,8 @@ class ITPN(Method):
         arch = {"arch": cfg.model.arch, "image_size": cfg.data.global_crops.size, "patch_size": cfg.model.patch_size,
                 "layer_scale": c.layer_scale or None, "pos_embed": c.pos_embed, "fpn_dim": c.fpn_dim,
                 "fpn_depth": c.fpn_depth}
-        return ExportSpec(arch=arch, about=f"backbone and pyramid pretrained together, teacher {c.teacher}")
+        return ExportSpec(format="itpn", arch=arch,
+                          about=f"backbone and pyramid pretrained together, teacher {c.teacher}")
 
     @classmethod
     def ema_momentum(cls, cfg) -> tuple[float, float] | None:
