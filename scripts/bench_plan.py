@@ -14,28 +14,16 @@ depend on the CPU and the thread count). Prints estimate / measured per case; th
 device, versions and command.
 """
 
-from __future__ import annotations
-
 import argparse
-import json
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import RESULTS, record, write  # noqa: E402
 from trainer.plan.measured import backbone_case  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,17 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         est, got, alloc = (r[k] / 2**20 for k in ("estimate_bytes", "tensor_peak_bytes", "allocator_peak_bytes"))
         print(f"{r['case']:24} {est:10.1f} {got:10.1f} {1 + r['error']:6.3f} {alloc:10.1f} "
               f"{1 + r['allocator_error']:6.3f}")
-    what = (torch.cuda.get_device_name() if device.type == "cuda" else
-            f"CPU: {platform.machine()}, {cpu_name()}, ATen {torch.backends.cpu.get_cpu_capability()}")
-    out = {"device": what, "threads": torch.get_num_threads(),
-           "measures": {"tensor_peak": "bytes of the tensors the operators return (TorchDispatchMode)",
-                        "allocator_peak": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                        "torch.profiler memory timeline"}, "cases": rows,
-           "versions": {"python": platform.python_version(), "torch": torch.__version__},
-           "command": shlex.join(["python", "scripts/bench_plan.py", *(argv if argv is not None else sys.argv[1:])])}
-    path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"plan_vs_measured_{device.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    about = record("scripts/bench_plan.py", argv)
+    if device.type == "cpu":
+        about["device"] += f", ATen {torch.backends.cpu.get_cpu_capability()}"
+    path = write(args.out or RESULTS / f"plan_vs_measured_{device.type}.json", {
+        **about, "threads": torch.get_num_threads(), "cases": rows,
+        "measures": {"tensor_peak": "bytes of the tensors the operators return (TorchDispatchMode)",
+                     "allocator_peak": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                     "torch.profiler memory timeline"}})
     print(f"wrote {path}")
     return 0
 

@@ -141,6 +141,20 @@ def torchrun(*args: str, timeout: int = 600):
     return result
 
 
+def main_in_process(*args: str) -> int:
+    """`launch.main(args)` in this process (no seconds of imports per run), the environment put back
+    after: a run exports RANK, WORLD_SIZE, MASTER_PORT... for its process group, which later subprocesses
+    must not see."""
+    import launch
+
+    saved = dict(os.environ)
+    try:
+        return launch.main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def losses(run: Path) -> list[tuple[int, float]]:
     """(step, loss) of a run directory's metrics.jsonl, in its order: a continuous curve has each step
     once (dict() of it keeps the last record of each step)."""

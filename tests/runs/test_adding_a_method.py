@@ -8,13 +8,13 @@ pixels), scored by the squared error on the masked patches."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import main_in_process
 
 from trainer.config import ConfigError, describe, load_config
 from trainer.config.fields import opt, require
@@ -80,8 +80,6 @@ def toy_method():
 
 
 def test_a_method_in_one_file_trains_validates_and_logs(toy_method, tmp_path):
-    import launch
-
     cfg = load_config(None, ["method=mean_colour", "mean_colour.head_hidden=16"])
     assert cfg.mean_colour.head_hidden == 16 and cfg.ibot.out_dim  # its section beside the others
     assert any(key == "mean_colour.weight" for key, _, _ in describe())  # --help-config lists it
@@ -95,14 +93,9 @@ def test_a_method_in_one_file_trains_validates_and_logs(toy_method, tmp_path):
         load_config(None, ["method=mean_colour", "mean_colour.wieght=1"])
 
     run = tmp_path / "run"
-    saved = dict(os.environ)
-    try:
-        code = launch.main(["method=mean_colour", f"run.output_dir={run}", "schedule.steps=3", "log.every_steps=1",
-                            "checkpoint.every_steps=3", "eval.knn_at_end=false", "eval.knn_every_steps=0",
-                            "log.pictures=false", "log.tensorboard=false", "data.num_workers=0"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    code = main_in_process("method=mean_colour", f"run.output_dir={run}", "schedule.steps=3", "log.every_steps=1",
+                           "checkpoint.every_steps=3", "eval.knn_at_end=false", "eval.knn_every_steps=0",
+                           "log.pictures=false", "log.tensorboard=false", "data.num_workers=0")
     assert code == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss_colour" in r]

@@ -11,13 +11,16 @@ every config. A change to an init, a mask, a loss or a schedule moves them by fa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if __name__ == "__main__":  # run as a script (--record): conftest is beside tests/
+    sys.path.insert(0, str(ROOT / "tests"))
+from conftest import main_in_process, tiny_frozen_files  # noqa: E402
+
 GOLDEN = ROOT / "tests" / "runs" / "golden" / "losses_4steps.json"
 # (defaults.yaml is ibot_vit_tiny.yaml but for its output directory: the same losses, not run twice)
 CONFIGS = ["ibot_vit_tiny", "ibot_clip_vit_tiny", "maskalign_vit_tiny", "dvae_tiny", "beit_vit_tiny",
@@ -28,8 +31,6 @@ RTOL = 1e-5  # float rounding across CPU vendors, not a change of behaviour (see
 
 def losses(config: str, tmp: Path, files: dict[str, str]) -> list[dict[str, float]]:
     """Every logged loss term of steps 1..4 of `configs/<config>.yaml`, as metrics.jsonl has them."""
-    import launch
-
     out = tmp / config
     args = ["--config", str(ROOT / "configs" / f"{config}.yaml"), f"run.output_dir={out}", "run.seed=0",
             f"schedule.steps={STEPS}", "log.every_steps=1", f"checkpoint.every_steps={STEPS + 1}",
@@ -39,12 +40,7 @@ def losses(config: str, tmp: Path, files: dict[str, str]) -> list[dict[str, floa
         args.append(f"teacher.clip.weights={files['clip']}")
     if config == "beit_vit_tiny":
         args.append(f"beit.tokenizer={files['tokenizer']}")
-    saved = dict(os.environ)  # launch.main sets RANK, WORLD_SIZE, MASTER_PORT...: later subprocesses must not see them
-    try:
-        assert launch.main(args) == 0, config
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    assert main_in_process(*args) == 0, config
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k.startswith("loss")} for r in rows if "loss" in r][:STEPS]
 
@@ -61,9 +57,6 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     import tempfile
 
     import torch
-
-    sys.path.insert(0, str(ROOT / "tests"))  # (run as a script: --record)
-    from conftest import tiny_frozen_files
 
     with tempfile.TemporaryDirectory() as tmp:
         made = tiny_frozen_files(Path(tmp))

@@ -5,12 +5,12 @@ step-2 ZeRO-3 checkpoint, its metrics), the 4 losses of the same run uninterrupt
 run's exported file with the features the old loader gave on a fixed input."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import main_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +20,9 @@ RTOL = 1e-5  # float rounding across CPU vendors (tests/runs/test_golden_losses.
 
 
 def test_an_old_run_resumes_exactly_from_its_checkpoint(tmp_path):
-    import launch
-
     run = tmp_path / "ibot"
     shutil.copytree(OLD / "ibot", run)
-    saved = dict(os.environ)  # launch.main sets RANK, WORLD_SIZE, MASTER_PORT...: later subprocesses must not see them
-    try:
-        assert launch.main([*RECORD["ibot_args"], f"run.output_dir={run}"]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    assert main_in_process(*RECORD["ibot_args"], f"run.output_dir={run}") == 0
     assert "resumed from" in (run / "logs" / "rank0.log").read_text()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     after = [{k: v for k, v in r.items() if k == "step" or k.startswith("loss")} for r in rows if "loss" in r]

@@ -1,6 +1,7 @@
-"""Jobs on a real one-node Slurm (tests/slurm/conftest.py): a chain that hands over, USR1 and a killed
-rank that requeue and resume, two jobs at once, a sweep, a broken chain. Every loss curve is compared
-with the same tiny iBOT run made in one go by torchrun (tests/conftest.py: ibot_two_rank_run)."""
+"""Jobs on a real one-node Slurm (tests/conftest.py's `slurm` fixture, scripts/ci/slurm_up.sh): a chain
+that hands over, USR1 and a killed rank that requeue and resume, two jobs at once, a sweep, a broken
+chain. Every loss curve is compared with the same tiny iBOT run made in one go by torchrun
+(tests/conftest.py: ibot_two_rank_run)."""
 
 import json
 import os

@@ -271,3 +271,21 @@ def test_configs_for_vit_h_and_larger_build_sharded():
            if config(p.stem).model.arch in ("vit_huge", "vit_giant", "vit_gigantic")]
     assert {"ibot_h14_in22k", "ibot_g14_in22k", "ibot_G14_in22k", "ibot_clip_vit_G14_in22k"} <= set(big)
     assert all(config(name).model.sharded_init for name in big), big
+
+
+def test_bench_plan_writes_the_estimate_beside_both_measured_peaks(tmp_path):
+    """scripts/bench_plan.py at a tiny case: the table and the JSON with its record."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "plan.json"
+    p = subprocess.run([sys.executable, "scripts/bench_plan.py", "--cases", "vit_test:32:2:1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert {"device", "versions", "command"} <= set(r) and "ATen" in r["device"]
+    (case,) = r["cases"]
+    assert case["estimate_bytes"] > 0 and case["tensor_peak_bytes"] > 0 and "vit_test:32:2:1" in p.stdout
