@@ -27,17 +27,19 @@ def test_default_run_learns_features(tmp_path):
     # It ends with the kNN accuracy beside what it is compared with, as the README shows it.
     assert re.search(rf"kNN top-1 .*: {trained:.2f}%\s+random init: {random_init:.2f}%\s+raw pixels: "
                      rf"{raw_pixels:.2f}%", result.stdout), result.stdout[-2000:]
-    # Seen here: 69.0% against 41.3% (docs/methods.md, "The embedded default"); raw pixels 98.3%.
+    # Seen at seed 0: 69.0% against 41.3% (docs/methods.md, "The embedded default"); raw pixels 98.3%. Each
+    # margin here held over seeds 0-2 with room (bench/results/quality_ci_seed{0,1,2}.json: kNN +27.7 to +33.3,
+    # at step 200 +16.0 to +21.7, the [CLS] loss down 1.9 to 3.0, the probe +11.7 to +17.7 above the kNN).
     assert trained >= random_init + 20.0, (trained, random_init)
     assert raw_pixels > 90.0, raw_pixels
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
     by_step = {r["step"]: r for r in records if "loss" in r}
     first, end = by_step[50], by_step[max(by_step)]
-    # Both terms fall (each line is the mean of the 25 steps before it), and the [CLS] teacher is
-    # not uniform: the loss of a collapsed run sits at ln K.
+    # The [CLS] term falls (each line is the mean of the 25 steps before it) and neither teacher is uniform:
+    # the loss of a collapsed run sits at ln K. (The patch term is no learning signal alone: from step 50 it
+    # fell by 0.33, 0.43 and 0.01 over seeds 0-2, its teacher sharpening as its student learns.)
     assert end["loss_cls"] < first["loss_cls"] - 1.0, (first, end)  # seen: 5.10 -> 3.18
-    assert end["loss_mim"] < first["loss_mim"] - 0.15, (first, end)  # seen: 2.95 -> 2.62
-    assert end["loss_cls"] < math.log(1024) - 2.0, end
+    assert end["loss_cls"] < math.log(1024) - 2.0 and end["loss_mim"] < math.log(1024) - 2.0, end
     # The loader keeps up: waiting for data is under 5% of the step time (the log's "data" share) after the
     # first window, which includes starting the workers (seen: 0-1%, 3.5% in the first).
     windows = [r for r in records if "time_data_s" in r][1:]

@@ -34,14 +34,16 @@ def test_both_teachers_train_and_the_ema_is_shard_local(tmp_path):
 
 def test_tiny_run_learns_features_and_draws_reconstructions(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # 400 of the recipe's 600 steps, for CI's time: seen here kNN 64.0% against 54.7% at random init, held-out
-    # pixel loss 0.471 against 0.995 for zeros (the 600 steps: bench/results/quality_cpu*.json)
+    # 400 of the recipe's 600 steps, for CI's time. What shows learning at that length is the held-out pixel
+    # loss: 0.46-0.48 of the better baseline over seeds 0-2 (bench/results/quality_ci_seed{0,1,2}.json). The
+    # kNN of its features is not: random HiViT features are good on the digits, and at 400 steps the trained
+    # ones were +7.0, -2.7 and -16.7 points from them (docs/methods.md, iTPN).
     result = launch_run(tmp_path / "run", "itpn_hivit_tiny", "schedule.steps=400", "eval.knn_at_end=true",
                         "log.pictures=true")
     run, s = result.out, result.summary
     trained = s["knn"]
-    assert trained >= s["knn_random_init"] + 5.0, s
     assert s["heldout_pixel"] < 0.6 * min(s["heldout_pixel_random_init"], s["heldout_pixel_zero"]), s
+    assert 0 < trained <= 100 and 0 < s["knn_random_init"] <= 100, s  # measured and recorded, as the export shows
     assert "held-out pixel loss on masked patches" in result.stdout  # the run's end says it, with its baselines
     from PIL import Image
 
