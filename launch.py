@@ -108,4 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from trainer.distributed import release_before_exit
+
+    release_before_exit()
+    sys.exit(code)

@@ -88,7 +88,8 @@ def leave_distributed() -> None:
     group's worker threads release their last tensors during interpreter shutdown, and torchrun or
     Slurm then sees a failed rank after a finished run. Engines left in reference cycles are freed
     first, so no collective's buffers outlive the group. Only after success: a rank that failed
-    may leave its peers inside a collective, and destroying the group would hang them. A group of one
+    may leave its peers inside a collective, never to reach the barrier (release_before_exit leaves
+    without one). A group of one
     process is kept: DeepSpeed caches its groups, and a second run in the same process (launch.main
     called again, as tests do) would meet the destroyed one."""
     import gc
@@ -101,3 +102,20 @@ def leave_distributed() -> None:
     dist.barrier()
     dist.destroy_process_group()
     gc.collect()
+
+
+def release_before_exit() -> None:
+    """The last thing a launch.py process does after main() returned, whatever its exit code: a gloo
+    group still alive at interpreter shutdown can abort the process ("terminate called without an
+    active exception"), and a refused resume that should exit 2 (bad input, not requeued by
+    scripts/slurm/pretrain.sbatch) then exits by SIGABRT, which the sbatch requeues as a crash. No
+    barrier: after an error the peers may never reach one, and they see this rank leave either way.
+    Not inside main(): a group of one is reused by a second main() in the same process (tests)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()
