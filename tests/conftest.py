@@ -78,7 +78,20 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+# Tests that must share one worker under `pytest -n 2 --dist loadgroup` (the README's command): the
+# BEiT training they all read (a session fixture is built once per worker), and the one-node Slurm,
+# whose two CPUs would otherwise run two tests' jobs at once.
+SERIAL_GROUPS = {"beit_chain": lambda item: "beit_chain" in item.fixturenames,
+                 "slurm": lambda item: "slurm" in item.keywords}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for group, member in SERIAL_GROUPS.items():
+            if member(item):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
     if config.gpu_session:
         return
     skip = pytest.mark.skip(reason="a GPU test: they run in their own session, `pytest -m gpu` (this one keeps to "
@@ -129,13 +142,23 @@ def digits_dirs(tmp_path_factory):
     return digits_shards(tmp_path_factory.mktemp("cache"))
 
 
+def free_port() -> int:
+    """A port nobody listens on now, for a torchrun rendezvous: tests run two at a time (pytest -n 2),
+    and ports derived from the pid could meet."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(*args: str, timeout: int = 600):
     """Two CPU ranks (gloo) of `args` (a script and its arguments), from the repository root."""
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + (os.getpid() + len(args)) % 1000), *args]
+           str(free_port()), *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -192,7 +215,7 @@ def launch_run(out: Path, config: str, *overrides: str, ranks: int = 1, check: b
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *args] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-        str(29600 + (os.getpid() + len(out.name) + sum(map(len, overrides))) % 1000), *args]
+        str(free_port()), *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import free_port
 from conftest import losses as conftest_losses
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def launch(args: list[str], faults: tuple[str, ...] = (), ranks: int = 1, timeou
         cmd = [sys.executable, *script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(29000 + os.getpid() % 500), *script, *args]
+               str(free_port()), *script, *args]
     if popen:
         popen.pop("popen")
         return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)

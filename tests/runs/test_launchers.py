@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, losses, tiny_ibot_cmd
+from conftest import ROOT, free_port, losses, tiny_ibot_cmd
 
 from trainer.cli import say_ranks
 from trainer.distributed import DistEnv
@@ -26,7 +26,7 @@ def test_accelerate_multi_gpu_trains_two_cpu_ranks_like_torchrun(tmp_path, ibot_
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29700 + os.getpid() % 200), *tiny_ibot_cmd(run, 6)]
+           "--main_process_port", str(free_port()), *tiny_ibot_cmd(run, 6)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "training on 2 ranks (from accelerate" in done.stderr
