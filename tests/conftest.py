@@ -101,6 +101,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """What an xdist worker imported from scripts/, for the session's check below."""
+    imported = getattr(node, "workeroutput", {}).get("scripts_imported", [])
+    node.config.scripts_imported_by_workers = [*getattr(node.config, "scripts_imported_by_workers", []), *imported]
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Tests import the package, never a script (tests/unit/test_layering.py reads their source; this
     sees what was really imported, in whatever way): a session that imported one fails."""
@@ -109,6 +116,10 @@ def pytest_sessionfinish(session, exitstatus):
     scripts = ROOT / "scripts"
     imported = sorted(name for name, m in list(sys.modules.items())
                       if Path(getattr(m, "__file__", None) or "/").resolve().is_relative_to(scripts))
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: its exit status is not the session's
+        session.config.workeroutput["scripts_imported"] = imported
+        return
+    imported = sorted({*imported, *getattr(session.config, "scripts_imported_by_workers", ())})
     if imported:
         session.config.get_terminal_writer().line(f"tests imported scripts: {', '.join(imported)}", red=True)
         session.exitstatus = 1
