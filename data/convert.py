@@ -133,6 +133,11 @@ def convert_to_shards(source: Path, out: Path, samples_per_shard: int = 1000, wo
     with Pool(min(workers, max(1, len(tasks)))) as pool:
         for result in tqdm(pool.imap_unordered(write_one, tasks), total=len(tasks), unit="shard"):
             results.append(result)
+        # Let the workers take their sentinels and exit: leaving the block terminates the pool, which
+        # can find a worker waiting for the queue's lock and, where SIGTERM is ignored (an sbatch
+        # script, a process after launch.main), joins it for ever.
+        pool.close()
+        pool.join()
     results.sort(key=lambda r: r["name"])
     skipped = [s for r in results for s in r.pop("skipped")]
     manifest = write_manifest(out, results, classes, {

@@ -176,17 +176,23 @@ def torchrun(*args: str, timeout: int = 600):
 
 
 def main_in_process(*args: str) -> int:
-    """`launch.main(args)` in this process (no seconds of imports per run), the environment put back
-    after: a run exports RANK, WORLD_SIZE, MASTER_PORT... for its process group, which later subprocesses
-    must not see."""
-    import launch
+    """`launch.main(args)` in this process (no seconds of imports per run), the environment and the
+    signal handlers put back after: a run exports RANK, WORLD_SIZE, MASTER_PORT... for its process
+    group, and ends ignoring SIGTERM and SIGUSR1 (trainer.stop_signals.ignore), which later subprocesses
+    would inherit (a multiprocessing pool that cannot be terminated hung a later test)."""
+    import signal
 
-    saved = dict(os.environ)
+    import launch
+    from trainer.stop_signals import SIGNALS
+
+    saved, handlers = dict(os.environ), {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
         return launch.main([str(a) for a in args])
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
