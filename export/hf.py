@@ -10,7 +10,7 @@ assigned strictly (no missing, no unexpected key) and `save_pretrained` writes t
 
 A BEiT backbone (relative position bias, query/value biases, or no absolute position embeddings)
 becomes `BeitModel` and, for timm, timm's `Beit` (the `beit_*` models): both follow
-microsoft/unilm beit/, whose relative position index ours reproduces (tests/runs/test_export_beit.py
+microsoft/unilm beit/, whose relative position index ours reproduces (tests/runs/test_beit_chain.py
 compares all three), so the bias tables and q/v biases are copied as they are. Neither has a key
 bias; a key bias adds q.b_k to every logit of a query's row, which softmax ignores, so a backbone
 trained with one (`qkv_bias: qkv`) loses nothing by dropping it.

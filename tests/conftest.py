@@ -78,27 +78,34 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-# Tests that must share one worker under `pytest -n 2 --dist loadgroup` (the README's command): the
-# BEiT training they all read (a session fixture is built once per worker), and the one-node Slurm,
-# whose two CPUs would otherwise run two tests' jobs at once.
-SERIAL_GROUPS = {"beit_chain": lambda item: "beit_chain" in item.fixturenames,
-                 "slurm": lambda item: "slurm" in item.keywords}
+# The files that take minutes, longest first (CI's --durations): `pytest -n 2 --dist loadfile` (the
+# README's command) hands each worker whole files in collection order, so these go first and the two
+# workers finish together, instead of one starting the default run when the other is done. Whole files
+# also keep a file's session fixture (the BEiT chain) built once, and tests/slurm/test_cluster.py's
+# jobs off each other's two Slurm CPUs.
+LONGEST_FIRST = ("runs/test_default_run.py", "dist/test_resume.py", "dist/test_distributed.py",
+                 "runs/test_beit_chain.py", "runs/test_frozen_teacher_runs.py", "faults/test_crash_safety.py",
+                 "runs/test_itpn_runs.py", "slurm/test_cluster.py", "runs/test_step_syncs.py", "dist/test_comm.py",
+                 "dist/test_reshard.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for group, member in SERIAL_GROUPS.items():
-            if member(item):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
-    if config.gpu_session:
-        return
-    skip = pytest.mark.skip(reason="a GPU test: they run in their own session, `pytest -m gpu` (this one keeps to "
-                                   "the CPU)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    tests = Path(__file__).parent
+    missing = [name for name in LONGEST_FIRST if not (tests / name).is_file()]
+    if missing:  # a renamed file would silently lose its place
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names no such file: {missing}")
+
+    def rank(item) -> int:
+        name = item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order kept
+    if not config.gpu_session:
+        skip = pytest.mark.skip(reason="a GPU test: they run in their own session, `pytest -m gpu` (this one keeps "
+                                       "to the CPU)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -259,8 +266,8 @@ def ibot_two_rank_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def beit_chain(tmp_path_factory) -> dict:
     """BEiT's two stages as docs/methods.md runs them, trained once for the session and shared by its tests
-    (tests/runs/test_beit_chain.py asserts they learn, tests/runs/test_export_beit.py converts the BEiT
-    run): the tokenizer (configs/dvae_tiny.yaml) with its held-out PSNR, its encoder exported
+    (tests/runs/test_beit_chain.py asserts they learn and converts the BEiT run): the tokenizer
+    (configs/dvae_tiny.yaml) with its held-out PSNR, its encoder exported
     (scripts/export_tokenizer.py), BEiT (configs/beit_vit_tiny.yaml) against it with its kNN.
     -> {"dvae": Run, "encoder": Path, "beit": Run}"""
     import sys
