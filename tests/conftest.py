@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from data.shards import write_shard
+from trainer.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +79,9 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-# The files that take minutes, longest first (CI's --durations): `pytest -n 2 --dist loadfile` (the
-# README's command) hands each worker whole files in collection order, so these go first and the two
-# workers finish together, instead of one starting the default run when the other is done. Whole files
+# The files that take minutes, roughly longest first (CI's --durations): `pytest -n 2 --dist loadfile` (the
+# README's command) hands each worker whole files in collection order, so these go first instead of
+# one starting the default run when the other is nearly done. Whole files
 # also keep a file's session fixture (the BEiT chain) built once, and tests/slurm/test_cluster.py's
 # jobs off each other's two Slurm CPUs.
 LONGEST_FIRST = ("runs/test_default_run.py", "dist/test_resume.py", "dist/test_distributed.py",
@@ -158,16 +159,6 @@ def digits_dirs(tmp_path_factory):
     from data.digits import digits_shards
 
     return digits_shards(tmp_path_factory.mktemp("cache"))
-
-
-def free_port() -> int:
-    """A port nobody listens on now, for a torchrun rendezvous: tests run two at a time (pytest -n 2),
-    and ports derived from the pid could meet."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, timeout: int = 600):

@@ -46,10 +46,12 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
                        env.get("MASTER_ADDR", first_host(nodes)), port, "slurm")
     # A single process still needs a rendezvous port: take a free one, so runs side by side on
     # one machine do not collide on 29500.
-    return DistEnv(master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port())
+    return DistEnv(master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nobody listens on now, from the OS (also the tests' torchrun rendezvous: they run two at
+    a time)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -86,31 +88,26 @@ def leave_distributed() -> None:
     """Leave the process group together, while the interpreter is whole: a rank that exits with a
     live gloo group can abort ("terminate called without an active exception", SIGABRT) when the
     group's worker threads release their last tensors during interpreter shutdown, and torchrun or
-    Slurm then sees a failed rank after a finished run. Engines left in reference cycles are freed
-    first, so no collective's buffers outlive the group. Only after success: a rank that failed
-    may leave its peers inside a collective, never to reach the barrier (release_before_exit leaves
-    without one). A group of one
-    process is kept: DeepSpeed caches its groups, and a second run in the same process (launch.main
-    called again, as tests do) would meet the destroyed one."""
-    import gc
-
+    Slurm then sees a failed rank after a finished run. Only after success: a rank that failed may
+    leave its peers inside a collective, never to reach the barrier (release_before_exit leaves
+    without one). A group of one process is kept: DeepSpeed caches its groups, and a second run in
+    the same process (launch.main called again, as tests do) would meet the destroyed one."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    gc.collect()
     dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+    release_before_exit()
 
 
 def release_before_exit() -> None:
-    """The last thing a launch.py process does after main() returned, whatever its exit code: a gloo
-    group still alive at interpreter shutdown can abort the process ("terminate called without an
-    active exception"), and a refused resume that should exit 2 (bad input, not requeued by
-    scripts/slurm/pretrain.sbatch) then exits by SIGABRT, which the sbatch requeues as a crash. No
-    barrier: after an error the peers may never reach one, and they see this rank leave either way.
-    Not inside main(): a group of one is reused by a second main() in the same process (tests)."""
+    """Destroy the process group, if any, without a barrier; launch.py's last step after main()
+    returned, whatever its exit code: a gloo group still alive at interpreter shutdown can abort the
+    process, and a refused resume that should exit 2 (bad input, not requeued by
+    scripts/slurm/pretrain.sbatch) then exits by SIGABRT, which the sbatch requeues as a crash. After
+    an error the peers may never reach a barrier, and they see this rank leave either way. Engines
+    left in reference cycles are freed first, so no collective's buffers outlive the group. Not inside
+    main(): a group of one is reused by a second main() in the same process (tests)."""
     import gc
 
     import torch.distributed as dist

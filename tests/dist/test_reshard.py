@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port, tiny_ibot_cmd
+from conftest import ROOT, tiny_ibot_cmd
+
+from trainer.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

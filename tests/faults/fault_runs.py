@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import free_port
 from conftest import losses as conftest_losses
+
+from trainer.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 INJECT = str(ROOT / "tests" / "faults" / "inject.py")

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port, losses, tiny_ibot_cmd
+from conftest import ROOT, losses, tiny_ibot_cmd
 
 from trainer.cli import say_ranks
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, free_port
 
 
 def test_torchrun_trains_on_two_ranks(ibot_two_rank_run):
