@@ -53,7 +53,7 @@ class LoadedBackbone:
 
 
 def from_backbone(backbone) -> LoadedBackbone:
-    """An `export.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
+    """An `trainer.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
     for iTPN our HiViT with its pyramid (models.pyramid.HiViTFPN)."""
     from export.hf import shapes
     from models.vit import build_vit
@@ -126,7 +126,7 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
                               tuple(json.loads(meta["std"])), str(path), path.parent / "eval_results.jsonl",
                               model.num_prefix_tokens, step=int(meta["step"]) if "step" in meta else None,
                               method=meta.get("method"), run_knn=json.loads(meta.get("knn", "{}")))
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
 
     loaded = from_backbone(read_backbone(path, which))
     loaded.model.to(dtype)

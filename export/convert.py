@@ -3,7 +3,7 @@
 
 Input: a run directory (its newest complete checkpoint), a checkpoint directory, or
 `checkpoints/latest`, written by ZeRO-3 or ZeRO-2 on any number of ranks. One CPU process, no
-process group; it holds about one fp32 copy of the backbone (see export/weights.py).
+process group; it holds about one fp32 copy of the backbone (see trainer/weights.py).
 
 Output directory: config.json + model.safetensors (`ViTModel`, `Dinov2Model` for a backbone
 with layer-scale, `BeitModel` for a BEiT backbone: relative position bias, q/v biases),
@@ -36,7 +36,7 @@ from evaluation.knn import percent
 from export.backbones import LoadedBackbone, from_backbone, load_backbone
 from export.hf import TIMM_FILE, is_beit, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state
 from export.itpn import load_itpn, save_itpn
-from export.weights import Backbone, ExportError, read_backbone
+from trainer.weights import Backbone, ExportError, read_backbone
 
 log = logging.getLogger("convert_to_hf")
 SCRIPT = "scripts/convert_to_hf.py"

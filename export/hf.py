@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from models.archs import VIT_ARCHS
-from models.vit import RelativePositionBias
-
-from .weights import Backbone, ExportError
+from models.vit import RelativePositionBias, vit_options
+from trainer.weights import Backbone, ExportError
 
 TIMM_FILE = "timm_model.safetensors"
 
@@ -55,14 +54,6 @@ def shapes(backbone: Backbone) -> dict:
     return {"arch": arch, "width": width, "depth": depth, "heads": VIT_ARCHS[arch].heads, "patch": patch,
             "mlp": s["blocks.0.mlp.fc1.weight"].shape[0], "image_size": grid * patch,
             "layer_scale": backbone.layer_scale, **vit_options(s)}
-
-
-def vit_options(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The BEiT options of `build_vit` that built these tensors (read off their names)."""
-    rel = ("shared" if "rel_pos_bias.relative_position_bias_table" in state else
-           "per_block" if "blocks.0.attn.rel_pos.relative_position_bias_table" in state else "none")
-    qkv = "qv" if "blocks.0.attn.q_bias" in state else "qkv" if "blocks.0.attn.qkv.bias" in state else "none"
-    return {"rel_pos_bias": rel, "qkv_bias": qkv, "pos_embed": "learned" if "pos_embed" in state else "none"}
 
 
 def is_beit(d: dict) -> bool:

@@ -2,7 +2,7 @@
 
 The file format (the encoder's tensors, its architecture in the metadata) is models/dvae.py's
 (`save_encoder` / `read_encoder_file`), next to the network, because stage 2 reads it from the
-trainer. Here: the checkpoint's fp32 student read on one CPU process (export/weights.py), the
+trainer. Here: the checkpoint's fp32 student read on one CPU process (trainer/weights.py), the
 encoder rebuilt with the architecture the run's method names (`export_spec().arch`), written, then
 read back as stage 2 reads it and compared token for token.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from models.dvae import DVAEArch, Encoder, map_pixels, read_encoder_file, save_encoder
-
-from .weights import ExportError, as_attributes, checkpoint_method, resolve_checkpoint, student_state
+from trainer.weights import ExportError, as_attributes, checkpoint_method, resolve_checkpoint, student_state
 
 
 def export_tokenizer(source: str | Path, out: str | Path) -> tuple[Path, DVAEArch, int]:

@@ -398,6 +398,14 @@ def _packed_block(block: nn.Module, x: torch.Tensor, packed: Packed) -> torch.Te
     return x + residual(block.ls2(block.mlp(block.norm2(x))), block.drop_path2)
 
 
+def vit_options(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The BEiT options of `build_vit` that built these tensors (read off their names)."""
+    rel = ("shared" if "rel_pos_bias.relative_position_bias_table" in state else
+           "per_block" if "blocks.0.attn.rel_pos.relative_position_bias_table" in state else "none")
+    qkv = "qv" if "blocks.0.attn.q_bias" in state else "qkv" if "blocks.0.attn.qkv.bias" in state else "none"
+    return {"rel_pos_bias": rel, "qkv_bias": qkv, "pos_embed": "learned" if "pos_embed" in state else "none"}
+
+
 def beit_normal_(t: torch.Tensor) -> torch.Tensor:
     """BEiT's trunc_normal_(std=0.02): timm's truncation bounds are absolute (+-2), BEiT passes +-std."""
     return trunc_normal_(t, std=0.02, a=-0.02, b=0.02)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.convert import DTYPES, SCRIPT, convert  # noqa: E402
-from export.weights import ExportError  # noqa: E402
+from trainer.weights import ExportError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

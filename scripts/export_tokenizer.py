@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.tokenizer import export_tokenizer  # noqa: E402
-from export.weights import ExportError  # noqa: E402
 from models.dvae import TokenizerWeightsError  # noqa: E402
+from trainer.weights import ExportError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

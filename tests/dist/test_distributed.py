@@ -143,7 +143,7 @@ def test_a_replicated_teacher_trains_as_a_partitioned_one_and_another_file_is_re
     assert "is not the file" in result.stderr and [s for s, _ in losses(split)] == [1, 2, 3, 4]
 
     # The exported student backbone carries none of MaskAlign's alignment modules.
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
     from models.vit import build_vit
 
     backbone = read_backbone(split / "checkpoints" / "latest")

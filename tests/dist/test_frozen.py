@@ -64,7 +64,7 @@ def test_a_frozen_network_is_partitioned_frozen_and_not_checkpointed(case, froze
 
     teacher = tmp_path / "teacher_backbone.pt"
     if teacher.exists():  # the EMA teacher backbone, reassembled from the two ranks' shadow slices
-        from export.weights import read_backbone
+        from trainer.weights import read_backbone
         from models.vit import build_vit
 
         backbone = read_backbone(step)

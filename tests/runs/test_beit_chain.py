@@ -17,7 +17,7 @@ from conftest import launch_run
 from safetensors import safe_open
 
 from export import convert as hf_convert
-from export.weights import ExportError
+from trainer.weights import ExportError
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -146,7 +146,7 @@ def test_relative_position_index_is_beits():
 
 
 def test_shared_bias_run_becomes_beit_model_and_timm_beit(shared_run, tmp_path):
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
 
     out = tmp_path / "hf"
     done = hf_convert.convert(shared_run, out)
@@ -197,7 +197,7 @@ def test_shared_bias_run_becomes_beit_model_and_timm_beit(shared_run, tmp_path):
 
 
 def test_per_block_bias_with_absolute_positions_and_a_key_bias(per_block_run, tmp_path):
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
 
     out = tmp_path / "hf"
     errors = hf_convert.convert(per_block_run, out).errors

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, tiny_ibot_cmd, torchrun
 
 from export import convert as hf_convert
-from export.weights import ExportError
+from trainer.weights import ExportError
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_r
     from transformers import AutoModel, AutoModelForImageClassification
 
     from export.backbones import from_backbone, load_backbone
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
 
     out = tmp_path / "hf"
     done = hf_convert.convert(ibot_two_rank_run, out, weights)
@@ -100,7 +100,7 @@ def test_ibot_zero3_checkpoint_converts_to_transformers_and_timm(ibot_two_rank_r
 
 
 def test_teacher_is_the_default_and_differs_from_the_student(ibot_two_rank_run):
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
 
     teacher, student = read_backbone(ibot_two_rank_run), read_backbone(ibot_two_rank_run, "student")
     assert teacher.which == "teacher" and teacher.state.keys() == student.state.keys()
@@ -110,7 +110,7 @@ def test_teacher_is_the_default_and_differs_from_the_student(ibot_two_rank_run):
 def test_layer_scale_zero2_checkpoint_becomes_dinov2_in_bf16(layer_scale_run, tmp_path, caplog):
     from transformers import AutoModel, AutoModelForImageClassification
 
-    from export.weights import read_backbone
+    from trainer.weights import read_backbone
 
     out = tmp_path / "hf"
     done = hf_convert.convert(layer_scale_run, out, dtype="bf16")
@@ -139,8 +139,8 @@ def test_layer_scale_with_an_mlp_dinov2_cannot_hold_is_folded_into_a_vit(tmp_pat
     from transformers import AutoModel
 
     from export.hf import save_hf, save_processor
-    from export.weights import Backbone
     from models.vit import VisionTransformer
+    from trainer.weights import Backbone
 
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.5,
                             layer_scale=0.5).eval()
