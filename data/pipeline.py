@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .masking import MaskSampler
 from .shards import IMAGE_KEYS, expand_shards, read_shard
-from .transforms import MultiCrop
+from .transforms import ClassifyCrop, MultiCrop
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class StreamPlan:
     """Everything that fixes the order of samples and what becomes of them."""
 
     urls: tuple[str, ...]
-    augment: MultiCrop
+    augment: MultiCrop | ClassifyCrop
     mask_sampler: MaskSampler
     batch_size: int
     rank: int = 0
@@ -120,18 +120,24 @@ class StreamPlan:
     shuffle_buffer: int = 1000
     shard_retries: int = 0
     s3_command: str = "aws s3 cp --quiet {url} -"
+    keys: frozenset[str] | None = None  # the only samples read (None: all); others are passed over undecoded
 
     def layout(self) -> dict:
         digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
-        return {"world_size": self.world_size, "num_streams": self.num_streams, "seed": self.seed,
-                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
-                "num_shards": len(self.urls), "shards_sha1": digest}
+        out = {"world_size": self.world_size, "num_streams": self.num_streams, "seed": self.seed,
+               "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+               "num_shards": len(self.urls), "shards_sha1": digest}
+        if self.keys is not None:
+            out["keys_sha1"] = hashlib.sha1("\n".join(sorted(self.keys)).encode()).hexdigest()
+        return out
 
     def raw_samples(self, stream: int, epoch: int, counters: Counter) -> Iterator[dict]:
         g = self.rank * self.num_streams + stream
         shards = shards_for_stream(list(self.urls), self.seed, epoch, g, self.world_size * self.num_streams)
         raw = itertools.chain.from_iterable(
             read_shard(u, counters, self.shard_retries, self.s3_command) for u in shards)
+        if self.keys is not None:
+            raw = (r for r in raw if r["__key__"] in self.keys)
         return shuffle_buffer(raw, self.shuffle_buffer, random.Random(_seed(self.seed, epoch, g)))
 
     def make_sample(self, raw: dict, sample_seed: int, counters: Counter):
@@ -237,7 +243,7 @@ class ShardLoader:
         self,
         urls: list[str],
         *,
-        augment: MultiCrop,
+        augment: MultiCrop | ClassifyCrop,
         mask_sampler: MaskSampler,
         batch_size: int,
         rank: int = 0,
@@ -250,6 +256,7 @@ class ShardLoader:
         pin_memory: bool = False,
         max_failed_fraction: float = 1.0,
         source: str = "data.train_shards",
+        keys: frozenset[str] | None = None,
     ):
         num_streams = max(1, num_workers)
         if not urls:
@@ -260,7 +267,7 @@ class ShardLoader:
                 f"streams ({world_size * num_streams} needed: each stream reads whole shards); write "
                 f"smaller shards (scripts/make_shards.py --samples-per-shard) or lower data.num_workers")
         self.plan = StreamPlan(tuple(urls), augment, mask_sampler, batch_size, rank, world_size,
-                               num_streams, seed, shuffle_buffer, shard_retries, s3_command)
+                               num_streams, seed, shuffle_buffer, shard_retries, s3_command, keys)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.max_failed_fraction, self.source = max_failed_fraction, source
         self._streams = [{"epoch": 0, "consumed": 0, "counters": {}} for _ in range(num_streams)]
@@ -330,17 +337,21 @@ class ShardLoader:
 
 
 def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                       pin_memory: bool = False) -> ShardLoader:
-    """A `ShardLoader` from a `DataConfig`-shaped object whose `train_shards` is already resolved."""
+                       pin_memory: bool = False, augment: MultiCrop | ClassifyCrop | None = None,
+                       keys: frozenset[str] | None = None) -> ShardLoader:
+    """A `ShardLoader` from a `DataConfig`-shaped object whose `train_shards` is already resolved;
+    `augment`: the views made of each image (the multi-crop of `data.*` unless given); `keys`: the
+    only samples read (a labelled subset)."""
     grid = data.global_crops.size // patch_size
     m = data.mask
     sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect, m.fill_exact,
                           m.patches)
     return ShardLoader(
-        expand_shards(data.train_shards), augment=MultiCrop.from_config(data), mask_sampler=sampler,
+        expand_shards(data.train_shards), augment=augment or MultiCrop.from_config(data), mask_sampler=sampler,
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=seed, shuffle_buffer=data.shuffle_buffer, shard_retries=data.shard_retries,
-        s3_command=data.s3_command, pin_memory=pin_memory, max_failed_fraction=data.max_failed_fraction)
+        s3_command=data.s3_command, pin_memory=pin_memory, max_failed_fraction=data.max_failed_fraction,
+        keys=keys)
 
 
 def labelled_batches(urls: list[str], size: int, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -160,6 +160,58 @@ class MultiCrop:
                      [r for _, r in views] if deferred else None, [r for _, r in local] if deferred else None)
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving black as older Pillow did (timm's "inc1" RandAugment
+    asks for 0 bits at magnitude 10, which Pillow now refuses with a ValueError)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+class ClassifyCrop:
+    """One image -> one training view for fine-tuning a classifier, as BEiT / MAE / iBOT fine-tune
+    (timm's `create_transform(is_training=True)`): random-resized crop (bicubic), flip, RandAugment
+    (`auto_augment`, e.g. "rand-m9-mstd0.5-inc1"; timm then skips colour jitter), as uint8. Random
+    erasing, which works on normalised pixels, is left to the consumer (the method, on its device).
+
+    timm's augmentations draw from Python's and NumPy's global generators: here both are seeded from
+    torch's (which the pipeline seeds per sample) and put back afterwards, so the view stays a pure
+    function of the sample's seed and the training process's generators are not touched."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5,
+                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), interpolation: str = "bicubic"):
+        from timm.data.transforms_factory import transforms_imagenet_train
+
+        primary, secondary, _ = transforms_imagenet_train(
+            size, scale=tuple(scale), hflip=flip_p, color_jitter=color_jitter, auto_augment=auto_augment or None,
+            interpolation=interpolation, mean=tuple(mean), separate=True)
+        self.transform = T.Compose([*primary.transforms, *secondary.transforms])
+        for t in secondary.transforms:  # RandAugment's posterize, as the Pillow the references ran with had it
+            for op in getattr(t, "ops", ()):
+                if op.aug_fn.__name__ == "posterize":
+                    op.aug_fn = _posterize
+        self.size, self.n_local, self.local_size = size, 0, size
+
+    def __call__(self, img: Image.Image) -> Views:
+        import random
+
+        seed = int(torch.randint(2**31 - 1, (1,)))
+        py, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            view = T.functional.pil_to_tensor(self.transform(img))
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+        return Views([view], [])
+
+
 @functools.cache
 def _scaled(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """255 * values as a [3, 1, 1] fp32 tensor on `device`, made once (torch.tensor(..., device=cuda)

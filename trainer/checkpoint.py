@@ -188,10 +188,25 @@ class Checkpointer:
             os.replace(tmp, self.dir / "latest")
             complete = self.complete_tags()
             stale = [p.name for p in self.dir.glob("step*") if p.is_dir() and p.name < tag and p.name not in complete]
-            for old in complete[: -self.keep] + stale:
+            for old in [t for t in complete[: -self.keep] if t != self.best_tag()] + stale:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
         _barrier()
         return path
+
+    def best_tag(self) -> str | None:
+        """The checkpoint `best` names (a method's `best_by` measure), kept beside the newest ones."""
+        pointer = self.dir / "best"
+        return pointer.read_text().split()[0] if pointer.is_file() else None
+
+    def mark_best(self, path: Path, measure: str, value: float) -> None:
+        """Rank 0, after `path` was saved complete: it is now `best` (the previous best goes, unless it is
+        still among the newest `keep`)."""
+        before = self.best_tag()
+        tmp = self.dir / f".best.{os.getpid()}"
+        tmp.write_text(f"{path.name} {measure} {value}\n")
+        os.replace(tmp, self.dir / "best")
+        if before and before != path.name and before not in self.complete_tags()[-self.keep:]:
+            shutil.rmtree(self.dir / before, ignore_errors=True)
 
     def read_parts(self, path: str | Path) -> dict:
         """This rank's parts of the checkpoint at `path` (cheap: read before restoring the engine)."""

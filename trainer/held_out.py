@@ -53,8 +53,9 @@ def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
                                env.rank, env.world_size)
     method.eval()
     with torch.no_grad():
-        out.update(method.held_out_metrics((images.to(device) for images, _ in batches), run_dir, step,
-                                           cfg.data.global_crops.size))
+        pairs = ((images.to(device), labels.to(device)) for images, labels in batches)
+        out.update(method.held_out_metrics(pairs if method.held_out_labels else (images for images, _ in pairs),
+                                           run_dir, step, cfg.data.global_crops.size))
     method.train()
     return out
 

@@ -180,9 +180,9 @@ def optimizer_step(engine, batches, values: dict, step: int, cfg: Config, timer:
 
 
 def evaluate_during(cfg: Config, engine, device, dtype, env: DistEnv, run_dir: Path, step: int, metrics,
-                    summary: dict) -> float:
-    """The held-out evaluation every `eval.knn_every_steps`, written and logged -> the seconds it took
-    (kept out of the step time)."""
+                    summary: dict) -> tuple[float, dict]:
+    """The held-out evaluation every `eval.knn_every_steps`, written and logged -> (the seconds it took,
+    kept out of the step time; its results)."""
     t0 = time.perf_counter()
     result = evaluate(cfg, engine, device, dtype, env, run_dir, step)
     metrics.write(step, result)
@@ -190,7 +190,22 @@ def evaluate_during(cfg: Config, engine, device, dtype, env: DistEnv, run_dir: P
         log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; random init %s, raw pixels %s; %.0f s)",
                  step, result["knn"], cfg.eval.knn_k, percent(summary.get("knn_random_init")),
                  percent(summary.get("knn_raw_pixels")), time.perf_counter() - t0)
-    return time.perf_counter() - t0
+    for name, value in result.items():
+        if name != "knn":
+            log.info("step %d: held-out %s %.4g", step, name, value)
+    return time.perf_counter() - t0, result
+
+
+def is_best(method, summary: dict, result: dict, step: int) -> bool:
+    """Whether `result` beats the best of the method's `best_by` measure so far (kept in `summary`)."""
+    if method.best_by is None or method.best_by[0] not in result:
+        return False
+    name, higher = method.best_by
+    value, best = result[name], summary.get(f"best_{name}")
+    if best is not None and not (value > best if higher else value < best):
+        return False
+    summary.update({f"best_{name}": value, f"best_{name}_step": step})
+    return True
 
 
 def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None,
@@ -207,7 +222,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     engine, ema = build_engine(cfg, ds_config, cfg.run.seed)
     method = engine.module
     loader = build_train_loader(cfg.data, patch_size=cfg.model.patch_size, seed=cfg.run.seed, rank=env.rank,
-                                world_size=env.world_size, pin_memory=device.type == "cuda")
+                                world_size=env.world_size, pin_memory=device.type == "cuda",
+                                **type(method).train_data(cfg, run_dir, env.rank))
     schedules = Schedules.from_config(cfg, type(method))
     metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
     # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
@@ -228,9 +244,14 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     # What produced this run, for the exported model card (this rank's own argv; the launcher is not visible).
     command = shlex.join(["python", *sys.argv]) + (f"  # on {env.world_size} ranks" if env.world_size > 1 else "")
 
-    def save() -> None:
-        path = ckpt.save(engine, step, client_state(cfg, method, loader, ema, summary, guard.skipped, command))
-        log.info("saved %s", path)
+    def save(best: bool = False) -> None:
+        newest = ckpt.latest()
+        if newest is None or newest.name != f"step{step:08d}":  # not already saved at this step
+            path = ckpt.save(engine, step, client_state(cfg, method, loader, ema, summary, guard.skipped, command))
+            log.info("saved %s", path)
+        if best and env.rank == 0:
+            name = method.best_by[0]
+            ckpt.mark_best(ckpt.latest(), name, summary[f"best_{name}"])
 
     # ---- steps
     clipper = None
@@ -270,7 +291,10 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             window.reset()
         every = cfg.eval.knn_every_steps
         if every and step % every == 0 and step < cfg.schedule.steps and cfg.data.val_shards:
-            window.start += evaluate_during(cfg, engine, device, dtype, env, run_dir, step, metrics, summary)
+            seconds, result = evaluate_during(cfg, engine, device, dtype, env, run_dir, step, metrics, summary)
+            window.start += seconds
+            if is_best(method, summary, result, step):
+                save(best=True)
         if guard.stop_requested:
             log.warning("%s: saving step %d and stopping; the same command resumes",
                         guard.signal_name or "a stop signal on another rank", step)
@@ -281,11 +305,12 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
 
     # ---- save
     finished = step >= cfg.schedule.steps
+    best = False
     if finished and not stopped_by and cfg.eval.knn_at_end and summary.get("held_out_step") != step:
-        summary.update(evaluate(cfg, engine, device, dtype, env, run_dir, step), held_out_step=step)
-    newest = ckpt.latest()
-    if newest is None or newest.name != f"step{step:08d}":  # not already saved by the loop
-        save()
+        result = evaluate(cfg, engine, device, dtype, env, run_dir, step)
+        best = is_best(method, summary, result, step)
+        summary.update(result, held_out_step=step)
+    save(best)
     metrics.write(step, {k: v for k, v in summary.items() if v is not None})
     metrics.close()
     if dist.is_initialized():

@@ -19,6 +19,7 @@ built) or on the built module:
   exported backbone, whether its EMA teacher is exportable, whether the backbone's mask token is
   trained, which pooled feature evaluates it, and what the exporter needs from the run's config
   beyond the tensors (`export_spec`);
+- the data: how the loader reads the training shards (`train_data`: its views, its subset);
 - the run's end: the lines that report its held-out measures (`summary_lines`), and whether the
   run's pictures are drawn for it.
 
@@ -85,6 +86,10 @@ class Method(nn.Module):
     # optional: (image batches, run directory, step, crop size) -> {name: value} measured on the held-out
     # split, with the same names + "_random_init" for the untrained network (the dVAE's PSNR, iTPN's pixel loss)
     held_out_metrics: Callable[[Iterable[torch.Tensor], Path, int, int], dict[str, float]] | None = None
+    held_out_labels: ClassVar[bool] = False  # held_out_metrics gets (images, labels) pairs instead of images
+    # a held-out measure (one of held_out_metrics') the run keeps its best checkpoint by, and whether
+    # higher is better: that checkpoint survives checkpoint.keep beside the newest (checkpoints/best)
+    best_by: ClassVar[tuple[str, bool] | None] = None
 
     # ------------------------------------------------------------------ from the config
 
@@ -116,6 +121,13 @@ class Method(nn.Module):
         """Its values beyond the optimizer's, as a function of the optimizer step -> {name: value}
         (pure: nothing to save); `forward` gets them in `values`."""
         return lambda step: {}
+
+    @classmethod
+    def train_data(cls, cfg, run_dir: Path, rank: int) -> dict:
+        """How the loader reads the training shards, as `data.pipeline.build_train_loader` keywords:
+        `augment` (the views of an image; default: the multi-crop of `data.*`) and `keys` (the only
+        samples read; default: all). Called on every rank before the first step."""
+        return {}
 
     @classmethod
     def ema_momentum(cls, cfg) -> tuple[float, float] | None:

@@ -1,0 +1,440 @@
+"""Fine-tuning: a classifier on labelled shards, from a pretrained backbone or from scratch, on the
+same engine, launchers, checkpoints and fault handling as pretraining.
+
+The protocol is the one BEiT's `run_class_finetuning.py` (microsoft/unilm beit/) set and MAE, iBOT,
+MaskAlign and iTPN fine-tune with: AdamW with layer-wise lr decay (`optim.layer_decay`, BEiT's
+layer ids: trainer/engine.py `layer_id`), drop path (`model.drop_path`), warm-up then cosine
+(`optim.*`), RandAugment and random erasing (timm's), Mixup / CutMix with label smoothing (timm's
+`Mixup`, against soft targets), a linear head over the average-pooled patch tokens through a new
+`fc_norm` (BEiT, MAE, MaskAlign) or over the [CLS] token (iBOT's --use_cls), its weights scaled by
+`head_init_scale` at init. The held-out split is evaluated (top-1 / top-5) every
+`eval.knn_every_steps` and at the end; the best checkpoint is kept beside the newest
+(`checkpoints/best`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+
+from data.digits import resolve_builtin
+from data.labels import LabelError, balanced_subset, check_labels, class_counts, read_key_list
+from data.shards import expand_shards
+from data.transforms import ClassifyCrop, normalize
+from models.archs import get_arch
+from trainer.config.checks import check_single_view
+from trainer.config.fields import Invalid, at_least, check_prob, checking_files, opt, require
+from trainer.weights import ExportError, checkpoint_method, read_backbone, resolve_checkpoint
+
+from .base import Method, meta_images, register
+from .build import build_student
+
+log = logging.getLogger(__name__)
+
+BEIT = "microsoft/unilm beit/run_class_finetuning.py"
+
+
+@dataclass
+class FinetuneConfig:
+    """Defaults are BEiT's run_class_finetuning.py (microsoft/unilm beit/), which MAE, iBOT, MaskAlign
+    and iTPN kept, unless the help says otherwise."""
+
+    init: str = opt("none", "What the backbone starts from: a pretraining run directory (its newest complete "
+                            "checkpoint), a checkpoint directory or checkpoints/latest, a timm file written by "
+                            "scripts/convert_to_hf.py (timm_model.safetensors), or none (from scratch: the "
+                            "baseline every table needs).")
+    weights: Literal["auto", "teacher", "student"] = opt(
+        "auto", "Which network of a pretraining checkpoint: auto is its EMA teacher where the method has one (what "
+                "iBOT and DINO release and fine-tune), else the student.")
+    num_classes: int = opt(1000, "Classes of the labelled shards (labels are integers in [0, num_classes)).")
+    pool: Literal["avg", "cls"] = opt(
+        "avg", f"The head's input: the mean patch token through a new fc_norm, the pretrained final norm left out "
+               f"({BEIT} --use_mean_pooling, MAE, MaskAlign, iTPN), or the [CLS] token after the final norm "
+               "(bytedance/ibot run_class_finetuning.py --use_cls).")
+    head_init_scale: float = opt(0.001, f"The head's weights and bias are scaled by this after a N(0, 0.02) init "
+                                        f"({BEIT} --init_scale).")
+    mixup: float = opt(0.8, f"Mixup alpha; 0: off ({BEIT} --mixup).")
+    cutmix: float = opt(1.0, f"CutMix alpha; 0: off ({BEIT} --cutmix).")
+    mixup_prob: float = opt(1.0, f"Probability that a batch is mixed at all ({BEIT} --mixup_prob).")
+    mixup_switch_prob: float = opt(0.5, f"Probability of CutMix rather than Mixup when both are on "
+                                        f"({BEIT} --mixup_switch_prob).")
+    smoothing: float = opt(0.1, f"Label smoothing of the targets ({BEIT} --smoothing).")
+    auto_augment: str = opt("rand-m9-mstd0.5-inc1", f"timm's RandAugment policy; an empty string: colour jitter "
+                                                    f"instead ({BEIT} --aa).")
+    color_jitter: float = opt(0.4, f"Colour jitter, used only without auto_augment ({BEIT} --color_jitter).")
+    reprob: float = opt(0.25, f"Random-erasing probability per image, per-pixel noise ({BEIT} --reprob, "
+                              "--remode pixel, --recount 1).")
+    label_fraction: float = opt(1.0, "Train on this fraction of the labelled images, the same fraction of each "
+                                     "class, chosen with run.seed (written to the run as labelled_keys.txt): the "
+                                     "semi-supervised protocol of iBOT (1% / 10%) on shards that have no list.")
+    label_list: str | None = opt(None, "A file of the only training images to use, one key per line (the "
+                                       "iBOT / SimCLRv2 1% and 10% ImageNet lists: file names, extensions and "
+                                       "directories ignored); replaces label_fraction.")
+    rel_pos_bias_per_block: bool = opt(
+        True, f"A shared relative position bias (BEiT's pretraining) is copied into every block and each block "
+              f"fine-tunes its own ({BEIT} --rel_pos_bias); false: the blocks keep sharing it.")
+
+    def validate(self) -> None:
+        at_least(self, 2, "num_classes")
+        at_least(self, 0, "mixup", "cutmix", "smoothing", "head_init_scale")
+        for key in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            check_prob(getattr(self, key), key)
+        require(0 < self.label_fraction <= 1, "label_fraction", f"{self.label_fraction} is outside (0, 1]")
+        require(self.smoothing < 1, "smoothing", f"{self.smoothing} must be < 1")
+
+
+# ---------------------------------------------------------------------------------------- the init
+
+
+def init_kind(path: str) -> str:
+    """'none', 'timm' (a .safetensors file), 'transformers' (a directory with config.json) or 'run'."""
+    if path.strip().lower() in ("none", ""):
+        return "none"
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".safetensors":
+        return "timm"
+    if p.is_dir() and (p / "config.json").is_file():
+        return "transformers"
+    return "run"
+
+
+def init_record(path: str) -> dict:
+    """What an init says about itself without reading its tensors: {arch, patch, width, depth,
+    method, summary} (arch/method None where it does not say)."""
+    kind = init_kind(path)
+    p = Path(path).expanduser()
+    if kind == "timm":
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            proj = f.get_slice("patch_embed.proj.weight").get_shape() if "patch_embed.proj.weight" in keys else None
+        if proj is None:
+            raise ValueError(f"{p} holds no ViT (no patch_embed.proj.weight): not a timm file of convert_to_hf.py")
+        depth = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+        return {"arch": None, "patch": proj[-1], "width": proj[0], "depth": depth, "method": meta.get("method"),
+                "summary": {"knn": json.loads(meta.get("knn", "{}")).get("knn")}}
+    if kind == "transformers":
+        raise ValueError(f"{p} is an exported transformers directory: give the timm file convert_to_hf.py wrote with "
+                         "it (timm_model.safetensors) or the pretraining run directory")
+    ckpt = resolve_checkpoint(p)
+    part = torch.load(ckpt / "rank00000.pt", map_location="cpu", weights_only=True, mmap=True)
+    config = json.loads(part["config"])
+    method = checkpoint_method(ckpt, config)
+    arch = get_arch(config["model"]["arch"])
+    return {"arch": config["model"]["arch"], "patch": config["model"]["patch_size"], "width": arch.width,
+            "depth": arch.depth, "method": method.name, "family": method.family, "product": method.product,
+            "summary": part.get("summary", {}), "checkpoint": str(ckpt)}
+
+
+def read_init(path: str, which: str) -> dict[str, torch.Tensor]:
+    """The init's backbone tensors, fp32, in our (= timm's) names."""
+    if init_kind(path) == "timm":
+        from safetensors.torch import load_file
+
+        return {k: v for k, v in load_file(str(Path(path).expanduser())).items() if not k.startswith("head.")}
+    backbone = read_backbone(path, which)
+    log.info("fine-tuning from %s (%s, step %d)", backbone.checkpoint, backbone.which, backbone.step)
+    return backbone.state
+
+
+def adapt(state: dict[str, torch.Tensor], model: nn.Module, pool: str) -> dict[str, torch.Tensor]:
+    """A pretrained backbone's tensors as `model` (the fine-tuned backbone) holds them: the final
+    norm dropped under average pooling (fc_norm is new), a shared relative position bias copied
+    into every block, position tables resampled to the fine-tuning grid."""
+    state = dict(state)
+    if pool == "avg":
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    shared = state.get("rel_pos_bias.relative_position_bias_table")
+    if shared is not None and model.rel_pos_bias is None:
+        state.pop("rel_pos_bias.relative_position_bias_table")
+        for i in range(len(model.blocks)):
+            state[f"blocks.{i}.attn.rel_pos.relative_position_bias_table"] = shared.clone()
+    grid = tuple(model.patch_embed.grid_size)
+    if "pos_embed" in state and model.pos_embed is not None and state["pos_embed"].shape != model.pos_embed.shape:
+        old = int((state["pos_embed"].shape[1] - 1) ** 0.5)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, (old, old), num_prefix_tokens=1)
+    for key, table in list(state.items()):
+        if key.endswith("relative_position_bias_table"):
+            state[key] = resize_rel_table(table, grid)
+    return state
+
+
+def resize_rel_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """BEiT's relative position table [(2h-1)(2w-1) + 3, H] for another grid: the offset part
+    resized bicubically (BEiT interpolates it with scipy on a geometric grid; bicubic on the
+    uniform one is a deviation), the three [CLS] entries kept."""
+    n = (2 * grid[0] - 1) * (2 * grid[1] - 1)
+    if table.shape[0] == n + 3:
+        return table
+    side = int(round((table.shape[0] - 3) ** 0.5))
+    offsets = table[:-3].T.reshape(1, -1, side, side)
+    resized = F.interpolate(offsets.float(), size=(2 * grid[0] - 1, 2 * grid[1] - 1), mode="bicubic",
+                            align_corners=False)
+    return torch.cat([resized.reshape(table.shape[1], n).T.to(table.dtype), table[-3:]])
+
+
+# ---------------------------------------------------------------------------------------- the network
+
+
+class Classifier(nn.ModuleDict):
+    """{backbone, fc_norm (average pooling) or nothing, head}: pooled features -> class logits."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pool: str, head_init_scale: float,
+                 init_state: dict[str, torch.Tensor] | None):
+        width = backbone.embed_dim
+        parts = {"backbone": backbone, "head": nn.Linear(width, num_classes)}
+        if pool == "avg":
+            backbone.norm = nn.Identity()  # BEiT / MAE: the pretrained final norm goes, fc_norm is new
+            parts["fc_norm"] = nn.LayerNorm(width, eps=1e-6)
+        backbone.global_pool = "avg" if pool == "avg" else "token"
+        super().__init__(parts)
+        self.pool, self.head_init_scale, self.init_state = pool, head_init_scale, init_state
+        if not hasattr(self["head"].weight, "ds_id"):  # built whole: now (partitioned, zero.Init: by the engine)
+            for _, step in self.partitioned_init_steps():
+                step()
+            self.init_state = None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        # through the backbone's forward (its pooled feature), so ZeRO-3's hooks gather its own
+        # parameters ([CLS], positions) as they do for a call of the module
+        pooled = self["backbone"](images)
+        return self["fc_norm"](pooled) if self.pool == "avg" else pooled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self["head"](self.features(images))
+
+    def partitioned_init_steps(self) -> list:
+        """The head's scaled init and the pretrained tensors, as steps the engine runs on gathered
+        parameters when the network was built partitioned (model.sharded_init)."""
+        head = self["head"]
+
+        @torch.no_grad()
+        def init_head() -> None:
+            w = torch.empty(head.weight.shape, dtype=torch.float32, device=head.weight.device)
+            head.weight.data.copy_(trunc_normal_(w, std=0.02) * self.head_init_scale)
+            head.bias.data.zero_()
+
+        steps = [([head.weight, head.bias], init_head)]
+        if self.init_state is None:
+            return steps
+        params = dict(self["backbone"].named_parameters())
+        unexpected = sorted(set(self.init_state) - set(params))
+        missing = sorted(n for n in set(params) - set(self.init_state) if n != "mask_token")
+        if unexpected or missing:
+            raise ValueError(f"finetune.init: its tensors do not fit model.arch: unexpected {unexpected[:4]}, missing "
+                             f"{missing[:4]}")
+
+        def copy(param: nn.Parameter, value: torch.Tensor):
+            @torch.no_grad()
+            def step() -> None:
+                if tuple(param.shape) != tuple(value.shape):
+                    raise ValueError(f"finetune.init: a tensor of shape {tuple(value.shape)} for one of "
+                                     f"{tuple(param.shape)}")
+                param.data.copy_(value)
+            return step
+
+        return steps + [([params[n]], copy(params[n], v)) for n, v in self.init_state.items()]
+
+
+@register("finetune")
+class Finetune(Method):
+    config_section = ("finetune", FinetuneConfig)
+    draws_run_pictures = False
+    held_out_labels = True
+    best_by = ("top1", True)
+
+    def __init__(self, student: Classifier, cfg):
+        super().__init__()
+        self.student = student
+        f = cfg.finetune
+        self.num_classes, self.smoothing, self.seed = f.num_classes, f.smoothing, cfg.run.seed
+        self.mean, self.std = tuple(cfg.data.augment.mean), tuple(cfg.data.augment.std)
+        self.mixup = None
+        if f.mixup > 0 or f.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
+                               switch_prob=f.mixup_switch_prob, mode="batch", label_smoothing=f.smoothing,
+                               num_classes=f.num_classes)
+        self.reprob = f.reprob
+        self.loss_weights = {"ce": 1.0}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        check_single_view(cfg)
+        f = cfg.finetune
+        require(not (f.mixup or f.cutmix) or cfg.data.batch_size % 2 == 0, "data.batch_size",
+                f"{cfg.data.batch_size}: Mixup / CutMix pair each image with the batch's reversed order, so the batch "
+                "must be even")
+        if f.label_list is not None:
+            require(not checking_files() or Path(f.label_list).expanduser().is_file(), "finetune.label_list",
+                    f"{f.label_list} does not exist")
+        if init_kind(f.init) != "none":
+            require(not checking_files() or Path(f.init).expanduser().exists(), "finetune.init",
+                    f"{f.init} does not exist")
+        if not checking_files():
+            return
+        if init_kind(f.init) != "none":
+            try:
+                rec = init_record(f.init)
+            except (ExportError, ValueError) as e:
+                raise Invalid("finetune.init", str(e)) from None
+            if rec.get("product", "backbone") != "backbone" or rec.get("family", "vit") != "vit":
+                raise Invalid("finetune.init", f"{f.init} is a {rec['method']} run, which trains a "
+                                               f"{rec.get('family') or rec['product']} network, not a ViT backbone")
+            ours = get_arch(cfg.model.arch)
+            theirs = (rec["arch"], rec["patch"], rec["width"], rec["depth"])
+            if (rec["patch"], rec["width"], rec["depth"]) != (cfg.model.patch_size, ours.width, ours.depth):
+                raise Invalid("finetune.init", f"{f.init} is {rec['arch'] or 'a ViT'}/{theirs[1]} (width {theirs[2]}, "
+                                               f"depth {theirs[3]}), this run's model is {cfg.model.arch}/"
+                                               f"{cfg.model.patch_size} (width {ours.width}, depth {ours.depth})")
+        train, val = resolve_builtin(cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
+        split = "data.train_shards"
+        try:  # the first shard of each split, its first images: a cheap look before anything is written
+            check_labels(expand_shards(train)[:1], f.num_classes, "finetune.num_classes", limit=64)
+            if val:
+                split = "data.val_shards"
+                check_labels(expand_shards(val)[:1], f.num_classes, "finetune.num_classes", limit=64)
+            split = "data.train_shards"
+            if f.label_list is not None or f.label_fraction < 1:
+                labelled_keys(cfg, train)
+        except LabelError as e:
+            key = {"range": "finetune.num_classes", "list": "finetune.label_list"}.get(e.kind, split)
+            raise Invalid(key, f"{split}: {e}" if e.kind == "range" else str(e)) from None
+
+    @classmethod
+    def from_config(cls, cfg) -> Finetune:
+        f = cfg.finetune
+        state = read_init(f.init, f.weights) if init_kind(f.init) != "none" else None
+        options = {"init": "timm"}
+        if state is not None:
+            from models.vit import vit_options
+
+            options.update(vit_options(state))
+            if options["rel_pos_bias"] == "shared" and f.rel_pos_bias_per_block:
+                options["rel_pos_bias"] = "per_block"
+            options["layer_scale"] = 1.0 if "blocks.0.ls1.gamma" in state else None
+        backbone = build_student(cfg, **options)
+        if state is not None:
+            state = adapt(state, backbone, f.pool)
+        return cls(Classifier(backbone, f.num_classes, f.pool, f.head_init_scale, state), cfg)
+
+    @classmethod
+    def train_data(cls, cfg, run_dir: Path, rank: int) -> dict:
+        f, c = cfg.finetune, cfg.data.global_crops
+        augment = ClassifyCrop(c.size, tuple(c.scale), cfg.data.augment.flip_p, f.auto_augment or None, f.color_jitter,
+                               cfg.data.augment.mean)
+        if f.label_list is None and f.label_fraction >= 1:
+            return {"augment": augment}
+        keys, labels = labelled_keys(cfg, cfg.data.train_shards)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "labelled_keys.txt").write_text("\n".join(keys) + "\n")
+            log.info("training on %d labelled images (%s), per class %s; the list is in %s", len(keys),
+                     f.label_list or f"finetune.label_fraction={f.label_fraction}, seed {cfg.run.seed}",
+                     class_counts(labels, keys), run_dir / "labelled_keys.txt")
+        return {"augment": augment, "keys": frozenset(keys)}
+
+    def plan_calls(self, cfg, s, dt) -> list:
+        return [("student + head", lambda: self.student(meta_images(s.b, s.global_size, dt)), True, self.student)]
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """batch: `global_crops` [1, B, 3, H, W] normalised, `labels` [B]."""
+        images, labels = batch["global_crops"][0], batch["labels"]
+        ok = ((labels >= 0) & (labels < self.num_classes)).all()
+        problem = f"data.train_shards: a label outside [0, {self.num_classes}) (-1: a sample without `.cls`)"
+        if labels.device.type == "cpu":
+            if not ok:
+                raise ValueError(problem)
+        else:  # no host wait per step: a device-side assert
+            torch._assert_async(ok, problem)
+        if self.mixup is not None:
+            # timm draws its lambda and boxes from NumPy's global generator: seeded by the step, so a
+            # resumed run mixes as the uninterrupted one did, then put back
+            saved = np.random.get_state()
+            np.random.seed([self.seed, int(values.get("micro_step", 0))])
+            try:
+                images, target = self.mixup(images.clone(), labels)
+            finally:
+                np.random.set_state(saved)
+        else:
+            off = self.smoothing / self.num_classes
+            target = torch.full((len(labels), self.num_classes), off, device=labels.device)
+            target.scatter_(1, labels[:, None], 1 - self.smoothing + off)
+        if self.reprob > 0:
+            images = random_erase(images, self.reprob)
+        logits = self.student(images).float()
+        ce = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return {"ce": ce, "train_top1": (logits.argmax(-1) == labels).float().mean().detach()}
+
+    def held_out_metrics(self, batches, run_dir: Path, step: int, size: int) -> dict[str, float]:
+        """Top-1 / top-5 (%) on the held-out split, over every rank's share."""
+        dtype = next(iter(self.student["head"].parameters())).dtype
+        counts = None
+        for images, labels in batches:
+            logits = self.student(normalize(images, self.mean, self.std, dtype)).float()
+            hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+            batch = torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(labels), device=hit.device)])
+            counts = batch.double() if counts is None else counts + batch
+        if counts is None:
+            counts = torch.zeros(3, dtype=torch.float64, device=next(self.parameters()).device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        n = max(counts[2].item(), 1)
+        return {"top1": 100 * counts[0].item() / n, "top5": 100 * counts[1].item() / n}
+
+    @classmethod
+    def summary_lines(cls, cfg, summary: dict, run_dir: Path) -> list[str]:
+        if summary.get("top1") is None:
+            return []
+        f = cfg.finetune
+        labelled = (f"{f.label_list}" if f.label_list else
+                    f"{100 * f.label_fraction:g}% of the labels" if f.label_fraction < 1 else "all labels")
+        line = (f"fine-tuned top-1 (held-out split): {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
+                f"(best {summary.get('best_top1', summary['top1']):.2f}% at step {summary.get('best_top1_step')}, "
+                f"checkpoints/best; {labelled}; before fine-tuning: {summary.get('top1_random_init', float('nan')):.2f}%, "
+                f"chance {100 / f.num_classes:.2f}%)")
+        lines = [line]
+        if init_kind(f.init) == "none":
+            lines.append("init: none (from scratch): the baseline a pretrained init is compared with")
+        else:
+            try:
+                knn = init_record(f.init)["summary"].get("knn")
+            except (ExportError, ValueError, OSError):
+                knn = None
+            lines.append(f"init: {f.init}; its kNN top-1 on its held-out split: "
+                         f"{'n/a' if knn is None else f'{knn:.2f}%'} (compare with a finetune.init=none run of this "
+                         "config: what pretraining bought)")
+        return lines
+
+
+def random_erase(images: torch.Tensor, prob: float) -> torch.Tensor:
+    """timm's RandomErasing (per-pixel normal noise, one box of 2%-1/3 of the area, aspect 0.3-3.3) on a
+    normalised batch, on its device."""
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(prob, mode="pixel", max_count=1, device=images.device)(images.clone())
+
+
+def labelled_keys(cfg, train_shards: str) -> tuple[list[str], dict[str, int]]:
+    """The training images fine-tuning may use (label_list, or a class-balanced label_fraction) and
+    every training image's label."""
+    f = cfg.finetune
+    labels = check_labels(expand_shards(train_shards), f.num_classes, "finetune.num_classes")
+    if f.label_list is not None:
+        return read_key_list(f.label_list, labels), labels
+    return balanced_subset(labels, f.label_fraction, cfg.run.seed), labels
