@@ -5,7 +5,8 @@ Each recipe is `python launch.py --config configs/<its>.yaml` as the docs run it
 the tiny one of models/teachers.py; BEiT's tokenizer is the dVAE recipe's own, exported). For every
 backbone: the run's kNN of its evaluation feature against random init and raw pixels, and a linear
 probe (scripts/evaluate.py linear); for the tokenizer its PSNR against the untrained network and
-each image's mean colour; for iTPN its held-out pixel loss against the untrained network and zeros.
+each image's mean colour; for iTPN its held-out pixel loss against the untrained network and zeros;
+for fine-tuning its held-out top-1 from the pretrained run against the same recipe from scratch.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ RECIPES = {
     "dvae": Recipe("dvae_tiny", backbone=False, exports=("scripts/export_tokenizer.py", "{tokenizer}")),
     "beit": Recipe("beit_vit_tiny", ("beit.tokenizer={tokenizer}",), needs="dvae"),
     "itpn": Recipe("itpn_hivit_tiny", ci=("schedule.steps=400",)),  # tests/runs/test_itpn_runs.py
+    # fine-tuning the default's network (configs/finetune_vit_tiny.yaml): from the ibot run's checkpoint
+    # and from scratch, with a class-balanced tenth of the labels and with all of them
+    "finetune_ibot_10pct": Recipe("finetune_vit_tiny", ("finetune.init={run_ibot}", "finetune.label_fraction=0.1"),
+                                  backbone=False, needs="ibot"),
+    "finetune_scratch_10pct": Recipe("finetune_vit_tiny", ("finetune.label_fraction=0.1",), backbone=False),
+    "finetune_ibot": Recipe("finetune_vit_tiny", ("finetune.init={run_ibot}",), backbone=False, needs="ibot"),
+    "finetune_scratch": Recipe("finetune_vit_tiny", (), backbone=False),
 }
 KEYS = ("knn", "knn_random_init", "knn_raw_pixels", "psnr", "psnr_random_init", "psnr_mean_colour", "perplexity",
-        "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero")
+        "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero", "top1", "top5",
+        "top1_random_init", "best_top1")
 
 
 class RecipeFailed(RuntimeError):
@@ -87,7 +96,8 @@ def run_recipes(names: list[str], seed: int = 0, steps: int | None = None, lengt
     results = {}
     with tempfile.TemporaryDirectory(prefix="quality_") as tmp:
         files = {"clip": str(save_clip(tiny_clip(), Path(tmp) / "clip.safetensors")),
-                 "tokenizer": str(Path(tmp) / "dvae" / "encoder.safetensors")}
+                 "tokenizer": str(Path(tmp) / "dvae" / "encoder.safetensors"),
+                 **{f"run_{name}": str(Path(tmp) / name) for name in RECIPES}}  # a recipe's run, for another's init
         for name in order(names):
             recipe, run_dir = RECIPES[name], Path(tmp) / name
             cmd = ["launch.py", "--config", f"configs/{recipe.config}.yaml", f"run.output_dir={run_dir}",

@@ -302,10 +302,10 @@ class Finetune(Method):
         train, val = resolve_builtin(cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
         split = "data.train_shards"
         try:  # the first shard of each split, its first images: a cheap look before anything is written
-            check_labels(expand_shards(train)[:1], f.num_classes, "finetune.num_classes", limit=64)
+            check_labels(first_shard(train), f.num_classes, "finetune.num_classes", limit=64)
             if val:
                 split = "data.val_shards"
-                check_labels(expand_shards(val)[:1], f.num_classes, "finetune.num_classes", limit=64)
+                check_labels(first_shard(val), f.num_classes, "finetune.num_classes", limit=64)
             split = "data.train_shards"
             if f.label_list is not None or f.label_fraction < 1:
                 labelled_keys(cfg, train)
@@ -404,10 +404,10 @@ class Finetune(Method):
         f = cfg.finetune
         labelled = (f"{f.label_list}" if f.label_list else
                     f"{100 * f.label_fraction:g}% of the labels" if f.label_fraction < 1 else "all labels")
+        start = summary.get("top1_random_init", float("nan"))
         line = (f"fine-tuned top-1 (held-out split): {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
                 f"(best {summary.get('best_top1', summary['top1']):.2f}% at step {summary.get('best_top1_step')}, "
-                f"checkpoints/best; {labelled}; before fine-tuning: {summary.get('top1_random_init', float('nan')):.2f}%, "
-                f"chance {100 / f.num_classes:.2f}%)")
+                f"checkpoints/best; {labelled}; before fine-tuning: {start:.2f}%, chance {100 / f.num_classes:.2f}%)")
         lines = [line]
         if init_kind(f.init) == "none":
             lines.append("init: none (from scratch): the baseline a pretrained init is compared with")
@@ -428,6 +428,13 @@ def random_erase(images: torch.Tensor, prob: float) -> torch.Tensor:
     from timm.data.random_erasing import RandomErasing
 
     return RandomErasing(prob, mode="pixel", max_count=1, device=images.device)(images.clone())
+
+
+def first_shard(spec: str) -> list[str]:
+    """The first shard `spec` names, where it can be read here (a local file that is not there is the
+    loader's to report, as it reports any shard it cannot open)."""
+    urls = expand_shards(spec)[:1]
+    return [u for u in urls if "://" in u or u.startswith("pipe:") or Path(u).is_file()]
 
 
 def labelled_keys(cfg, train_shards: str) -> tuple[list[str], dict[str, int]]:

@@ -1,0 +1,135 @@
+"""Fine-tuning (method finetune, issue 30) end to end on the digits: from a pretraining run, with a
+class-balanced tenth of the labels, evaluated on the held-out split with its best checkpoint kept;
+and each bad input stopped before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import jpeg_bytes, main_in_process, make_shards
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.arch=vit_test", "data.batch_size=8", "data.num_workers=0", "log.tensorboard=false",
+        "log.pictures=false"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, digits_dirs) -> tuple[Path, Path]:
+    """A 2-step iBOT run of the tiny test ViT on the digits (what is fine-tuned), and the data cache."""
+    cache = Path(digits_dirs["train"]).parents[1]
+    run = tmp_path_factory.mktemp("pretrain") / "run"
+    code = main_in_process("--config", ROOT / "configs" / "ibot_vit_tiny.yaml", f"run.output_dir={run}",
+                           f"data.cache_dir={cache}", "schedule.steps=2", "checkpoint.every_steps=2",
+                           "eval.knn_at_end=false", "ibot.out_dim=64", "ibot.head_hidden_dim=32",
+                           "ibot.head_bottleneck_dim=16", *TINY)
+    assert code == 0
+    return run, cache
+
+
+def finetune(out: Path, cache: Path, *overrides: str) -> int:
+    return main_in_process("--config", ROOT / "configs" / "finetune_vit_tiny.yaml", f"run.output_dir={out}",
+                           f"data.cache_dir={cache}", *TINY, *overrides)
+
+
+def test_finetune_from_a_run_with_a_tenth_of_the_labels(pretrained, tmp_path, capsys):
+    run, cache = pretrained
+    out = tmp_path / "ft"
+    code = finetune(out, cache, f"finetune.init={run}", "finetune.label_fraction=0.1", "schedule.steps=6",
+                    "optim.warmup_steps=2", "log.every_steps=1", "eval.knn_every_steps=2", "checkpoint.every_steps=1",
+                    "checkpoint.keep=1")
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss_ce" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < r["loss_ce"] < 10 and 0 <= r["train_top1"] <= 1 for r in losses), losses
+    held = {r["step"]: r for r in rows if "top1" in r and "loss" not in r}
+    assert {2, 4, 6} <= set(held) and all(0 <= r["top1"] <= r["top5"] <= 100 for r in held.values()), held
+    summary = rows[-1]
+    assert "top1_random_init" in summary and summary["best_top1"] == max(r["top1"] for r in held.values())
+
+    # The labelled tenth: the same share of each class (digits: 10 classes of about 150), recorded.
+    keys = (out / "labelled_keys.txt").read_text().split()
+    from data.labels import check_labels
+    from data.shards import expand_shards
+
+    labels = check_labels(expand_shards(str(Path(cache) / "digits-64" / "train")), 10, "test")
+    per_class = Counter(labels[k] for k in keys)
+    assert sorted(per_class) == list(range(10)) and max(per_class.values()) - min(per_class.values()) <= 1
+    assert 140 <= len(keys) <= 160
+
+    # The best checkpoint survives checkpoint.keep=1 beside the newest, and is complete.
+    best_tag, measure, value = (out / "checkpoints" / "best").read_text().split()
+    assert measure == "top1" and float(value) == summary["best_top1"]
+    assert best_tag == f"step{summary['best_top1_step']:08d}"
+    assert (out / "checkpoints" / best_tag / "COMPLETE").is_file()
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert kept == sorted({best_tag, "step00000006"}), kept
+
+    # What it prints: top-1 beside the start, chance and the init's own kNN.
+    assert f"fine-tuned top-1 (held-out split): {summary['top1']:.2f}%" in printed
+    assert "chance 10.00%" in printed and f"init: {run}; its kNN" in printed
+
+
+def test_the_init_is_the_pretrained_teacher(pretrained, tmp_path):
+    """The backbone starts as the run's EMA teacher (finetune.weights auto), its final norm replaced by
+    a new fc_norm (average pooling), the head scaled by 0.001."""
+    run, cache = pretrained
+    from trainer.config import load_config
+    from trainer.methods import method_class
+    from trainer.weights import read_backbone
+
+    cfg = load_config(ROOT / "configs" / "finetune_vit_tiny.yaml", [f"finetune.init={run}", f"data.cache_dir={cache}",
+                                                                     *TINY])
+    method = method_class("finetune").from_config(cfg)
+    teacher = read_backbone(run, "teacher").state
+    ours = method.student["backbone"].state_dict()
+    assert not any(k.startswith("norm.") for k in ours) and "fc_norm" in method.student
+    for key in ("blocks.0.attn.qkv.weight", "pos_embed", "cls_token", "blocks.1.mlp.fc2.bias"):
+        assert torch.equal(ours[key], teacher[key]), key
+    student = read_backbone(run, "student").state
+    assert not torch.equal(ours["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
+    assert 0.5 * 2e-5 < method.student["head"].weight.std().item() < 1.5 * 2e-5  # N(0, 0.02) x 0.001
+    assert (method.student["head"].bias == 0).all()
+
+
+def test_bad_input_stops_before_anything_is_written(pretrained, tmp_path, capsys):
+    run, cache = pretrained
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    from data.shards import write_shard
+
+    write_shard(unlabelled / "shard-0000.tar", [{"__key__": f"x{i}", "jpg": jpeg_bytes(i)} for i in range(4)])
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    make_shards(labelled, 1, 4, extra={0: [{"__key__": "seven", "jpg": jpeg_bytes(7), "cls": 7}]})
+    missing = tmp_path / "list.txt"
+    missing.write_text("n01440764_10026.JPEG\n")
+    # a pretraining run of a method this version does not know
+    unknown = tmp_path / "unknown_run"
+    shutil.copytree(run, unknown)
+    for part in (unknown / "checkpoints").glob("step*/rank*.pt"):
+        state = torch.load(part, weights_only=True)
+        state["config"] = json.dumps({**json.loads(state["config"]), "method": "mae"})
+        torch.save(state, part)
+    cases = [
+        ([f"data.train_shards={unlabelled}"], "data.train_shards", "have no label"),
+        (["finetune.num_classes=3", f"data.train_shards={labelled}"], "finetune.num_classes", "label 7 of seven"),
+        ([f"finetune.label_list={missing}"], "finetune.label_list", "not in the training shards"),
+        ([f"finetune.init={run}", "model.arch=vit_tiny"], "finetune.init", "this run's model is vit_tiny/8"),
+        ([f"finetune.init={tmp_path / 'nowhere'}"], "finetune.init", "does not exist"),
+        ([f"finetune.init={unknown}"], "finetune.init", "unknown method 'mae'"),
+    ]
+    for overrides, key, words in cases:
+        out = tmp_path / "out"
+        assert finetune(out, cache, *overrides) == 2, overrides
+        printed = capsys.readouterr()
+        said = printed.out + printed.err
+        assert f"{key}:" in said and words in said, (overrides, said)
+        assert len([line for line in said.splitlines() if "config error" in line]) == 1, said
+        assert not out.exists(), overrides
