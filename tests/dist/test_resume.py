@@ -21,13 +21,16 @@ CASES = {
     "itpn with the CLIP teacher": ("itpn_hivit_tiny", ["model.arch=hivit_test", "data.batch_size=8",
                                                        "data.num_workers=1", "itpn.teacher=clip",
                                                        "teacher.clip.arch=clip_vit_tiny", "teacher.clip.weights={clip}"]),
+    # from scratch, on a labelled tenth, with Mixup / CutMix (NumPy-seeded per step), RandAugment and erasing
+    "finetune": ("finetune_vit_tiny", [*SMALL_VIT, "finetune.label_fraction=0.1", "finetune.mixup=0.8",
+                                       "finetune.cutmix=1.0"]),
 }
 SCHEDULES = ("lr", "weight_decay", "momentum", "teacher_temp", "teacher_patch_temp", "gumbel_temp", "kl_weight")
 
 
 def numbers(run) -> list[dict]:
     """What must match step for step: each loss term and metric, and each scheduled value."""
-    return [{k: v for k, v in r.items() if k == "step" or k.startswith("loss") or k in SCHEDULES}
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith("loss") or k in SCHEDULES or k == "train_top1"}
             for r in run.steps()]
 
 

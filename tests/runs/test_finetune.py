@@ -76,20 +76,25 @@ def test_finetune_from_a_run_with_a_tenth_of_the_labels(pretrained, tmp_path, ca
     assert "chance 10.00%" in printed and f"init: {run}; its kNN" in printed
 
 
-def test_the_init_is_the_pretrained_teacher(pretrained, tmp_path):
-    """The backbone starts as the run's EMA teacher (finetune.weights auto), its final norm replaced by
-    a new fc_norm (average pooling), the head scaled by 0.001."""
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_the_init_is_the_pretrained_teacher(pretrained, pool):
+    """The backbone starts as the run's EMA teacher (finetune.weights auto); under average pooling its
+    final norm is replaced by a new fc_norm (BEiT, MAE), with [CLS] it is kept (iBOT); the head is
+    scaled by 0.001."""
     run, cache = pretrained
     from trainer.config import load_config
     from trainer.methods import method_class
     from trainer.weights import read_backbone
 
     cfg = load_config(ROOT / "configs" / "finetune_vit_tiny.yaml", [f"finetune.init={run}", f"data.cache_dir={cache}",
-                                                                     *TINY])
+                                                                     f"finetune.pool={pool}", *TINY])
     method = method_class("finetune").from_config(cfg)
     teacher = read_backbone(run, "teacher").state
     ours = method.student["backbone"].state_dict()
-    assert not any(k.startswith("norm.") for k in ours) and "fc_norm" in method.student
+    if pool == "avg":
+        assert not any(k.startswith("norm.") for k in ours) and "fc_norm" in method.student
+    else:
+        assert torch.equal(ours["norm.weight"], teacher["norm.weight"]) and "fc_norm" not in method.student
     for key in ("blocks.0.attn.qkv.weight", "pos_embed", "cls_token", "blocks.1.mlp.fc2.bias"):
         assert torch.equal(ours[key], teacher[key]), key
     student = read_backbone(run, "student").state

@@ -14,8 +14,10 @@ layer ids: trainer/engine.py `layer_id`), drop path (`model.drop_path`), warm-up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -362,21 +364,18 @@ class Finetune(Method):
                 raise ValueError(problem)
         else:  # no host wait per step: a device-side assert
             torch._assert_async(ok, problem)
-        if self.mixup is not None:
-            # timm draws its lambda and boxes from NumPy's global generator: seeded by the step, so a
-            # resumed run mixes as the uninterrupted one did, then put back
-            saved = np.random.get_state()
-            np.random.seed([self.seed, int(values.get("micro_step", 0))])
-            try:
+        # timm draws Mixup's lambda and boxes from NumPy's global generator and random erasing's boxes
+        # from Python's: both seeded by the micro-step here (and put back), so a resumed run mixes and
+        # erases as the uninterrupted one did; erasing's noise comes from torch's, which checkpoints keep
+        with host_generators(self.seed, int(values.get("micro_step", 0))):
+            if self.mixup is not None:
                 images, target = self.mixup(images.clone(), labels)
-            finally:
-                np.random.set_state(saved)
-        else:
-            off = self.smoothing / self.num_classes
-            target = torch.full((len(labels), self.num_classes), off, device=labels.device)
-            target.scatter_(1, labels[:, None], 1 - self.smoothing + off)
-        if self.reprob > 0:
-            images = random_erase(images, self.reprob)
+            else:
+                off = self.smoothing / self.num_classes
+                target = torch.full((len(labels), self.num_classes), off, device=labels.device)
+                target.scatter_(1, labels[:, None], 1 - self.smoothing + off)
+            if self.reprob > 0:
+                images = random_erase(images, self.reprob)
         logits = self.student(images).float()
         ce = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return {"ce": ce, "train_top1": (logits.argmax(-1) == labels).float().mean().detach()}
@@ -420,6 +419,19 @@ class Finetune(Method):
                          f"{'n/a' if knn is None else f'{knn:.2f}%'} (compare with a finetune.init=none run of this "
                          "config: what pretraining bought)")
         return lines
+
+
+@contextlib.contextmanager
+def host_generators(seed: int, step: int):
+    """Python's and NumPy's global generators seeded by (seed, step) for the block, then put back."""
+    saved = random.getstate(), np.random.get_state()
+    random.seed(seed * 1_000_003 + step)
+    np.random.seed([seed, step])
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
 
 
 def random_erase(images: torch.Tensor, prob: float) -> torch.Tensor:
