@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import jpeg_bytes, main_in_process, make_shards
+from conftest import jpeg_bytes, main_in_process, make_shards, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.arch=vit_test", "data.batch_size=8", "data.num_workers=0", "log.tensorboard=false",
@@ -138,3 +138,14 @@ def test_bad_input_stops_before_anything_is_written(pretrained, tmp_path, capsys
         assert f"{key}:" in said and words in said, (overrides, said)
         assert len([line for line in said.splitlines() if "config error" in line]) == 1, said
         assert not out.exists(), overrides
+
+
+def test_a_partitioned_build_starts_from_the_teacher_too(pretrained, tmp_path):
+    """model.sharded_init (ViT-g/G): the pretrained tensors and the scaled head are written into the
+    partitioned parameters (Classifier.partitioned_init_steps), as a whole build writes them."""
+    run, cache = pretrained
+    report = tmp_path / "report.json"
+    torchrun(str(ROOT / "tests" / "dist" / "finetune_sharded_check.py"), str(run), str(cache), str(report))
+    r = json.loads(report.read_text())
+    assert r["partitioned"] and r["differ"] == [], r
+    assert 0.5 * 2e-5 < r["head_std"] < 1.5 * 2e-5 and r["head_bias_zero"], r

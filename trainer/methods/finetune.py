@@ -36,7 +36,6 @@ from data.transforms import ClassifyCrop, normalize
 from models.archs import get_arch
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, at_least, check_prob, checking_files, opt, require
-from trainer.weights import ExportError, checkpoint_method, read_backbone, resolve_checkpoint
 
 from .base import Method, meta_images, register
 from .build import build_student
@@ -129,6 +128,9 @@ def init_record(path: str) -> dict:
     if kind == "transformers":
         raise ValueError(f"{p} is an exported transformers directory: give the timm file convert_to_hf.py wrote with "
                          "it (timm_model.safetensors) or the pretraining run directory")
+    # (trainer.weights imports the method registry, which imports this module: imported when used)
+    from trainer.weights import checkpoint_method, resolve_checkpoint
+
     ckpt = resolve_checkpoint(p)
     part = torch.load(ckpt / "rank00000.pt", map_location="cpu", weights_only=True, mmap=True)
     config = json.loads(part["config"])
@@ -145,6 +147,8 @@ def read_init(path: str, which: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return {k: v for k, v in load_file(str(Path(path).expanduser())).items() if not k.startswith("head.")}
+    from trainer.weights import read_backbone
+
     backbone = read_backbone(path, which)
     log.info("fine-tuning from %s (%s, step %d)", backbone.checkpoint, backbone.which, backbone.step)
     return backbone.state
@@ -290,7 +294,7 @@ class Finetune(Method):
         if init_kind(f.init) != "none":
             try:
                 rec = init_record(f.init)
-            except (ExportError, ValueError) as e:
+            except ValueError as e:  # trainer.weights.ExportError too
                 raise Invalid("finetune.init", str(e)) from None
             if rec.get("product", "backbone") != "backbone" or rec.get("family", "vit") != "vit":
                 raise Invalid("finetune.init", f"{f.init} is a {rec['method']} run, which trains a "
@@ -413,7 +417,7 @@ class Finetune(Method):
         else:
             try:
                 knn = init_record(f.init)["summary"].get("knn")
-            except (ExportError, ValueError, OSError):
+            except (ValueError, OSError):
                 knn = None
             lines.append(f"init: {f.init}; its kNN top-1 on its held-out split: "
                          f"{'n/a' if knn is None else f'{knn:.2f}%'} (compare with a finetune.init=none run of this "
