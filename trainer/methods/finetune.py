@@ -34,6 +34,7 @@ from data.labels import LabelError, balanced_subset, check_labels, class_counts,
 from data.shards import expand_shards
 from data.transforms import ClassifyCrop, normalize
 from models.archs import get_arch
+from models.vit import vit_options
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, at_least, check_prob, checking_files, opt, require
 
@@ -325,8 +326,6 @@ class Finetune(Method):
         state = read_init(f.init, f.weights) if init_kind(f.init) != "none" else None
         options = {"init": "timm"}
         if state is not None:
-            from models.vit import vit_options
-
             options.update(vit_options(state))
             if options["rel_pos_bias"] == "shared" and f.rel_pos_bias_per_block:
                 options["rel_pos_bias"] = "per_block"
@@ -354,9 +353,6 @@ class Finetune(Method):
 
     def plan_calls(self, cfg, s, dt) -> list:
         return [("student + head", lambda: self.student(meta_images(s.b, s.global_size, dt)), True, self.student)]
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
 
     def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         """batch: `global_crops` [1, B, 3, H, W] normalised, `labels` [B]."""
