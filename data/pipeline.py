@@ -19,11 +19,13 @@ batches round-robin over its workers, starting at worker 0; on resume worker `w`
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import io
 import itertools
 import logging
+import multiprocessing
 import random
 import signal
 from collections import Counter
@@ -229,6 +231,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
     worker instead of saving. The training process decides when to stop; its workers end with it."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing ends the daemonic children it still has by SIGTERM and then
+    waits for them; loader workers ignore SIGTERM (above), so a training process leaving with live
+    workers (an exception that keeps the loader's iterator alive in its traceback: a worker's own
+    error, re-raised here) waited for ever: kill them, as multiprocessing would have."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:  # torch's SIGCHLD handler would report each death as a second error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 class ShardLoader:

@@ -13,6 +13,8 @@ FAULT is one of
                            kills a job that is certainly running, however slow the machine. Only in
                            a Slurm job's first run (SLURM_RESTART_COUNT 0): the requeued run goes on.
                            The losses do not change.
+    worker-error:N         the loader's N-th image (1-based, in whichever process decodes it) raises
+                           in its augmentation: a bug in a loader worker, not bad data
 """
 
 import errno
@@ -105,6 +107,20 @@ def report_free(free: int) -> None:
     trainer.checkpoint.shutil.disk_usage = lambda path: usage(10**12, 10**12 - free, free)
 
 
+def worker_error(n: int) -> None:
+    import data.transforms
+
+    real, calls = data.transforms.MultiCrop.__call__, {"n": 0}
+
+    def failing(self, img):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise ValueError("injected: an augmentation bug in a loader worker")
+        return real(self, img)
+
+    data.transforms.MultiCrop.__call__ = failing
+
+
 def main() -> int:
     split = sys.argv.index("--")
     for spec in sys.argv[1:split]:
@@ -120,6 +136,8 @@ def main() -> int:
             report_free(int(value))
         elif kind == "hold":
             hold_after(int(value))
+        elif kind == "worker-error":
+            worker_error(int(value))
         else:
             raise SystemExit(f"unknown fault {spec!r}")
     torch.set_num_threads(1)

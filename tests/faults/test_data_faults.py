@@ -73,3 +73,13 @@ def test_failures_are_summed_over_ranks_in_the_metrics(tmp_path):
     last = [r for r in metrics(run) if "loss" in r][-1]
     assert last["data_corrupt_image"] == len(warned) == last["data_failures"]
     assert last["step"] == 4
+
+
+def test_an_error_in_a_loader_worker_ends_the_run_instead_of_hanging(tmp_path):
+    """A loader worker's exception reaches the training process, which stops with it and exits: the
+    workers ignore SIGTERM (Slurm's, trainer-decided stops), so multiprocessing's exit hook, which
+    terminates them by SIGTERM and then waits, waited for ever (data/pipeline.py _kill_workers_at_exit)."""
+    p = launch(tiny_args(tmp_path / "run", 3, "data.num_workers=1"), faults=("worker-error:20",), timeout=240)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "injected: an augmentation bug in a loader worker" in p.stderr
+    assert "killed by signal" not in p.stderr  # the workers' deaths at exit are not a second error

@@ -129,6 +129,7 @@ def test_bad_input_stops_before_anything_is_written(pretrained, tmp_path, capsys
         ([f"finetune.init={run}", "model.arch=vit_tiny"], "finetune.init", "this run's model is vit_tiny/8"),
         ([f"finetune.init={tmp_path / 'nowhere'}"], "finetune.init", "does not exist"),
         ([f"finetune.init={unknown}"], "finetune.init", "unknown method 'mae'"),
+        (["finetune.auto_augment=rand-m9-mstd0.5-inc"], "finetune.auto_augment", "not a RandAugment policy"),
     ]
     for overrides, key, words in cases:
         out = tmp_path / "out"

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -92,6 +93,11 @@ class FinetuneConfig:
         for key in ("mixup_prob", "mixup_switch_prob", "reprob"):
             check_prob(getattr(self, key), key)
         require(0 < self.label_fraction <= 1, "label_fraction", f"{self.label_fraction} is outside (0, 1]")
+        # timm ignores a part of the policy it does not know: a typo would silently change the augmentation
+        require(self.auto_augment == "" or re.fullmatch(r"rand(-(m|n|mstd|mmax|w|inc|p)[\d.]+)*", self.auto_augment)
+                is not None, "auto_augment", f"{self.auto_augment!r} is not a RandAugment policy timm reads fully "
+                                             "(rand-m9-mstd0.5-inc1: rand, then m, n, mstd, mmax, w, inc, p with "
+                                             "numbers; or '' for none)")
         require(self.smoothing < 1, "smoothing", f"{self.smoothing} must be < 1")
 
 
