@@ -375,7 +375,7 @@ class Finetune(Method):
         # erases as the uninterrupted one did; erasing's noise comes from torch's, which checkpoints keep
         with host_generators(self.seed, int(values.get("micro_step", 0))):
             if self.mixup is not None:
-                images, target = self.mixup(images.clone(), labels)
+                images, target = self.mixup(images, labels)  # in place: the batch is this step's own
             else:
                 off = self.smoothing / self.num_classes
                 target = torch.full((len(labels), self.num_classes), off, device=labels.device)
@@ -445,7 +445,7 @@ def random_erase(images: torch.Tensor, prob: float) -> torch.Tensor:
     normalised batch, on its device."""
     from timm.data.random_erasing import RandomErasing
 
-    return RandomErasing(prob, mode="pixel", max_count=1, device=images.device)(images.clone())
+    return RandomErasing(prob, mode="pixel", max_count=1, device=images.device)(images)  # in place
 
 
 def first_shard(spec: str) -> list[str]:
