@@ -7,6 +7,7 @@ names its timm model). Each comes with the resolution and normalisation it was t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ def from_backbone(backbone) -> LoadedBackbone:
 
     if backbone.spec.format == "itpn":
         return _itpn(backbone)
+    if backbone.spec.format == "classifier":
+        backbone = classifier_backbone(backbone)
     d = shapes(backbone)
     with torch.device("meta"):
         model = build_vit(d["arch"], img_size=d["image_size"], patch_size=d["patch"],
@@ -72,6 +75,17 @@ def from_backbone(backbone) -> LoadedBackbone:
                           f"{backbone.checkpoint} ({backbone.which})", backbone.checkpoint.parents[1] / "metrics.jsonl",
                           run_config=backbone.config, step=backbone.step, method=backbone.method.name,
                           run_knn={k: v for k, v in backbone.summary.items() if k.startswith("knn")})
+
+
+def classifier_backbone(backbone):
+    """A fine-tuned classifier's backbone alone (its `backbone.*` tensors), with a final norm as our ViT
+    is built: under average pooling fine-tuning replaced it by fc_norm, so an identity one (weight 1,
+    bias 0) stands in."""
+    state = {k[len("backbone."):]: v for k, v in backbone.state.items() if k.startswith("backbone.")}
+    if "norm.weight" not in state:
+        width = state["cls_token"].shape[-1]
+        state.update({"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)})
+    return dataclasses.replace(backbone, state=state)
 
 
 def _itpn(backbone) -> LoadedBackbone:

@@ -198,11 +198,13 @@ def staged(out: Path):
 
 
 def convert(checkpoint: str | Path, out: str | Path, weights: str = "auto", dtype: str = "fp32",
-            overwrite: bool = False, check_export: bool = True, command: str | None = None) -> Converted:
-    """Write the backbone of `checkpoint` (a run, a checkpoint directory or checkpoints/latest; `weights`:
-    auto, teacher or student) to the directory `out` in `dtype` (fp32 or bf16), and, unless
-    `check_export` is off, compare what was written with our model; `command`: the command line for
-    the model card (default: the script with these arguments)."""
+            overwrite: bool = False, check_export: bool = True, command: str | None = None,
+            labels: list[str] | None = None) -> Converted:
+    """Write the backbone of `checkpoint` (a run, a checkpoint directory, checkpoints/latest or
+    checkpoints/best; `weights`: auto, teacher or student) to the directory `out` in `dtype` (fp32 or
+    bf16), and, unless `check_export` is off, compare what was written with our model; `command`: the
+    command line for the model card (default: the script with these arguments). A fine-tuning run is
+    written as a classifier, its classes named by `labels` (default: their numbers)."""
     command = command or shlex.join(["python", SCRIPT, str(checkpoint), str(out), "--weights", weights, "--dtype",
                                      dtype])
     out = Path(out).expanduser()
@@ -223,6 +225,8 @@ def convert(checkpoint: str | Path, out: str | Path, weights: str = "auto", dtyp
     read_gib = anonymous_gib() - anon
     if b.spec.format == "itpn":
         return convert_itpn(b, out, dtype, check_export, command)
+    if b.spec.format == "classifier":
+        return convert_classifier(b, out, dtype, check_export, command, labels)
     dims = shapes(b)  # an unknown architecture stops here, before anything is written
     backbone_gib = sum(v.numel() for v in b.state.values()) * 4 / 2**30
     log.info("read the %s backbone of %s (step %d, %d ranks): %d tensors, %.1fM parameters", b.which, b.checkpoint,
@@ -255,6 +259,35 @@ def convert(checkpoint: str | Path, out: str | Path, weights: str = "auto", dtyp
              read_gib, backbone_gib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, start_gib)
     return Converted(out, hf_class, errors, name, [
         f"transformers: AutoModel.from_pretrained({str(out)!r})  [{hf_class}]", f"timm ({name}): {timm_line}"])
+
+
+def convert_classifier(b: Backbone, out: Path, dtype: str, check_export: bool, command: str,
+                       labels: list[str] | None) -> Converted:
+    """A fine-tuning run: an image classifier for transformers' pipeline and timm (export/classifier.py)."""
+    from safetensors.torch import save_file
+
+    import export.classifier as classifier
+
+    p = classifier.split(b, labels)
+    size = shapes(p.backbone)["image_size"]  # an unknown architecture stops here, before anything is written
+    aug = b.config["data"]["augment"]
+    with staged(out) as tmp:
+        name, kwargs, state = classifier.timm_classifier(p)
+        meta = {"timm_name": name, "timm_kwargs": json.dumps(kwargs), "image_size": str(size),
+                "mean": json.dumps(list(aug["mean"])), "std": json.dumps(list(aug["std"])),
+                "method": b.config["method"], "step": str(b.step), "format": "pt", "labels": json.dumps(p.labels)}
+        save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(tmp / TIMM_FILE), metadata=meta)
+        hf_class = classifier.save_hf_classifier(p, tmp, DTYPES[dtype]).__name__
+        save_processor(p.backbone, tmp)
+        errors = (classifier.check_classifier(p, tmp, tmp / TIMM_FILE, sample_photos(size, tmp), TOLERANCE[dtype])
+                  if check_export else {})
+        timm_line = classifier.timm_classifier_snippet(name, kwargs, str(out / TIMM_FILE))
+        (tmp / "README.md").write_text(classifier.model_card(p, hf_class, timm_line, out, command, errors))
+    log.info("wrote %s (%s, %d classes, %s)%s", out, hf_class, p.num_classes, dtype,
+             "; check: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "")
+    return Converted(out, hf_class, errors, name, [
+        f"transformers: pipeline('image-classification', model={str(out)!r})  [{hf_class}]",
+        f"timm ({name}): {timm_line}"])
 
 
 ITPN_FILE = "itpn.safetensors"

@@ -84,13 +84,15 @@ def checkpoint_method(ckpt: Path, config: dict) -> type[Method]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its newest complete checkpoint), a `checkpoints/latest` file, or a checkpoint
-    tag directory -> the tag directory, after vetting every pickle in it."""
+    """A run directory (its newest complete checkpoint), a `checkpoints/latest` or `checkpoints/best`
+    file, or a checkpoint tag directory -> the tag directory, after vetting every pickle in it."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ExportError(f"{path} does not exist")
     if path.is_file() and path.name == "latest":
         path = path.parent / path.read_text().strip()
+    elif path.is_file() and path.name == "best":  # "<tag> <measure> <value>" (Checkpointer.mark_best)
+        path = path.parent / path.read_text().split()[0]
     elif path.is_dir() and (path / "checkpoints").is_dir():  # a run directory
         newest = Checkpointer(path / "checkpoints", keep=1).latest()
         if newest is None:

@@ -31,6 +31,17 @@ def pretrained(tmp_path_factory, digits_dirs) -> tuple[Path, Path]:
     return run, cache
 
 
+def held_out_digits(cache: Path) -> list:
+    """The 300 held-out digits as (PIL image, label), as the shards hold them."""
+    from data.pipeline import decode, read_shard
+    from data.shards import expand_shards
+
+    seen = Counter()
+    urls = expand_shards(str(cache / "digits-64" / "val"))
+    samples = [decode(s, seen) for url in urls for s in read_shard(url, seen)]
+    return [s for s in samples if s is not None]
+
+
 def finetune(out: Path, cache: Path, *overrides: str) -> int:
     return main_in_process("--config", ROOT / "configs" / "finetune_vit_tiny.yaml", f"run.output_dir={out}",
                            f"data.cache_dir={cache}", *TINY, *overrides)
@@ -74,6 +85,22 @@ def test_finetune_from_a_run_with_a_tenth_of_the_labels(pretrained, tmp_path, ca
     # What it prints: top-1 beside the start, chance and the init's own kNN.
     assert f"fine-tuned top-1 (held-out split): {summary['top1']:.2f}%" in printed
     assert "chance 10.00%" in printed and f"init: {run}; its kNN" in printed
+
+    # Exported (the newest and the best checkpoint), transformers' image-classification pipeline on the
+    # held-out digits scores what the run measured (seen: equal to the image).
+    from transformers import pipeline
+
+    from export.convert import convert
+
+    held_out = held_out_digits(cache)
+    for source, measured in ((out, summary["top1"]), (out / "checkpoints" / "best", summary["best_top1"])):
+        export = tmp_path / f"export_{source.name}"
+        done = convert(source, export)
+        assert done.hf_class == "ViTForImageClassification", done  # finetune.pool: cls on a plain ViT
+        classify = pipeline("image-classification", model=str(export))
+        predicted = [p[0]["label"] for p in classify([image for image, _ in held_out], top_k=1)]
+        accuracy = 100 * sum(p == str(label) for p, (_, label) in zip(predicted, held_out)) / len(held_out)
+        assert len(held_out) == 300 and abs(accuracy - measured) <= 0.5, (source, accuracy, measured)
 
 
 @pytest.mark.parametrize("pool", ["avg", "cls"])

@@ -45,7 +45,8 @@ class ExportSpec:
     """What export needs from a run's config beyond the tensors it reads (Method.export_spec)."""
 
     # how the backbone is written: "transformers" (a ViTModel / Dinov2Model / BeitModel directory and a
-    # timm file, export/hf.py) or "itpn" (HiViT + pyramid in one file rebuilt from `arch`, export/itpn.py)
+    # timm file, export/hf.py), "itpn" (HiViT + pyramid in one file rebuilt from `arch`, export/itpn.py) or
+    # "classifier" (backbone, fc_norm and head as an image classifier, export/classifier.py)
     format: str = "transformers"
     layer_scale_init: float = 1.0  # layer-scale init in a transformers config (the file's gammas replace it)
     vocab_size: int | None = None  # the visual-token vocabulary a BEiT-style transformers config names

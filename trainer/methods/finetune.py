@@ -39,7 +39,7 @@ from models.vit import vit_options
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, at_least, check_prob, checking_files, opt, require
 
-from .base import Method, meta_images, register
+from .base import ExportSpec, Method, meta_images, register
 from .build import build_student
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ def read_init(path: str, which: str) -> dict[str, torch.Tensor]:
 
     backbone = read_backbone(path, which)
     log.info("fine-tuning from %s (%s, step %d)", backbone.checkpoint, backbone.which, backbone.step)
+    if "backbone" in backbone.method.export_parts:  # a fine-tuned classifier (BEiT's 22k -> 1k): its backbone
+        return {k[len("backbone."):]: v for k, v in backbone.state.items() if k.startswith("backbone.")}
     return backbone.state
 
 
@@ -266,6 +268,7 @@ class Finetune(Method):
     draws_run_pictures = False
     held_out_labels = True
     best_by = ("top1", True)
+    export_parts = ("backbone", "fc_norm", "head")  # the exported network is the whole classifier
 
     def __init__(self, student: Classifier, cfg):
         super().__init__()
@@ -401,6 +404,12 @@ class Finetune(Method):
             dist.all_reduce(counts)
         n = max(counts[2].item(), 1)
         return {"top1": 100 * counts[0].item() / n, "top5": 100 * counts[1].item() / n}
+
+    @classmethod
+    def export_spec(cls, cfg) -> ExportSpec:
+        """A classifier (export/classifier.py): ViT/BEiT/DINOv2 ...ForImageClassification and timm with a head."""
+        return ExportSpec(format="classifier", layer_scale_init=float(cfg.model.layer_scale or 1.0),
+                          about=f"fine-tuned from {cfg.finetune.init}")
 
     @classmethod
     def summary_lines(cls, cfg, summary: dict, run_dir: Path) -> list[str]:
