@@ -26,13 +26,13 @@ ViTModel creates its [MASK] embedding only when asked (`use_mask_token=True`), s
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
 import torch
 
 from models.archs import VIT_ARCHS
+from models.hf_names import layouts
 from models.vit import RelativePositionBias, vit_options
 from trainer.weights import Backbone, ExportError
 
@@ -134,67 +134,6 @@ def fold_layer_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _layouts(depth: int, dinov2: bool):
-    """Candidate {our name: [HF names]} maps, one per naming scheme transformers has used."""
-    layers = ("layers.{i}.", "encoder.layer.{i}.")
-    attns = (("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
-             ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-              "attention.output.dense"))
-    mlps = (("mlp.fc1", "mlp.fc2"),) if dinov2 else (("mlp.fc1", "mlp.fc2"), ("intermediate.dense", "output.dense"))
-    norms = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
-    for layer, attn, mlp in itertools.product(layers, attns, mlps):
-        names = {"cls_token": ["embeddings.cls_token"], "pos_embed": ["embeddings.position_embeddings"],
-                 "mask_token": ["embeddings.mask_token"]}
-        for suffix in ("weight", "bias"):
-            names[f"patch_embed.proj.{suffix}"] = [f"embeddings.patch_embeddings.projection.{suffix}"]
-            names[f"norm.{suffix}"] = [f"layernorm.{suffix}"]
-            for i in range(depth):
-                ours, hf = f"blocks.{i}.", layer.format(i=i)
-                names[ours + f"attn.qkv.{suffix}"] = [hf + f"{a}.{suffix}" for a in attn[:3]]
-                names[ours + f"attn.proj.{suffix}"] = [hf + f"{attn[3]}.{suffix}"]
-                names[ours + f"norm1.{suffix}"] = [hf + f"{norms[0]}.{suffix}"]
-                names[ours + f"norm2.{suffix}"] = [hf + f"{norms[1]}.{suffix}"]
-                names[ours + f"mlp.fc1.{suffix}"] = [hf + f"{mlp[0]}.{suffix}"]
-                names[ours + f"mlp.fc2.{suffix}"] = [hf + f"{mlp[1]}.{suffix}"]
-        for i in range(depth if dinov2 else 0):
-            names[f"blocks.{i}.ls1.gamma"] = [layer.format(i=i) + "layer_scale1.lambda1"]
-            names[f"blocks.{i}.ls2.gamma"] = [layer.format(i=i) + "layer_scale2.lambda1"]
-        yield names
-
-
-def _beit_layouts(depth: int):
-    """BeitModel's candidate {our name: [HF names]} maps (our state after `qv_biases`): 5.x's flat
-    `layers.{i}` with q_proj.. and `shared_position_bias`, or 4.x's `encoder.layer.{i}` with
-    attention.attention.query.. and `encoder.relative_position_bias`."""
-    layouts = (("layers.{i}.", ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
-                ("mlp.fc1", "mlp.fc2"), "shared_position_bias.", "relative_position_bias."),
-               ("encoder.layer.{i}.", ("attention.attention.query", "attention.attention.key",
-                                       "attention.attention.value", "attention.output.dense"),
-                ("intermediate.dense", "output.dense"), "encoder.relative_position_bias.",
-                "attention.attention.relative_position_bias."))
-    for layer, attn, mlp, shared, own in layouts:
-        names = {"cls_token": ["embeddings.cls_token"], "pos_embed": ["embeddings.position_embeddings"],
-                 "mask_token": ["embeddings.mask_token"],
-                 "rel_pos_bias.relative_position_bias_table": [shared + "relative_position_bias_table"]}
-        for suffix in ("weight", "bias"):
-            names[f"patch_embed.proj.{suffix}"] = [f"embeddings.patch_embeddings.projection.{suffix}"]
-            names[f"norm.{suffix}"] = [f"layernorm.{suffix}"]
-        for i in range(depth):
-            ours, hf = f"blocks.{i}.", layer.format(i=i)
-            names[ours + "attn.qkv.weight"] = [hf + f"{a}.weight" for a in attn[:3]]
-            names[ours + "attn.q_bias"] = [hf + f"{attn[0]}.bias"]
-            names[ours + "attn.v_bias"] = [hf + f"{attn[2]}.bias"]
-            names[ours + "attn.rel_pos.relative_position_bias_table"] = [hf + own + "relative_position_bias_table"]
-            names[ours + "ls1.gamma"], names[ours + "ls2.gamma"] = [hf + "lambda_1"], [hf + "lambda_2"]
-            for suffix in ("weight", "bias"):
-                names[ours + f"attn.proj.{suffix}"] = [hf + f"{attn[3]}.{suffix}"]
-                names[ours + f"norm1.{suffix}"] = [hf + f"layernorm_before.{suffix}"]
-                names[ours + f"norm2.{suffix}"] = [hf + f"layernorm_after.{suffix}"]
-                names[ours + f"mlp.fc1.{suffix}"] = [hf + f"{mlp[0]}.{suffix}"]
-                names[ours + f"mlp.fc2.{suffix}"] = [hf + f"{mlp[1]}.{suffix}"]
-        yield names
-
-
 def to_hf_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], kind: str,
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Rename (and split qkv) for the HF model (kind: vit | dinov2 | beit) whose state dict has
@@ -205,7 +144,7 @@ def to_hf_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
     # A relative position index that a transformers version keeps in its state dict (5.x computes it
     # in forward) is a function of the grid, the same as ours: filled in below, not mapped.
     index = {n for n in expected if n.endswith("relative_position_index")}
-    for names in _beit_layouts(depth) if kind == "beit" else _layouts(depth, kind == "dinov2"):
+    for names in layouts(depth, kind):
         wanted = {n for k, targets in names.items() if k in state for n in targets}
         if "embeddings.mask_token" not in expected:
             wanted.discard("embeddings.mask_token")

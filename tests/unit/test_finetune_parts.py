@@ -96,3 +96,45 @@ def test_mixing_draws_are_seeded_by_the_step_and_put_back():
         assert (random.random(), np.random.rand()) == a
     with host_generators(seed=1, step=6):
         assert (random.random(), np.random.rand()) != a
+
+
+@pytest.mark.parametrize("model_type", ["vit", "dinov2", "beit"])
+def test_a_transformers_directory_is_read_as_the_same_network(tmp_path, model_type):
+    """finetune.init=<a transformers directory> (models/hf_names.py from_hf_state): a random ViTModel
+    (with the pooler hub checkpoints have), Dinov2Model (layer-scale) or BeitModel (per-block relative
+    bias, q/v biases, layer-scale) read into our ViT computes the same tokens."""
+    import transformers
+
+    from models.vit import vit_options
+    from trainer.methods.finetune import init_record, read_init
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                  layer_norm_eps=1e-6, hidden_act="gelu")
+    torch.manual_seed(0)
+    if model_type == "vit":
+        model = transformers.ViTModel(transformers.ViTConfig(intermediate_size=64, **common))
+    elif model_type == "dinov2":
+        model = transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, layerscale_value=0.5, **common))
+    else:
+        model = transformers.BeitModel(transformers.BeitConfig(
+            intermediate_size=64, use_relative_position_bias=True, use_absolute_position_embeddings=False,
+            layer_scale_init_value=0.5, use_mean_pooling=False, **common), add_pooling_layer=False)
+    with torch.no_grad():  # no tensor at its init value: a zero bias or a unit norm would hide a swap
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(tmp_path / "hf")
+
+    rec = init_record(str(tmp_path / "hf"))
+    assert (rec["patch"], rec["width"], rec["depth"]) == (8, 32, 2)
+    state = read_init(str(tmp_path / "hf"), "auto")
+    options = vit_options(state)
+    ours = build_vit("vit_test", img_size=32, patch_size=8, layer_scale=None if model_type == "vit" else 1.0,
+                     **options)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert missing == ["mask_token"] and not unexpected, (missing, unexpected)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = model(pixel_values=x).last_hidden_state
+        mine = ours.eval().forward_features(x)
+    assert torch.allclose(mine["cls"], theirs[:, 0], atol=1e-5), (mine["cls"] - theirs[:, 0]).abs().max()
+    assert torch.allclose(mine["patch"], theirs[:, 1:], atol=1e-5)

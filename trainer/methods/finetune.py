@@ -35,6 +35,7 @@ from data.labels import LabelError, balanced_subset, check_labels, class_counts,
 from data.shards import expand_shards
 from data.transforms import ClassifyCrop, normalize
 from models.archs import get_arch
+from models.hf_names import KINDS, from_hf_state
 from models.vit import vit_options
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, at_least, check_prob, checking_files, opt, require
@@ -53,7 +54,8 @@ class FinetuneConfig:
     and iTPN kept, unless the help says otherwise."""
 
     init: str = opt("none", "What the backbone starts from: a pretraining run directory (its newest complete "
-                            "checkpoint), a checkpoint directory or checkpoints/latest, a timm file written by "
+                            "checkpoint), a checkpoint directory or checkpoints/latest, a transformers directory "
+                            "(ViT, DINOv2 or BEiT, exported here or not), a timm file written by "
                             "scripts/convert_to_hf.py (timm_model.safetensors), or none (from scratch: the "
                             "baseline every table needs).")
     weights: Literal["auto", "teacher", "student"] = opt(
@@ -133,8 +135,22 @@ def init_record(path: str) -> dict:
         return {"arch": None, "patch": proj[-1], "width": proj[0], "depth": depth, "method": meta.get("method"),
                 "summary": {"knn": json.loads(meta.get("knn", "{}")).get("knn")}}
     if kind == "transformers":
-        raise ValueError(f"{p} is an exported transformers directory: give the timm file convert_to_hf.py wrote with "
-                         "it (timm_model.safetensors) or the pretraining run directory")
+        config = json.loads((p / "config.json").read_text())
+        if config.get("model_type") not in KINDS:
+            raise ValueError(f"{p}: a transformers {config.get('model_type')!r} model; fine-tuning starts from "
+                             f"{', '.join(KINDS)} backbones")
+        from safetensors import safe_open
+
+        shapes = {}
+        for f in sorted(p.glob("model*.safetensors")):
+            with safe_open(str(f), "pt") as g:
+                shapes.update({k: g.get_slice(k).get_shape() for k in g.keys()})
+        # the names mapped on meta tensors: a layout this version cannot read stops here, before the run
+        from_hf_state({k: torch.empty(s, device="meta") for k, s in shapes.items()}, config["model_type"])
+        info = config.get("mimscale", {})
+        return {"arch": None, "patch": config["patch_size"], "width": config["hidden_size"],
+                "depth": config["num_hidden_layers"], "method": info.get("method"),
+                "summary": {"knn": info.get("knn", {}).get("knn")}}
     # (trainer.weights imports the method registry, which imports this module: imported when used)
     from trainer.weights import checkpoint_method, resolve_checkpoint
 
@@ -150,10 +166,18 @@ def init_record(path: str) -> dict:
 
 def read_init(path: str, which: str) -> dict[str, torch.Tensor]:
     """The init's backbone tensors, fp32, in our (= timm's) names."""
-    if init_kind(path) == "timm":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
+    if init_kind(path) == "timm":
         return {k: v for k, v in load_file(str(Path(path).expanduser())).items() if not k.startswith("head.")}
+    if init_kind(path) == "transformers":  # model.safetensors, or the shards its index names
+        p = Path(path).expanduser()
+        files = sorted(p.glob("model*.safetensors"))
+        if not files:
+            raise ValueError(f"{p} holds no model*.safetensors (a transformers directory saved with safetensors)")
+        state = {k: v.float() for f in files for k, v in load_file(str(f)).items()}
+        log.info("fine-tuning from the transformers directory %s (%d files)", p, len(files))
+        return from_hf_state(state, json.loads((p / "config.json").read_text())["model_type"])
     from trainer.weights import read_backbone
 
     backbone = read_backbone(path, which)
