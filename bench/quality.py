@@ -49,8 +49,8 @@ RECIPES = {
     "finetune_ibot": Recipe("finetune_vit_tiny", ("finetune.init={run_ibot}",), backbone=False, needs="ibot"),
     "finetune_scratch": Recipe("finetune_vit_tiny", (), backbone=False),
 }
-KEYS = ("knn", "knn_random_init", "knn_raw_pixels", "psnr", "psnr_random_init", "psnr_mean_colour", "perplexity",
-        "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero", "top1", "top5",
+KEYS = ("knn", "knn_student", "knn_random_init", "knn_raw_pixels", "psnr", "psnr_random_init", "psnr_mean_colour",
+        "perplexity", "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero", "top1", "top5",
         "top1_random_init", "best_top1")
 
 

@@ -139,6 +139,9 @@ def curves_figure(metrics: Path, path: Path) -> tuple[Path, list[str]]:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         if key == "knn":
+            student = [(r["step"], r["knn_student"]) for r in records if r.get("knn_student") is not None]
+            if student:  # beside the EMA teacher's (trainer/held_out.py)
+                ax.plot(*zip(*student), marker="o", markersize=3, label="student")
             for ref, style in (("knn_random_init", ":"), ("knn_raw_pixels", "--")):
                 ref_value = next((r[ref] for r in records if r.get(ref) is not None), None)
                 if ref_value is not None:

@@ -122,9 +122,10 @@ def model_card(b: Backbone, d: dict, hf_class: str, timm_line: str, out: Path, c
     def pct(key):
         return percent(s.get(key))
 
+    student = f"; its student {pct('knn_student')}" if s.get("knn_student") is not None else ""
     knn = (f"{pct('knn')} (weighted kNN, k={c['eval']['knn_k']}, T={c['eval']['knn_temp']}, on "
-           f"{c['data'].get('val_shards') or 'no val split'}); random init {pct('knn_random_init')}, "
-           f"raw pixels {pct('knn_raw_pixels')}")
+           f"{c['data'].get('val_shards') or 'no val split'}{student}); random init "
+           f"{pct('knn_random_init')}, raw pixels {pct('knn_raw_pixels')}")
     check_line = ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "skipped (--no-check)"
     return f"""---
 library_name: transformers

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("protocol", choices=["knn", "linear"])
     parser.add_argument("backbone", help="run directory, checkpoint, exported transformers directory or timm file")
     parser.add_argument("--weights", choices=["auto", "teacher", "student"], default="auto",
-                        help="for a run or checkpoint: which backbone (auto: the EMA teacher where there is one)")
+                        help="for a run or checkpoint: which backbone (auto: the EMA teacher where there is one; "
+                             "student: the network the teacher averages, which the run's kNN also measures)")
     parser.add_argument("--train", help="labelled train shards or builtin:digits (default: the run's)")
     parser.add_argument("--val", help="labelled val shards (default: the run's, or builtin:digits' own split)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DINO_KS), help="kNN: neighbour counts")
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(done["rows"]))
         r = backbone.run_knn or {}
         if r:
-            print(f"compare with the run's own kNN on its held-out split: trained {percent(r.get('knn'))}, random "
-                  f"init {percent(r.get('knn_random_init'))}, raw pixels {percent(r.get('knn_raw_pixels'))}")
+            student = f", its student {percent(r['knn_student'])}" if r.get("knn_student") is not None else ""
+            print(f"compare with the run's own kNN on its held-out split: trained {percent(r.get('knn'))}{student}, "
+                  f"random init {percent(r.get('knn_random_init'))}, raw pixels {percent(r.get('knn_raw_pixels'))}")
         else:
             print("no kNN of an untrained network or of raw pixels was recorded with this backbone to compare with")
         print(f"appended to {append_result(backbone.results_file, done['record'], backbone.step)}")

@@ -17,14 +17,26 @@ from .config import Config
 from .distributed import DistEnv
 
 
-def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv) -> float | None:
-    """Weighted kNN of the method's evaluation features: train split -> val split."""
+def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv,
+             student: bool = True) -> dict[str, float]:
+    """Weighted kNN of the method's evaluation features, train split -> val split: {"knn"}, and
+    {"knn_student"} where the method measures its student beside its EMA teacher (and `student`).
+    One pass over the images: the networks' features side by side, split for the kNN."""
     if not cfg.data.val_shards:
-        return None
+        return {"knn": None}
     val_urls = expand_shards(cfg.data.val_shards)
     train_urls = expand_shards(cfg.data.train_shards)
     size, a = cfg.data.global_crops.size, cfg.data.augment
     method = engine.module
+    networks = {"knn": method.eval_features}
+    if student and method.student_eval_features is not None:
+        networks["knn_student"] = method.student_eval_features
+    widths = []
+
+    def features(images):
+        out = [f(images) for f in networks.values()]
+        widths[:] = [o.shape[-1] for o in out]
+        return torch.cat(out, dim=-1)
 
     def prepare(images):
         return normalize(images.to(device), a.mean, a.std, dtype)
@@ -34,10 +46,15 @@ def knn_eval(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     method.eval()
     for name, urls in (("train", train_urls), ("val", val_urls)):
         batches = labelled_batches(urls, size, cfg.eval.batch_size, env.rank, env.world_size)
-        feats[name] = extract_features(method.eval_features, batches, prepare, dummy, device=device)
+        feats[name] = extract_features(features, batches, prepare, dummy, device=device)
     method.train()
     k = cfg.eval.knn_k
-    return knn_classify(*feats["train"], *feats["val"], ks=(k,), temperature=cfg.eval.knn_temp)[k]["top1"]
+    (train, train_labels), (val, val_labels) = feats["train"], feats["val"]
+    out = {}
+    for name, a_train, a_val in zip(networks, train.split(widths, dim=-1), val.split(widths, dim=-1)):
+        out[name] = knn_classify(a_train, train_labels, a_val, val_labels, ks=(k,),
+                                 temperature=cfg.eval.knn_temp)[k]["top1"]
+    return out
 
 
 def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env: DistEnv, run_dir: Path,
@@ -46,7 +63,8 @@ def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     `eval_features`), and a method's own measures on the held-out images (`held_out_metrics`: the
     tokenizer's PSNR, iTPN's pixel loss and reconstructions)."""
     method = engine.module
-    out = {"knn": knn_eval(cfg, engine, device, dtype, env)} if method.eval_features is not None else {}
+    # (at step 0 the EMA teacher is the student: measured once)
+    out = knn_eval(cfg, engine, device, dtype, env, student=step > 0) if method.eval_features is not None else {}
     if method.held_out_metrics is None or not cfg.data.val_shards:
         return out
     batches = labelled_batches(expand_shards(cfg.data.val_shards), cfg.data.global_crops.size, cfg.eval.batch_size,

@@ -186,12 +186,13 @@ def evaluate_during(cfg: Config, engine, device, dtype, env: DistEnv, run_dir: P
     t0 = time.perf_counter()
     result = evaluate(cfg, engine, device, dtype, env, run_dir, step)
     metrics.write(step, result)
-    if "knn" in result:
-        log.info("step %d: kNN top-1 %.2f%% (k=%d, held-out split; random init %s, raw pixels %s; %.0f s)",
-                 step, result["knn"], cfg.eval.knn_k, percent(summary.get("knn_random_init")),
+    if result.get("knn") is not None:
+        student = f", student {percent(result['knn_student'])}" if "knn_student" in result else ""
+        log.info("step %d: kNN top-1 %.2f%%%s (k=%d, held-out split; random init %s, raw pixels %s; %.0f s)",
+                 step, result["knn"], student, cfg.eval.knn_k, percent(summary.get("knn_random_init")),
                  percent(summary.get("knn_raw_pixels")), time.perf_counter() - t0)
     for name, value in result.items():
-        if name != "knn":
+        if name not in ("knn", "knn_student"):
             log.info("step %d: held-out %s %.4g", step, name, value)
     return time.perf_counter() - t0, result
 

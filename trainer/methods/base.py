@@ -84,6 +84,9 @@ class Method(nn.Module):
     loss_weights: dict[str, float]  # set in __init__: {term: weight}; the loop weights forward's terms
     # optional: (images [B, 3, S, S], normalised) -> [B, C], the features kNN measures (None: no kNN)
     eval_features: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # optional, where eval_features reads an EMA teacher: the same features of the student, measured and
+    # printed beside the teacher's (a teacher that lags its student shows)
+    student_eval_features: Callable[[torch.Tensor], torch.Tensor] | None = None
     # optional: (image batches, run directory, step, crop size) -> {name: value} measured on the held-out
     # split, with the same names + "_random_init" for the untrained network (the dVAE's PSNR, iTPN's pixel loss)
     held_out_metrics: Callable[[Iterable[torch.Tensor], Path, int, int], dict[str, float]] | None = None
@@ -167,9 +170,10 @@ class Method(nn.Module):
             return []
         from evaluation.knn import percent
 
+        student = f"   student: {percent(summary['knn_student'])}" if summary.get("knn_student") is not None else ""
         return [f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temp}, {cls.knn_features}, held-out split): "
                 f"{percent(summary.get('knn'))}   random init: {percent(summary.get('knn_random_init'))}   "
-                f"raw pixels: {percent(summary.get('knn_raw_pixels'))}"]
+                f"raw pixels: {percent(summary.get('knn_raw_pixels'))}{student}"]
 
     # ------------------------------------------------------------------ the planner
 

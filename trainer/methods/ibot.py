@@ -296,6 +296,10 @@ class IBOT(Method):
         ZeRO-3 gathers a module's own parameters in its forward hooks.)"""
         return self.teacher.backbone(images)
 
+    def student_eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's [CLS] features, measured beside the teacher's."""
+        return self.student.backbone(images)
+
     def train(self, mode: bool = True) -> IBOT:
         super().train(mode)
         self.teacher.eval()  # always: a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
