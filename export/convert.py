@@ -35,7 +35,9 @@ import torch
 from evaluation.knn import percent
 from export.backbones import LoadedBackbone, from_backbone, load_backbone
 from export.hf import TIMM_FILE, is_beit, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state
-from export.itpn import load_itpn, save_itpn
+from export.itpn import CLASSIFIER_FILE as HIVIT_CLASSIFIER
+from export.itpn import load_hivit_classifier, load_itpn, save_hivit_classifier, save_itpn
+from models.archs import HIVIT_ARCHS
 from trainer.weights import Backbone, ExportError, read_backbone
 
 log = logging.getLogger("convert_to_hf")
@@ -269,6 +271,8 @@ def convert_classifier(b: Backbone, out: Path, dtype: str, check_export: bool, c
 
     import export.classifier as classifier
 
+    if b.config["model"]["arch"] in HIVIT_ARCHS:
+        return convert_hivit_classifier(b, out, dtype, command, labels)
     p = classifier.split(b, labels)
     size = shapes(p.backbone)["image_size"]  # an unknown architecture stops here, before anything is written
     aug = b.config["data"]["augment"]
@@ -289,6 +293,35 @@ def convert_classifier(b: Backbone, out: Path, dtype: str, check_export: bool, c
     return Converted(out, hf_class, errors, name, [
         f"transformers: pipeline('image-classification', model={str(out)!r})  [{hf_class}]",
         f"timm ({name}): {timm_line}"])
+
+
+def convert_hivit_classifier(b: Backbone, out: Path, dtype: str, command: str, labels: list[str] | None) -> Converted:
+    """A fine-tuned HiViT (iTPN): no transformers class, so one safetensors file that
+    `export.itpn.load_hivit_classifier` rebuilds strictly, with the labels in its metadata."""
+    c = b.config
+    n = b.state["head.weight"].shape[0]
+    labels = labels or [str(i) for i in range(n)]
+    if len(labels) != n:
+        raise ExportError(f"--labels names {len(labels)} classes, the head has {n}")
+    arch = {"arch": c["model"]["arch"], "image_size": c["data"]["global_crops"]["size"],
+            "patch_size": c["model"]["patch_size"], "layer_scale": 1.0 if "backbone.blocks.0.ls2.gamma" in b.state
+            else None}
+    extra = {"labels": labels, "mean": list(c["data"]["augment"]["mean"]), "std": list(c["data"]["augment"]["std"]),
+             "step": b.step, "init": c["finetune"]["init"], "summary": b.summary}
+    with staged(out) as tmp:
+        save_hivit_classifier({k: v.to(DTYPES[dtype]) for k, v in b.state.items()}, arch, tmp / HIVIT_CLASSIFIER,
+                              extra)
+        load_hivit_classifier(tmp / HIVIT_CLASSIFIER)  # rebuilt strictly from what was written
+        (tmp / "README.md").write_text(
+            f"# HiViT ({arch['arch']}) fine-tuned with mimscale: {n} classes, step {b.step}\n\n"
+            f"transformers has no HiViT class; load with\n\n    from export.itpn import load_hivit_classifier\n"
+            f"    model, meta = load_hivit_classifier({str(out / HIVIT_CLASSIFIER)!r})\n"
+            f"    logits = model(images)  # meta['labels'] names the classes\n\n"
+            f"Input: {arch['image_size']} px, normalised with mean {extra['mean']} and std {extra['std']}. "
+            f"Started from {extra['init']}. Command: {command}\n")
+    log.info("wrote %s (HiViT classifier, %d classes, %s)", out / HIVIT_CLASSIFIER, n, dtype)
+    return Converted(out, "HiViT classifier file",
+                     lines=[f"HiViT classifier: export.itpn.load_hivit_classifier({str(out / HIVIT_CLASSIFIER)!r})"])
 
 
 ITPN_FILE = "itpn.safetensors"

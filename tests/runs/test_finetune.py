@@ -177,3 +177,58 @@ def test_a_partitioned_build_starts_from_the_teacher_too(pretrained, tmp_path):
     r = json.loads(report.read_text())
     assert r["partitioned"] and r["differ"] == [], r
     assert 0.5 * 2e-5 < r["head_std"] < 1.5 * 2e-5 and r["head_bias_zero"], r
+
+
+def test_an_itpn_run_fine_tunes_its_hivit_without_the_pyramid(tmp_path, digits_dirs):
+    """iTPN (seed 004): the classifier is HiViT alone (itpn_clip/modeling_finetune.py: the pyramid is for
+    detection and segmentation), its mean token through fc_norm; it starts from the run's student."""
+    cache = Path(digits_dirs["train"]).parents[1]
+    run = tmp_path / "itpn"
+    hivit = ["model.arch=hivit_test", "data.batch_size=8", "data.num_workers=0", "log.tensorboard=false",
+             "log.pictures=false"]
+    assert main_in_process("--config", ROOT / "configs" / "itpn_hivit_tiny.yaml", f"run.output_dir={run}",
+                           f"data.cache_dir={cache}", "schedule.steps=2", "checkpoint.every_steps=2",
+                           "eval.knn_at_end=false", *hivit) == 0
+    out = tmp_path / "ft"
+    code = main_in_process("--config", ROOT / "configs" / "finetune_vit_tiny.yaml", f"run.output_dir={out}",
+                           f"data.cache_dir={cache}", f"finetune.init={run}", "finetune.pool=avg", "schedule.steps=3",
+                           "optim.warmup_steps=1", "log.every_steps=1", *hivit)
+    assert code == 0
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= summary["top1"] <= 100 and "top1_random_init" in summary
+
+    from trainer.config import load_config
+    from trainer.methods import method_class
+    from trainer.weights import read_backbone
+
+    cfg = load_config(ROOT / "configs" / "finetune_vit_tiny.yaml", [f"finetune.init={run}", f"data.cache_dir={cache}",
+                                                                     "finetune.pool=avg", *hivit])
+    method = method_class("finetune").from_config(cfg)
+    ours = method.student["backbone"].state_dict()
+    student = read_backbone(run, "student").state
+    assert not any(k.startswith("pyramid.") for k in ours)
+    for key in ("absolute_pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.4.attn.qkv.weight"):
+        assert torch.equal(ours[key], student[f"backbone.{key}"]), key
+    # Exported as one file (transformers has no HiViT), it scores the run's own held-out top-1.
+    from data.pipeline import labelled_batches
+    from data.shards import expand_shards
+    from data.transforms import normalize
+    from export.convert import convert
+    from export.itpn import CLASSIFIER_FILE, load_hivit_classifier
+
+    convert(out, tmp_path / "export")
+    model, meta = load_hivit_classifier(tmp_path / "export" / CLASSIFIER_FILE)
+    hits = 0
+    for images, labels in labelled_batches(expand_shards(str(cache / "digits-64" / "val")), 32, 100):
+        with torch.no_grad():
+            logits = model(normalize(images, meta["mean"], meta["std"], torch.float32))
+        hits += (logits.argmax(-1) == labels).sum().item()
+    assert abs(100 * hits / 300 - summary["top1"]) <= 0.5 and meta["labels"] == [str(i) for i in range(10)]
+
+    # A ViT run cannot start from it (nor the other way round): one line, before the run
+    assert main_in_process("--config", ROOT / "configs" / "finetune_vit_tiny.yaml", f"run.output_dir={tmp_path / 'x'}",
+                           f"data.cache_dir={cache}", f"finetune.init={run}", *TINY) == 2
+    assert not (tmp_path / "x").exists()
+    # HiViT has no [CLS]: the other head input stops before the run
+    with pytest.raises(Exception, match="no \\[CLS\\] token"):
+        load_config(ROOT / "configs" / "finetune_vit_tiny.yaml", ["finetune.pool=cls", *hivit])

@@ -56,9 +56,9 @@ class Config:
             raise Invalid("method", str(e)) from None
         family = ARCHS[self.model.arch].family if self.model.arch in ARCHS else None
         wanted = method.family or "vit"  # (a tokenizer has no backbone: model.arch keeps a ViT's name)
-        if family is not None and family != wanted:
-            archs = ", ".join(name for name, a in ARCHS.items() if a.family == wanted)
-            others = ", ".join(name for name, m in METHODS.items() if m.family == family)
+        if family is not None and family not in (wanted, *method.other_families):
+            archs = ", ".join(name for name, a in ARCHS.items() if a.family in (wanted, *method.other_families))
+            others = ", ".join(name for name, m in METHODS.items() if family in (m.family, *m.other_families))
             require(False, "model.arch", f"{self.model.arch!r} is a {family} architecture: method {self.method} trains "
                     f"a {wanted} ({archs}); methods that train a {family}: {others}")
         method.validate(self)

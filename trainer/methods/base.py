@@ -63,6 +63,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""  # set by register()
     # the network it trains: "vit" (models/vit.py), "hivit" (models/hivit.py), or "" for a tokenizer
     family: ClassVar[str] = "vit"
+    other_families: ClassVar[tuple[str, ...]] = ()  # further families it can train (finetune: HiViT too)
     product: ClassVar[str] = "backbone"  # or "tokenizer" (BEiT's dVAE): what export writes out
     exported_by: ClassVar[str] = "scripts/convert_to_hf.py"
     # export: the student's parts that make the exported network ((): its `backbone`, unprefixed)

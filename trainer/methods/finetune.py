@@ -36,12 +36,14 @@ from data.shards import expand_shards
 from data.transforms import ClassifyCrop, normalize
 from models.archs import get_arch
 from models.hf_names import KINDS, from_hf_state
+from models.hivit import build_hivit
+from models.kernels import get_attention
 from models.vit import vit_options
 from trainer.config.checks import check_single_view
 from trainer.config.fields import Invalid, at_least, check_prob, checking_files, opt, require
 
 from .base import ExportSpec, Method, meta_images, register
-from .build import build_student
+from .build import build_student, kernels
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def init_record(path: str) -> dict:
     method = checkpoint_method(ckpt, config)
     arch = get_arch(config["model"]["arch"])
     return {"arch": config["model"]["arch"], "patch": config["model"]["patch_size"], "width": arch.width,
-            "depth": arch.depth, "method": method.name, "family": method.family, "product": method.product,
+            "depth": arch.depth, "method": method.name, "family": arch.family, "product": method.product,
             "summary": part.get("summary", {}), "checkpoint": str(ckpt)}
 
 
@@ -199,10 +201,12 @@ def adapt(state: dict[str, torch.Tensor], model: nn.Module, pool: str) -> dict[s
         state.pop("rel_pos_bias.relative_position_bias_table")
         for i in range(len(model.blocks)):
             state[f"blocks.{i}.attn.rel_pos.relative_position_bias_table"] = shared.clone()
-    grid = tuple(model.patch_embed.grid_size)
-    if "pos_embed" in state and model.pos_embed is not None and state["pos_embed"].shape != model.pos_embed.shape:
-        old = int((state["pos_embed"].shape[1] - 1) ** 0.5)
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, (old, old), num_prefix_tokens=1)
+    grid = tuple(model.grid) if hasattr(model, "grid") else tuple(model.patch_embed.grid_size)  # HiViT / ViT
+    for key, prefix in (("pos_embed", 1), ("absolute_pos_embed", 0)):  # ViT (with [CLS]) / HiViT (without)
+        ours = getattr(model, key, None)
+        if key in state and ours is not None and state[key].shape != ours.shape:
+            old = int((state[key].shape[1] - prefix) ** 0.5)
+            state[key] = resample_abs_pos_embed(state[key], grid, (old, old), num_prefix_tokens=prefix)
     for key, table in list(state.items()):
         if key.endswith("relative_position_bias_table"):
             state[key] = resize_rel_table(table, grid)
@@ -290,6 +294,7 @@ class Classifier(nn.ModuleDict):
 class Finetune(Method):
     config_section = ("finetune", FinetuneConfig)
     draws_run_pictures = False
+    other_families = ("hivit",)  # iTPN's HiViT, fine-tuned without its pyramid
     held_out_labels = True
     best_by = ("top1", True)
     export_parts = ("backbone", "fc_norm", "head")  # the exported network is the whole classifier
@@ -314,6 +319,8 @@ class Finetune(Method):
     def validate(cls, cfg) -> None:
         check_single_view(cfg)
         f = cfg.finetune
+        require(get_arch(cfg.model.arch).family != "hivit" or f.pool == "avg", "finetune.pool",
+                f"{f.pool}: {cfg.model.arch} (HiViT) has no [CLS] token; iTPN fine-tunes the mean token (avg)")
         require(not (f.mixup or f.cutmix) or cfg.data.batch_size % 2 == 0, "data.batch_size",
                 f"{cfg.data.batch_size}: Mixup / CutMix pair each image with the batch's reversed order, so the batch "
                 "must be even")
@@ -330,10 +337,11 @@ class Finetune(Method):
                 rec = init_record(f.init)
             except ValueError as e:  # trainer.weights.ExportError too
                 raise Invalid("finetune.init", str(e)) from None
-            if rec.get("product", "backbone") != "backbone" or rec.get("family", "vit") != "vit":
-                raise Invalid("finetune.init", f"{f.init} is a {rec['method']} run, which trains a "
-                                               f"{rec.get('family') or rec['product']} network, not a ViT backbone")
             ours = get_arch(cfg.model.arch)
+            if rec.get("product", "backbone") != "backbone" or rec.get("family", "vit") != ours.family:
+                what = rec["product"] if rec.get("product", "backbone") != "backbone" else f"{rec['family']} backbone"
+                raise Invalid("finetune.init", f"{f.init} is a {rec['method']} run, which trains a {what}, not a "
+                                               f"{ours.family} backbone (model.arch: {cfg.model.arch})")
             theirs = (rec["arch"], rec["patch"], rec["width"], rec["depth"])
             if (rec["patch"], rec["width"], rec["depth"]) != (cfg.model.patch_size, ours.width, ours.depth):
                 raise Invalid("finetune.init", f"{f.init} is {rec['arch'] or 'a ViT'}/{theirs[1]} (width {theirs[2]}, "
@@ -358,12 +366,20 @@ class Finetune(Method):
         f = cfg.finetune
         state = read_init(f.init, f.weights) if init_kind(f.init) != "none" else None
         options = {"init": "timm"}
-        if state is not None:
+        if state is not None and get_arch(cfg.model.arch).family == "vit":
             options.update(vit_options(state))
             if options["rel_pos_bias"] == "shared" and f.rel_pos_bias_per_block:
                 options["rel_pos_bias"] = "per_block"
             options["layer_scale"] = 1.0 if "blocks.0.ls1.gamma" in state else None
-        backbone = build_student(cfg, **options)
+        if get_arch(cfg.model.arch).family == "hivit":  # iTPN: HiViT alone, its pyramid is for dense tasks
+            m = cfg.model
+            layer_scale = (1.0 if "blocks.0.ls2.gamma" in state else None) if state is not None else m.layer_scale
+            # from scratch: positions trunc-normal 0.02, as iTPN's fine-tuning model (itpn_clip/modeling_finetune.py)
+            backbone = build_hivit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
+                                   drop_path_rate=m.drop_path, layer_scale=layer_scale, pos_embed="learned",
+                                   attn_fn=get_attention(kernels(cfg)))
+        else:
+            backbone = build_student(cfg, **options)
         if state is not None:
             state = adapt(state, backbone, f.pool)
         return cls(Classifier(backbone, f.num_classes, f.pool, f.head_init_scale, state), cfg)
