@@ -48,6 +48,15 @@ RECIPES = {
     "finetune_scratch_10pct": Recipe("finetune_vit_tiny", ("finetune.label_fraction=0.1",), backbone=False),
     "finetune_ibot": Recipe("finetune_vit_tiny", ("finetune.init={run_ibot}",), backbone=False, needs="ibot"),
     "finetune_scratch": Recipe("finetune_vit_tiny", (), backbone=False),
+    # the same for the other methods, with the head their references use (the mean token through fc_norm);
+    # their from-scratch baselines: a plain ViT (MaskAlign, BEiT) and HiViT (iTPN) with that head
+    **{f"finetune_{method}{labels}": Recipe("finetune_vit_tiny", (
+        f"finetune.init={{run_{method}}}", "finetune.pool=avg", *arch, *fraction), backbone=False, needs=method)
+       for method, arch in (("maskalign", ()), ("beit", ()), ("itpn", ("model.arch=hivit_tiny",)))
+       for labels, fraction in (("_10pct", ("finetune.label_fraction=0.1",)), ("", ()))},
+    **{f"finetune_scratch_{arch}{labels}": Recipe("finetune_vit_tiny", (
+        "finetune.pool=avg", f"model.arch={arch}_tiny", *fraction), backbone=False)
+       for arch in ("vit", "hivit") for labels, fraction in (("_10pct", ("finetune.label_fraction=0.1",)), ("", ()))},
 }
 KEYS = ("knn", "knn_student", "knn_random_init", "knn_raw_pixels", "psnr", "psnr_random_init", "psnr_mean_colour",
         "perplexity", "usage", "heldout_pixel", "heldout_pixel_random_init", "heldout_pixel_zero", "top1", "top5",

@@ -370,9 +370,10 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
 
 
 def labelled_batches(urls: list[str], size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                     counters: Counter | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     counters: Counter | None = None, transform=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share, in shard order, as (uint8 [B, 3, size, size], labels [B]): resized (shorter
-    side, bicubic) and centre-cropped. For evaluation: no shuffle, no augmentation. With at least as
+    side, bicubic) and centre-cropped, or `transform(PIL image) -> PIL image` of `size` (a linear
+    probe's training crops). For evaluation: no shuffle, no augmentation by default. With at least as
     many shards as ranks each rank reads every `world_size`-th shard (no shard is read twice);
     with fewer, every rank reads them all and keeps every `world_size`-th sample."""
     from torchvision.transforms import functional as F
@@ -386,7 +387,8 @@ def labelled_batches(urls: list[str], size: int, batch_size: int, rank: int = 0,
         if decoded is None:
             continue
         img, label = decoded
-        img = F.center_crop(F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC), size)
+        img = transform(img) if transform is not None else F.center_crop(
+            F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC), size)
         images.append(F.pil_to_tensor(img))
         labels.append(label)
         if len(images) == batch_size:

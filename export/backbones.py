@@ -53,6 +53,33 @@ class LoadedBackbone:
         return {"cls": tokens[:, 0], "patch": tokens[:, self.num_prefix_tokens:]}
 
 
+    @property
+    def depth(self) -> int:
+        """Its number of blocks."""
+        if self.kind == "transformers":
+            return self.model.config.num_hidden_layers
+        return len(self.model.blocks)
+
+    @torch.no_grad()
+    def block_tokens(self, x: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """x: normalised images -> the last `n` blocks' ([CLS] [B, C], patch tokens [B, N, C]), oldest
+        first, each through the final norm (DINOv2's get_intermediate_layers(norm=True))."""
+        x = x.to(next(self.model.parameters()).dtype)
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"the last {n} blocks of a {self.depth}-block network")
+        if self.num_prefix_tokens == 0:
+            raise ValueError(f"{self.source} has no [CLS] token (HiViT): the linear grid reads [CLS] tokens")
+        if self.kind == "mimscale":
+            tokens = [self.model.norm(t) for t in self.model.forward_features(x, blocks=list(range(-n, 0)))["blocks"]]
+        elif self.kind == "transformers":
+            hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states[-n:]  # before the final norm
+            tokens = [self.model.layernorm(h) for h in hidden]
+        else:  # timm: [CLS] (and registers) and patches of each block, normalised
+            out = self.model.get_intermediate_layers(x, n=n, return_prefix_tokens=True, norm=True)
+            tokens = [torch.cat([prefix, patch], dim=1) for patch, prefix in out]
+        return [(t[:, 0], t[:, self.num_prefix_tokens:]) for t in tokens]
+
+
 def from_backbone(backbone) -> LoadedBackbone:
     """An `trainer.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
     for iTPN our HiViT with its pyramid (models.pyramid.HiViTFPN)."""

@@ -1,10 +1,12 @@
-"""Evaluate a frozen backbone: weighted kNN (DINO's protocol) or a linear probe on cached features
-(evaluation/protocols.py).
+"""Evaluate a frozen backbone: weighted kNN (DINO's protocol), a linear probe on cached features,
+DINOv2's linear grid or its logistic regression (evaluation/protocols.py, evaluation/linear_grid.py).
 
     python scripts/evaluate.py knn runs/x                               # the run's own train/val shards
     python scripts/evaluate.py linear out/vit-l16-ibot --train 'in1k/train-{0000..1023}.tar' \\
         --val 'in1k/val-{00..63}.tar' --pool cls+avg
     torchrun --nproc_per_node 8 scripts/evaluate.py knn runs/x          # each rank its share of the shards
+    python scripts/evaluate.py linear-grid runs/x --views 4             # DINOv2: lrs x 1/4 blocks x [CLS](+avg)
+    python scripts/evaluate.py logreg runs/x                            # DINOv2 / iBOT: logistic regression
 
 The backbone: a run directory, a checkpoint, an exported `transformers` directory or timm file
 (scripts/convert_to_hf.py). Data: WebDataset shards with labels (`cls`), or `builtin:digits`.
@@ -32,7 +34,10 @@ from trainer.distributed import leave_distributed  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("protocol", choices=["knn", "linear"])
+    parser.add_argument("protocol", choices=["knn", "linear", "linear-grid", "logreg"],
+                        help="knn: DINO's weighted kNN; linear: a probe on cached features; linear-grid: DINOv2's "
+                             "grid of learning rates x last 1 / 4 blocks x [CLS] / + mean patch on augmented crops; "
+                             "logreg: DINOv2's logistic regression (evaluation/linear_grid.py)")
     parser.add_argument("backbone", help="run directory, checkpoint, exported transformers directory or timm file")
     parser.add_argument("--weights", choices=["auto", "teacher", "student"], default="auto",
                         help="for a run or checkpoint: which backbone (auto: the EMA teacher where there is one; "
@@ -45,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the feature: the [CLS] token, the mean patch token, or both concatenated (iBOT's "
                              "linear protocol for ViT-S/B); auto: what the method's own kNN measures (avg for "
                              "MaskAlign, BEiT and iTPN, whose [CLS] is untrained or absent; cls otherwise)")
-    parser.add_argument("--epochs", type=int, default=100, help="linear: epochs over the cached features")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="linear: epochs over the cached features (default 100); linear-grid: over the cached "
+                             "crops (default 10, DINOv2's number of epochs)")
+    parser.add_argument("--views", type=int, default=4, help="linear-grid: augmented crops cut of each train image")
+    parser.add_argument("--max-iter", type=int, default=1000,
+                        help="logreg: lbfgs iterations per fit (DINOv2's --max-train-iters, 1,000)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward during extraction")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
@@ -66,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backbone.model.to(device)
     pool = args.pool if args.pool != "auto" else backbone.default_pool
+    epochs = args.epochs or (10 if args.protocol == "linear-grid" else 100)
     done = evaluate(backbone, args.protocol, train, val, pool, rank, world, device, args.batch_size, tuple(args.ks),
-                    args.temperature, args.epochs)
+                    args.temperature, epochs, args.views, args.max_iter)
     if done is not None:  # rank 0
-        print(f"{backbone.source}: {POOLS[pool]} features, {done['train_images']} train / {done['val_images']} val "
+        what = "DINOv2 grid (last 4 blocks' [CLS] + mean patch)" if args.protocol == "linear-grid" else POOLS[pool]
+        print(f"{backbone.source}: {what} features, {done['train_images']} train / {done['val_images']} val "
               f"images, extracted in {done['extract_s']:.0f} s on {world} rank(s)")
         print(table(done["rows"]))
         r = backbone.run_knn or {}

@@ -256,3 +256,33 @@ def test_two_rank_evaluation_equals_one_rank(ibot_two_rank_run, tmp_path, digits
     assert two["features"] == one["features"] == "[CLS] + mean patch token"
     knn = [{k: v for k, v in r.items() if k.startswith("knn")} for r in (two, one)]
     assert knn[0] == knn[1] and len(knn[0]) == 8
+
+
+def test_dinov2_protocols_read_the_same_blocks_from_every_kind(ibot_two_rank_run, tmp_path, digits_dirs):
+    """DINOv2's linear grid reads the last blocks' tokens through the final norm: the run, its
+    transformers export and its timm file give the same ones; both DINOv2 protocols run from the
+    command line and append their figures."""
+    from export.backbones import load_backbone
+
+    out = tmp_path / "hf"
+    hf_convert.convert(ibot_two_rank_run, out, check_export=False)
+    kinds = [load_backbone(p) for p in (ibot_two_rank_run, out, out / "timm_model.safetensors")]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = [b.block_tokens(x, 2) for b in kinds]
+    for other in tokens[1:]:
+        for (c, p), (oc, op) in zip(tokens[0], other):
+            assert torch.allclose(c, oc, atol=1e-5) and torch.allclose(p, op, atol=1e-5)
+    assert not torch.allclose(tokens[0][0][0], tokens[0][1][0])  # two different blocks
+    with pytest.raises(ValueError, match="last 3 blocks of a 2-block"):
+        kinds[0].block_tokens(x, 3)
+
+    data = ["--train", str(digits_dirs["train"]), "--val", str(digits_dirs["val"])]
+    printed = evaluate("linear-grid", str(ibot_two_rank_run), *data, "--epochs", "1", "--views", "1")
+    assert "linear grid: last" in printed and "DINOv2's choice, best on val" in printed
+    grid = json.loads((ibot_two_rank_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert grid["eval"] == "linear-grid" and grid["linear_grid_blocks"] in (1, 2)
+    assert 0 <= grid["linear_grid_top1"] <= 100
+    printed = evaluate("logreg", str(ibot_two_rank_run), *data, "--max-iter", "30")
+    assert "logistic regression (C" in printed
+    logreg = json.loads((ibot_two_rank_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logreg["eval"] == "logreg" and 0 <= logreg["logreg_top1"] <= 100 and logreg["logreg_C"] > 0

@@ -141,3 +141,43 @@ def test_masks_picture_of_a_config(tmp_path, method):
     assert result.stdout.strip().endswith(str(out))
     img = _png(out)
     assert img.info["Description"] == f"4 views with masks: {title}"
+
+
+def test_dinov2_grid_inputs_are_its_create_linear_input():
+    """evaluation/linear_grid.py: each configuration's input is dinov2/eval/linear.py create_linear_input's
+    (the last n [CLS] tokens, oldest first, then the last block's mean patch token)."""
+    from evaluation.linear_grid import grid_features, grid_inputs
+
+    tokens = [(torch.full((2, 3), float(i)), torch.randn(2, 5, 3)) for i in range(4)]
+    inputs = grid_inputs(grid_features(tokens), 4)
+    assert sorted(inputs) == [(1, False), (1, True), (4, False), (4, True)]
+    assert torch.equal(inputs[(1, False)], tokens[3][0])
+    assert torch.equal(inputs[(4, True)], torch.cat([*(c for c, _ in tokens), tokens[3][1].mean(1)], dim=1))
+    assert torch.equal(inputs[(1, True)], torch.cat([tokens[3][0], tokens[3][1].mean(1)], dim=1))
+    assert sorted(grid_inputs(grid_features(tokens[-2:]), 2)) == [(1, False), (1, True), (2, False), (2, True)]
+
+
+def test_dinov2_grid_trains_every_layer_on_its_own_columns_and_picks_on_held_out_train():
+    from evaluation.linear_grid import DINOV2_LRS, score_grid, train_grid
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 15, generator=g)  # 4 blocks' [CLS] (3 wide) + the mean patch token
+    y = x[:, 9:12].argmax(1)  # only the last block's [CLS] knows the class
+    layers = train_grid(x, y, 3, 4, epochs=1, epoch_length=300)
+    assert len(layers) == 4 * len(DINOV2_LRS)
+    w, _ = layers[(1, False, 0.1)]
+    assert (w[:9] == 0).all() and (w[12:] == 0).all() and (w[9:12] != 0).any()  # reads the last [CLS] alone
+    r = score_grid(layers, x[:100], y[:100], x[100:], y[100:])
+    assert r["chosen"][4] > 95.0 and r["chosen"][2] >= 1e-2, r["chosen"]  # a small lr barely moves in 300 steps
+    assert r["best_on_val"][4] >= r["chosen"][4]
+
+
+def test_logistic_regression_picks_c_on_held_out_train():
+    from evaluation.linear_grid import log_regression
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centres[y] + torch.randn(400, 8, generator=g)
+    r = log_regression(x[:300], y[:300], x[300:], y[300:], c_values=(1e-6, 1.0), max_iter=200)
+    assert r["C"] == 1.0 and r["held_out_top1"][1e-6] < r["held_out_top1"][1.0] and r["top1"] > 90.0, r
