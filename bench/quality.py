@@ -36,7 +36,8 @@ class Recipe:
 
 RECIPES = {
     "ibot": Recipe("defaults"),
-    "ibot_clip": Recipe("ibot_clip_vit_tiny", ("teacher.clip.weights={clip}",)),
+    "ibot_clip": Recipe("ibot_clip_vit_tiny", ("teacher.clip.weights={clip}",),
+                        ci=("schedule.steps=150",)),  # tests/runs/test_frozen_teacher_runs.py
     "maskalign": Recipe("maskalign_vit_tiny", ("teacher.clip.weights={clip}",)),
     "dvae": Recipe("dvae_tiny", backbone=False, exports=("scripts/export_tokenizer.py", "{tokenizer}")),
     "beit": Recipe("beit_vit_tiny", ("beit.tokenizer={tokenizer}",), needs="dvae"),
