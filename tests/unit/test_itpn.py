@@ -183,7 +183,7 @@ def test_bad_itpn_configs_are_refused(overrides, key):
 
 
 def test_hivit_is_refused_by_the_vit_methods():
-    with pytest.raises(ConfigError, match="methods that train a hivit: itpn"):
+    with pytest.raises(ConfigError, match="methods that train a hivit: finetune, itpn"):
         load_config(None, ["model.arch=hivit_tiny"])
 
 
