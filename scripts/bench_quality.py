@@ -1,13 +1,13 @@
 """Every tiny recipe at full length on the embedded digits, with what each number is compared to
 (bench/quality.py).
 
-    python scripts/bench_quality.py                       # all ten; ~35-50 min on 2 CPU cores
+    python scripts/bench_quality.py                       # all twenty; about 1 h 30 min on 2 CPU cores
     python scripts/bench_quality.py --only ibot dvae beit --seed 1 --out bench/results/quality_cpu_seed1.json
 
 For every backbone the run's kNN against random init and raw pixels, and a linear probe; for the
 tokenizer its PSNR against the untrained network and each image's mean colour; for iTPN its held-out
-pixel loss against the untrained network and zeros; fine-tuning from the iBOT run against from
-scratch (10% and all labels). Writes bench/results/quality_cpu.json (device,
+pixel loss against the untrained network and zeros; fine-tuning from the iBOT, MaskAlign, BEiT and
+iTPN runs against from scratch (10% and all labels). Writes bench/results/quality_cpu.json (device,
 versions, command, every figure); CI asserts learning at shorter lengths, the docs quote this file.
 """
 

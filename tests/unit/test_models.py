@@ -162,7 +162,7 @@ def test_schedules_are_pure_functions_of_the_step():
     cfg = load_config(None, ["schedule.steps=1000", "ibot.freeze_last_layer_steps=10",
                              "ibot.teacher_temp_warmup_steps=100"])
     s = Schedules.from_config(cfg, method_class(cfg.method))
-    assert s.at(0)["momentum"] == cfg.ibot.ema_momentum[0] and s.at(1000)["momentum"] == 1.0
+    assert s.at(0)["momentum"] == cfg.ibot.ema_momentum[0] and s.at(1000)["momentum"] == cfg.ibot.ema_momentum[1]
     # iBOT's two teacher temperatures with main_ibot.py's defaults: [CLS] 0.04 -> 0.04, patches 0.04 -> 0.07,
     # both warmed up linearly over the same steps
     from trainer.methods.ibot import IBOTConfig
