@@ -147,11 +147,12 @@ def save_hf_classifier(p: Parts, out: Path, dtype: torch.dtype) -> type:
 
 
 def held_out_top1(b: Backbone) -> float | None:
-    """The run's own held-out top-1 of this checkpoint's weights, where it measured them."""
+    """The run's own held-out top-1 of this checkpoint's weights (the classifier's, or its moving
+    average's for the teacher: finetune.model_ema), where it measured them."""
     s = b.summary
     if s.get("held_out_step") == b.step:
-        return s.get("top1")
-    if s.get("best_top1_step") == b.step:
+        return s.get("top1_ema" if b.which == "teacher" else "top1")
+    if s.get("best_top1_step") == b.step and b.which == "student":
         return s.get("best_top1")
     return None
 
@@ -235,6 +236,7 @@ pipeline_tag: image-classification
 # {c['model']['arch']}/{c['model']['patch_size']} fine-tuned with mimscale: {p.num_classes} classes
 
 - **Classifier**: `{hf_class}`, the head on {head_input}; labels {p.labels[:5]}{more}.
+- **Weights**: {'the moving average (finetune.model_ema)' if b.which == 'teacher' else 'the fine-tuned network'}.
 - **Started from**: `{f['init']}` ({f['weights']} weights; `none` is from scratch).
 - **Fine-tuned**: step {b.step} of {c['schedule']['steps']} on `{c['data']['train_shards']}`, {labelled}.
 - **Held-out top-1 of these weights** (`{c['data'].get('val_shards')}`): {'n/a' if top1 is None else f'{top1:.2f}%'};

@@ -161,14 +161,19 @@ def student_state(ckpt: Path, parts: tuple[str, ...] = ()) -> dict[str, torch.Te
     return {k[len(prefix):]: v.contiguous() for k, v in lazy.items() if k.startswith(prefix)}
 
 
-def teacher_state(ckpt: Path, shapes: dict[str, torch.Size], parts: list[dict]) -> dict[str, torch.Tensor]:
-    """The EMA teacher's fp32 shadow: per-rank flat slices (ZeRO-3) or whole tensors (ZeRO-0/1/2)."""
+def teacher_state(ckpt: Path, shapes: dict[str, torch.Size], parts: list[dict],
+                  export_parts: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The EMA teacher's fp32 shadow: per-rank flat slices (ZeRO-3) or whole tensors (ZeRO-0/1/2); its
+    backbone (unprefixed), or with `export_parts` those parts with their names in front."""
     names = parts[0]["ema"]["names"]
     out = {}
     for i, name in enumerate(names):
-        if not name.startswith(BACKBONE):
+        if export_parts and name.startswith(tuple(f"{p}." for p in export_parts)):
+            key = name
+        elif not export_parts and name.startswith(BACKBONE):
+            key = name[len(BACKBONE):]
+        else:
             continue
-        key = name[len(BACKBONE):]
         shape = shapes["student." + name]
         n = math.prod(shape)
         slices = [p["ema"]["shadow"][i].reshape(-1) for p in parts]
@@ -198,7 +203,7 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
         raise ExportError(f"{ckpt}: {method.teacher_not_exported}; export --weights student")
     shapes, buffers = _param_shapes(ckpt)
     if which == "teacher":
-        state = teacher_state(ckpt, shapes, parts)
+        state = teacher_state(ckpt, shapes, parts, method.export_parts)
     else:
         state = student_state(ckpt, method.export_parts)
     if not state:
@@ -208,8 +213,9 @@ def read_backbone(path: str | Path, which: str = "auto") -> Backbone:
     left = {k: math.prod(v) for k, v in shapes.items() if not (exported and k.startswith(exported))}
     left.update({b: 0 for b in buffers})
     if has_teacher:  # the EMA shadow: the teacher's head, and its backbone unless that is exported
+        kept = tuple(f"{p}." for p in method.export_parts) or (BACKBONE,)
         for name, t in zip(parts[0]["ema"]["names"], parts[0]["ema"]["shadow"]):
-            if which != "teacher" or not name.startswith(BACKBONE):
+            if which != "teacher" or not name.startswith(kept):
                 left["teacher." + name] = math.prod(shapes.get("student." + name, t.shape))
     frozen = list(method.frozen_files(as_attributes(config)).items())
     summary = parts[0].get("summary", {})

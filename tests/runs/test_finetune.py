@@ -209,11 +209,20 @@ def test_an_itpn_run_fine_tunes_its_hivit_without_the_pyramid(tmp_path, digits_d
     assert not any(k.startswith("pyramid.") for k in ours)
     for key in ("absolute_pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.4.attn.qkv.weight"):
         assert torch.equal(ours[key], student[f"backbone.{key}"]), key
+    # iTPN's exported file (backbone + pyramid) is an init too: the same backbone
+    from export.convert import ITPN_FILE, convert
+
+    convert(run, tmp_path / "itpn_export")
+    init = tmp_path / "itpn_export" / ITPN_FILE
+    cfg = load_config(ROOT / "configs" / "finetune_vit_tiny.yaml", [f"finetune.init={init}", f"data.cache_dir={cache}",
+                                                                     "finetune.pool=avg", *hivit])
+    from_file = method_class("finetune").from_config(cfg).student["backbone"].state_dict()
+    assert all(torch.equal(from_file[k], v) for k, v in ours.items()), "the iTPN file's backbone differs"
+
     # Exported as one file (transformers has no HiViT), it scores the run's own held-out top-1.
     from data.pipeline import labelled_batches
     from data.shards import expand_shards
     from data.transforms import normalize
-    from export.convert import convert
     from export.itpn import CLASSIFIER_FILE, load_hivit_classifier
 
     convert(out, tmp_path / "export")
@@ -232,3 +241,30 @@ def test_an_itpn_run_fine_tunes_its_hivit_without_the_pyramid(tmp_path, digits_d
     # HiViT has no [CLS]: the other head input stops before the run
     with pytest.raises(Exception, match="no \\[CLS\\] token"):
         load_config(ROOT / "configs" / "finetune_vit_tiny.yaml", ["finetune.pool=cls", *hivit])
+
+
+def test_a_moving_average_of_the_classifier_is_evaluated_and_exported(pretrained, tmp_path, capsys):
+    """finetune.model_ema (BEiT's --model_ema): the engine's shard-local EMA keeps the whole classifier's
+    average, evaluated beside it; convert_to_hf.py --weights teacher exports it and scores its figure."""
+    run, cache = pretrained
+    out = tmp_path / "ft"
+    assert finetune(out, cache, f"finetune.init={run}", "finetune.model_ema=true", "finetune.model_ema_decay=0.5",
+                    "schedule.steps=3", "optim.warmup_steps=1", "eval.knn_every_steps=0") == 0
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= summary["top1_ema"] <= summary["top5_ema"] <= 100
+    assert f"top-1 {summary['top1_ema']:.2f}%" in capsys.readouterr().out
+
+    from transformers import pipeline
+
+    from export.convert import convert
+    from trainer.weights import read_backbone
+
+    ema, student = read_backbone(out, "teacher").state, read_backbone(out, "student").state
+    assert ema.keys() == student.keys() and "head.weight" in ema
+    assert not torch.equal(ema["head.weight"], student["head.weight"])  # an average, not a copy
+    done = convert(out, tmp_path / "export", weights="teacher")
+    classify = pipeline("image-classification", model=str(done.out))
+    held_out = held_out_digits(cache)
+    predicted = [p[0]["label"] for p in classify([image for image, _ in held_out], top_k=1)]
+    accuracy = 100 * sum(p == str(label) for p, (_, label) in zip(predicted, held_out)) / len(held_out)
+    assert abs(accuracy - summary["top1_ema"]) <= 0.5, (accuracy, summary)

@@ -58,7 +58,8 @@ class FinetuneConfig:
     init: str = opt("none", "What the backbone starts from: a pretraining run directory (its newest complete "
                             "checkpoint), a checkpoint directory or checkpoints/latest, a transformers directory "
                             "(ViT, DINOv2 or BEiT, exported here or not), a timm file written by "
-                            "scripts/convert_to_hf.py (timm_model.safetensors), or none (from scratch: the "
+                            "scripts/convert_to_hf.py (timm_model.safetensors), an iTPN file it wrote "
+                            "(itpn.safetensors: HiViT, the pyramid left out), or none (from scratch: the "
                             "baseline every table needs).")
     weights: Literal["auto", "teacher", "student"] = opt(
         "auto", "Which network of a pretraining checkpoint: auto is its EMA teacher where the method has one (what "
@@ -87,6 +88,10 @@ class FinetuneConfig:
     label_list: str | None = opt(None, "A file of the only training images to use, one key per line (the "
                                        "iBOT / SimCLRv2 1% and 10% ImageNet lists: file names, extensions and "
                                        "directories ignored); replaces label_fraction.")
+    model_ema: bool = opt(False, f"Keep an exponential moving average of the whole classifier beside it, evaluated "
+                                 f"with it (top1_ema) and exported by scripts/convert_to_hf.py --weights teacher "
+                                 f"({BEIT} --model_ema; timm's ModelEma). Shard-local fp32, as iBOT's teacher.")
+    model_ema_decay: float = opt(0.9999, f"Its decay per optimizer step ({BEIT} --model_ema_decay).")
     rel_pos_bias_per_block: bool = opt(
         True, f"A shared relative position bias (BEiT's pretraining) is copied into every block and each block "
               f"fine-tunes its own ({BEIT} --rel_pos_bias); false: the blocks keep sharing it.")
@@ -103,6 +108,7 @@ class FinetuneConfig:
                                              "(rand-m9-mstd0.5-inc1: rand, then m, n, mstd, mmax, w, inc, p with "
                                              "numbers; or '' for none)")
         require(self.smoothing < 1, "smoothing", f"{self.smoothing} must be < 1")
+        require(0 <= self.model_ema_decay < 1, "model_ema_decay", f"{self.model_ema_decay} is outside [0, 1)")
 
 
 # ---------------------------------------------------------------------------------------- the init
@@ -131,6 +137,13 @@ def init_record(path: str) -> dict:
         with safe_open(str(p), "pt") as f:
             meta, keys = f.metadata() or {}, list(f.keys())
             proj = f.get_slice("patch_embed.proj.weight").get_shape() if "patch_embed.proj.weight" in keys else None
+        hivit = meta.get("itpn_arch") or meta.get("hivit_arch")  # export/itpn.py: iTPN's file, a HiViT classifier
+        if hivit is not None:
+            arch = json.loads(hivit)
+            a = get_arch(arch["arch"])
+            return {"arch": arch["arch"], "patch": arch["patch_size"], "width": a.width, "depth": a.depth,
+                    "family": a.family, "method": json.loads(meta.get("method", "null")),
+                    "summary": {"knn": (json.loads(meta.get("knn", "{}")) or {}).get("knn")}}
         if proj is None:
             raise ValueError(f"{p} holds no ViT (no patch_embed.proj.weight): not a timm file of convert_to_hf.py")
         depth = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
@@ -171,7 +184,10 @@ def read_init(path: str, which: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if init_kind(path) == "timm":
-        return {k: v for k, v in load_file(str(Path(path).expanduser())).items() if not k.startswith("head.")}
+        state = load_file(str(Path(path).expanduser()))
+        if any(k.startswith("backbone.") for k in state):  # iTPN's file (its pyramid left out), a HiViT classifier
+            return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
     if init_kind(path) == "transformers":  # model.safetensors, or the shards its index names
         p = Path(path).expanduser()
         files = sorted(p.glob("model*.safetensors"))
@@ -299,9 +315,12 @@ class Finetune(Method):
     best_by = ("top1", True)
     export_parts = ("backbone", "fc_norm", "head")  # the exported network is the whole classifier
 
-    def __init__(self, student: Classifier, cfg):
+    def __init__(self, student: Classifier, cfg, ema: Classifier | None = None):
         super().__init__()
         self.student = student
+        if ema is not None:  # finetune.model_ema: the engine keeps it the student's moving average (trainer/ema.py)
+            self.teacher = ema
+            self.teacher.requires_grad_(False)
         f = cfg.finetune
         self.num_classes, self.smoothing, self.seed = f.num_classes, f.smoothing, cfg.run.seed
         self.mean, self.std = tuple(cfg.data.augment.mean), tuple(cfg.data.augment.std)
@@ -371,18 +390,36 @@ class Finetune(Method):
             if options["rel_pos_bias"] == "shared" and f.rel_pos_bias_per_block:
                 options["rel_pos_bias"] = "per_block"
             options["layer_scale"] = 1.0 if "blocks.0.ls1.gamma" in state else None
-        if get_arch(cfg.model.arch).family == "hivit":  # iTPN: HiViT alone, its pyramid is for dense tasks
-            m = cfg.model
-            layer_scale = (1.0 if "blocks.0.ls2.gamma" in state else None) if state is not None else m.layer_scale
-            # from scratch: positions trunc-normal 0.02, as iTPN's fine-tuning model (itpn_clip/modeling_finetune.py)
-            backbone = build_hivit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
+
+        def build() -> nn.Module:
+            if get_arch(cfg.model.arch).family == "hivit":  # iTPN: HiViT alone, its pyramid is for dense tasks
+                m = cfg.model
+                layer_scale = (1.0 if "blocks.0.ls2.gamma" in state else None) if state is not None else m.layer_scale
+                # from scratch: positions trunc-normal 0.02, as iTPN's fine-tuning model (modeling_finetune.py)
+                return build_hivit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
                                    drop_path_rate=m.drop_path, layer_scale=layer_scale, pos_embed="learned",
                                    attn_fn=get_attention(kernels(cfg)))
-        else:
-            backbone = build_student(cfg, **options)
+            return build_student(cfg, **options)
+
+        backbone = build()
         if state is not None:
             state = adapt(state, backbone, f.pool)
-        return cls(Classifier(backbone, f.num_classes, f.pool, f.head_init_scale, state), cfg)
+        student = Classifier(backbone, f.num_classes, f.pool, f.head_init_scale, state)
+        # finetune.model_ema: the same network, built anew (partitioned too under model.sharded_init); the
+        # engine copies the student into it before the first step
+        ema = Classifier(build(), f.num_classes, f.pool, f.head_init_scale, None) if f.model_ema else None
+        return cls(student, cfg, ema)
+
+    @classmethod
+    def ema_momentum(cls, cfg) -> tuple[float, float] | None:
+        d = cfg.finetune.model_ema_decay
+        return (d, d) if cfg.finetune.model_ema else None
+
+    def train(self, mode: bool = True) -> Finetune:
+        super().train(mode)
+        if hasattr(self, "teacher"):
+            self.teacher.eval()  # always: a no_grad module in train mode upsets ZeRO-3 (DeepSpeed #4922)
+        return self
 
     @classmethod
     def train_data(cls, cfg, run_dir: Path, rank: int) -> dict:
@@ -432,18 +469,26 @@ class Finetune(Method):
     def held_out_metrics(self, batches, run_dir: Path, step: int, size: int) -> dict[str, float]:
         """Top-1 / top-5 (%) on the held-out split, over every rank's share."""
         dtype = next(iter(self.student["head"].parameters())).dtype
+        networks = [self.student, *([self.teacher] if hasattr(self, "teacher") else [])]
         counts = None
         for images, labels in batches:
-            logits = self.student(normalize(images, self.mean, self.std, dtype)).float()
-            hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
-            batch = torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(labels), device=hit.device)])
-            counts = batch.double() if counts is None else counts + batch
+            x = normalize(images, self.mean, self.std, dtype)
+            batch = []
+            for net in networks:
+                logits = net(x).float()
+                hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+                batch += [hit[:, 0].sum(), hit.any(-1).sum()]
+            batch = torch.stack([*batch, torch.tensor(len(labels), device=labels.device)]).double()
+            counts = batch if counts is None else counts + batch
         if counts is None:
-            counts = torch.zeros(3, dtype=torch.float64, device=next(self.parameters()).device)
+            counts = torch.zeros(2 * len(networks) + 1, dtype=torch.float64, device=next(self.parameters()).device)
         if dist.is_initialized():
             dist.all_reduce(counts)
-        n = max(counts[2].item(), 1)
-        return {"top1": 100 * counts[0].item() / n, "top5": 100 * counts[1].item() / n}
+        n = max(counts[-1].item(), 1)
+        out = {"top1": 100 * counts[0].item() / n, "top5": 100 * counts[1].item() / n}
+        if len(networks) > 1:
+            out.update(top1_ema=100 * counts[2].item() / n, top5_ema=100 * counts[3].item() / n)
+        return out
 
     @classmethod
     def export_spec(cls, cfg) -> ExportSpec:
@@ -463,6 +508,10 @@ class Finetune(Method):
                 f"(best {summary.get('best_top1', summary['top1']):.2f}% at step {summary.get('best_top1_step')}, "
                 f"checkpoints/best; {labelled}; before fine-tuning: {start:.2f}%, chance {100 / f.num_classes:.2f}%)")
         lines = [line]
+        if summary.get("top1_ema") is not None:
+            lines.append(f"its moving average (finetune.model_ema, decay {f.model_ema_decay}): top-1 "
+                         f"{summary['top1_ema']:.2f}%  top-5 {summary['top5_ema']:.2f}% (convert_to_hf.py --weights "
+                         "teacher exports it)")
         if init_kind(f.init) == "none":
             lines.append("init: none (from scratch): the baseline a pretrained init is compared with")
         else:
