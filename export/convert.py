@@ -38,7 +38,7 @@ from export.hf import TIMM_FILE, is_beit, save_hf, save_processor, shapes, timm_
 from export.itpn import CLASSIFIER_FILE as HIVIT_CLASSIFIER
 from export.itpn import load_hivit_classifier, load_itpn, save_hivit_classifier, save_itpn
 from models.archs import HIVIT_ARCHS
-from trainer.weights import Backbone, ExportError, read_backbone
+from trainer.weights import Backbone, ExportError, as_attributes, read_backbone
 
 log = logging.getLogger("convert_to_hf")
 SCRIPT = "scripts/convert_to_hf.py"
@@ -283,7 +283,7 @@ def convert_classifier(b: Backbone, out: Path, dtype: str, check_export: bool, c
                 "method": b.config["method"], "step": str(b.step), "format": "pt", "labels": json.dumps(p.labels)}
         save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(tmp / TIMM_FILE), metadata=meta)
         hf_class = classifier.save_hf_classifier(p, tmp, DTYPES[dtype]).__name__
-        save_processor(p.backbone, tmp)
+        save_processor(p.backbone, tmp, b.method.held_out_resize(as_attributes(b.config)))
         errors = (classifier.check_classifier(p, tmp, tmp / TIMM_FILE, sample_photos(size, tmp), TOLERANCE[dtype])
                   if check_export else {})
         timm_line = classifier.timm_classifier_snippet(name, kwargs, str(out / TIMM_FILE))
@@ -307,7 +307,8 @@ def convert_hivit_classifier(b: Backbone, out: Path, dtype: str, command: str, l
             "patch_size": c["model"]["patch_size"], "layer_scale": 1.0 if "backbone.blocks.0.ls2.gamma" in b.state
             else None}
     extra = {"labels": labels, "mean": list(c["data"]["augment"]["mean"]), "std": list(c["data"]["augment"]["std"]),
-             "step": b.step, "init": c["finetune"]["init"], "summary": b.summary}
+             "step": b.step, "init": c["finetune"]["init"], "summary": b.summary,
+             "eval_resize": b.method.held_out_resize(as_attributes(c))}  # shorter side, then the centre crop
     with staged(out) as tmp:
         save_hivit_classifier({k: v.to(DTYPES[dtype]) for k, v in b.state.items()}, arch, tmp / HIVIT_CLASSIFIER,
                               extra)

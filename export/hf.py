@@ -203,14 +203,14 @@ def save_hf(backbone: Backbone, out: Path, dtype: torch.dtype) -> type:
     return cls
 
 
-def save_processor(backbone: Backbone, out: Path) -> None:
-    """preprocessor_config.json: what kNN does here (shorter side to the crop size, bicubic, centre
-    crop) with the run's normalisation."""
+def save_processor(backbone: Backbone, out: Path, resize: int | None = None) -> None:
+    """preprocessor_config.json: what the run's held-out evaluation does (shorter side to `resize`,
+    default the crop size as kNN does, bicubic; centre crop) with the run's normalisation."""
     from transformers import BitImageProcessor
 
     size = shapes(backbone)["image_size"]
     aug = backbone.config["data"]["augment"]
-    BitImageProcessor(do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
+    BitImageProcessor(do_resize=True, size={"shortest_edge": resize or size}, resample=3, do_center_crop=True,
                       crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
                       do_normalize=True, image_mean=list(aug["mean"]), image_std=list(aug["std"]),
                       do_convert_rgb=True).save_pretrained(out)

@@ -67,8 +67,9 @@ def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
     out = knn_eval(cfg, engine, device, dtype, env, student=step > 0) if method.eval_features is not None else {}
     if method.held_out_metrics is None or not cfg.data.val_shards:
         return out
-    batches = labelled_batches(expand_shards(cfg.data.val_shards), cfg.data.global_crops.size, cfg.eval.batch_size,
-                               env.rank, env.world_size)
+    size, resize = cfg.data.global_crops.size, type(method).held_out_resize(cfg)
+    batches = labelled_batches(expand_shards(cfg.data.val_shards), size, cfg.eval.batch_size, env.rank,
+                               env.world_size, transform=None if resize is None else centre_crop(resize, size))
     method.eval()
     with torch.no_grad():
         pairs = ((images.to(device), labels.to(device)) for images, labels in batches)
@@ -76,6 +77,14 @@ def evaluate(cfg: Config, engine, device: torch.device, dtype: torch.dtype, env:
                                            run_dir, step, cfg.data.global_crops.size))
     method.train()
     return out
+
+
+def centre_crop(resize: int, size: int):
+    """PIL image -> shorter side to `resize` (bicubic), then the centre `size` x `size`: timm's eval
+    transform with crop_pct = size / resize."""
+    from torchvision.transforms import functional as F
+
+    return lambda img: F.center_crop(F.resize(img, resize, interpolation=F.InterpolationMode.BICUBIC), size)
 
 
 def raw_pixel_knn(cfg: Config, env: DistEnv, device: torch.device) -> float | None:

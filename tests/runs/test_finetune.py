@@ -248,8 +248,11 @@ def test_a_moving_average_of_the_classifier_is_evaluated_and_exported(pretrained
     average, evaluated beside it; convert_to_hf.py --weights teacher exports it and scores its figure."""
     run, cache = pretrained
     out = tmp_path / "ft"
+    # (and the held-out images resized to 36 before the 32-pixel centre crop, as BEiT's --crop_pct 0.875:
+    # the exported image processor does the same, or the pipeline would not score the run's figure)
     assert finetune(out, cache, f"finetune.init={run}", "finetune.model_ema=true", "finetune.model_ema_decay=0.5",
-                    "schedule.steps=3", "optim.warmup_steps=1", "eval.knn_every_steps=0") == 0
+                    "schedule.steps=3", "optim.warmup_steps=1", "eval.knn_every_steps=0",
+                    "finetune.eval_crop_pct=0.875") == 0
     summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= summary["top1_ema"] <= summary["top5_ema"] <= 100
     assert f"top-1 {summary['top1_ema']:.2f}%" in capsys.readouterr().out
@@ -263,6 +266,7 @@ def test_a_moving_average_of_the_classifier_is_evaluated_and_exported(pretrained
     assert ema.keys() == student.keys() and "head.weight" in ema
     assert not torch.equal(ema["head.weight"], student["head.weight"])  # an average, not a copy
     done = convert(out, tmp_path / "export", weights="teacher")
+    assert json.loads((done.out / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 36}
     classify = pipeline("image-classification", model=str(done.out))
     held_out = held_out_digits(cache)
     predicted = [p[0]["label"] for p in classify([image for image, _ in held_out], top_k=1)]

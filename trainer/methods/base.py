@@ -135,6 +135,12 @@ class Method(nn.Module):
         return {}
 
     @classmethod
+    def held_out_resize(cls, cfg) -> int | None:
+        """The shorter side its held-out images are resized to before the centre crop at the crop size
+        (None: the crop size itself, as kNN evaluates)."""
+        return None
+
+    @classmethod
     def ema_momentum(cls, cfg) -> tuple[float, float] | None:
         """The EMA teacher's momentum, start and end of a cosine over the run; a method with a `teacher`
         must say it (None: no EMA teacher, and no momentum is scheduled or logged)."""

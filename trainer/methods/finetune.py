@@ -88,6 +88,9 @@ class FinetuneConfig:
     label_list: str | None = opt(None, "A file of the only training images to use, one key per line (the "
                                        "iBOT / SimCLRv2 1% and 10% ImageNet lists: file names, extensions and "
                                        "directories ignored); replaces label_fraction.")
+    eval_crop_pct: float = opt(0.875, f"Held-out images are resized to crop size / eval_crop_pct (shorter side, "
+                                      f"bicubic), then centre-cropped ({BEIT} --crop_pct 224/256, timm's eval "
+                                      "transform); the export's image processor does the same.")
     model_ema: bool = opt(False, f"Keep an exponential moving average of the whole classifier beside it, evaluated "
                                  f"with it (top1_ema) and exported by scripts/convert_to_hf.py --weights teacher "
                                  f"({BEIT} --model_ema; timm's ModelEma). Shard-local fp32, as iBOT's teacher.")
@@ -109,6 +112,7 @@ class FinetuneConfig:
                                              "numbers; or '' for none)")
         require(self.smoothing < 1, "smoothing", f"{self.smoothing} must be < 1")
         require(0 <= self.model_ema_decay < 1, "model_ema_decay", f"{self.model_ema_decay} is outside [0, 1)")
+        require(0 < self.eval_crop_pct <= 1, "eval_crop_pct", f"{self.eval_crop_pct} is outside (0, 1]")
 
 
 # ---------------------------------------------------------------------------------------- the init
@@ -409,6 +413,11 @@ class Finetune(Method):
         # engine copies the student into it before the first step
         ema = Classifier(build(), f.num_classes, f.pool, f.head_init_scale, None) if f.model_ema else None
         return cls(student, cfg, ema)
+
+    @classmethod
+    def held_out_resize(cls, cfg) -> int | None:
+        crop_pct = getattr(cfg.finetune, "eval_crop_pct", 1.0)  # (a run from before the key: uncropped)
+        return int(cfg.data.global_crops.size / crop_pct)  # BEiT: int(input_size / crop_pct)
 
     @classmethod
     def ema_momentum(cls, cfg) -> tuple[float, float] | None:
