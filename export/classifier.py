@@ -68,7 +68,7 @@ def split(b: Backbone, labels: list[str] | None = None) -> Parts:
         labels = [str(i) for i in range(n)]
     if len(labels) != n:
         raise ExportError(f"--labels names {len(labels)} classes, the head has {n}")
-    pool = b.config["finetune"]["pool"]
+    pool = b.spec.arch["pool"]  # (the method's record: trainer/methods/finetune.py export_spec)
     return Parts(dataclasses.replace(b, state=backbone), b, pool, part("fc_norm."), head, list(labels))
 
 
@@ -136,7 +136,7 @@ def save_hf_classifier(p: Parts, out: Path, dtype: torch.dtype) -> type:
     cls, config = hf_classifier(p)
     b = p.backbone
     config.mimscale = {"method": b.config["method"], "step": b.step, "checkpoint": str(b.checkpoint),
-                       "top1": held_out_top1(b), "init": b.config["finetune"]["init"]}
+                       "top1": held_out_top1(b), "init": b.spec.arch["init"]}
     with torch.device("meta"):
         model = cls(config)
     state = hf_state(p, cls, {k: v.shape for k, v in model.state_dict().items()}, dtype)
@@ -219,10 +219,9 @@ class OurClassifier(nn.Module):
 
 def model_card(p: Parts, hf_class: str, timm_line: str, out: Path, command: str, errors: dict) -> str:
     b, c = p.backbone, p.backbone.config
-    f = c["finetune"]
+    f = b.spec.arch
     top1 = held_out_top1(b)
-    labelled = (f["label_list"] or (f"{100 * f['label_fraction']:g}% of the labels" if f["label_fraction"] < 1 else
-                                    "all labels"))
+    labelled = f["labelled"]
     check_line = ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) if errors else "skipped (--no-check)"
     start = b.summary.get("top1_random_init")
     head_input = "the mean patch token through fc_norm" if p.pool == "avg" else "the [CLS] token"

@@ -307,7 +307,7 @@ def convert_hivit_classifier(b: Backbone, out: Path, dtype: str, command: str, l
             "patch_size": c["model"]["patch_size"], "layer_scale": 1.0 if "backbone.blocks.0.ls2.gamma" in b.state
             else None}
     extra = {"labels": labels, "mean": list(c["data"]["augment"]["mean"]), "std": list(c["data"]["augment"]["std"]),
-             "step": b.step, "init": c["finetune"]["init"], "summary": b.summary,
+             "step": b.step, "init": b.spec.arch["init"], "summary": b.summary,
              "eval_resize": b.method.held_out_resize(as_attributes(c))}  # shorter side, then the centre crop
     with staged(out) as tmp:
         save_hivit_classifier({k: v.to(DTYPES[dtype]) for k, v in b.state.items()}, arch, tmp / HIVIT_CLASSIFIER,

@@ -502,8 +502,12 @@ class Finetune(Method):
     @classmethod
     def export_spec(cls, cfg) -> ExportSpec:
         """A classifier (export/classifier.py): ViT/BEiT/DINOv2 ...ForImageClassification and timm with a head."""
+        f = cfg.finetune
+        labelled = (f.label_list or (f"{100 * f.label_fraction:g}% of the labels" if f.label_fraction < 1 else
+                                     "all labels"))
         return ExportSpec(format="classifier", layer_scale_init=float(cfg.model.layer_scale or 1.0),
-                          about=f"fine-tuned from {cfg.finetune.init}")
+                          arch={"pool": f.pool, "init": f.init, "weights": f.weights, "labelled": labelled},
+                          about=f"fine-tuned from {f.init}")
 
     @classmethod
     def summary_lines(cls, cfg, summary: dict, run_dir: Path) -> list[str]:
