@@ -80,6 +80,11 @@ class LoadedBackbone:
         return [(t[:, 0], t[:, self.num_prefix_tokens:]) for t in tokens]
 
 
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """||ours - theirs|| / ||ours||: what export's checks compare features and logits by."""
+    return ((ours.float() - theirs.float()).norm() / ours.float().norm().clamp_min(1e-12)).item()
+
+
 def from_backbone(backbone) -> LoadedBackbone:
     """An `trainer.weights.Backbone` (fp32 state in our layout) as our own `VisionTransformer`, or
     for iTPN our HiViT with its pyramid (models.pyramid.HiViTFPN)."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import export.hf as hf
-from export.backbones import from_backbone
+from export.backbones import from_backbone, relative_error
 from trainer.weights import Backbone, ExportError
 
 HF_PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
@@ -255,10 +255,6 @@ With timm: `{timm_line}`.
 """
 
 
-def logits_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours.float() - theirs.float()).norm() / ours.float().norm().clamp_min(1e-12)).item()
-
-
 def check_classifier(p: Parts, out: Path, timm_file: Path, pixels: torch.Tensor, tolerance: float) -> dict:
     """Logits of what was written (transformers, timm) against ours on `pixels`; raises past `tolerance`."""
     from transformers import AutoModelForImageClassification
@@ -267,7 +263,7 @@ def check_classifier(p: Parts, out: Path, timm_file: Path, pixels: torch.Tensor,
     hf = AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         got = {"transformers": hf(pixel_values=pixels).logits, "timm": load_timm_classifier(timm_file).float()(pixels)}
-    errors = {k: logits_error(reference, v) for k, v in got.items()}
+    errors = {k: relative_error(reference, v) for k, v in got.items()}
     bad = {k: v for k, v in errors.items() if not v <= tolerance}
     if bad or not all(math.isfinite(v) for v in errors.values()):
         raise ExportError(f"check failed: the exported logits differ from ours by {bad or errors} (relative; "

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from evaluation.knn import percent
-from export.backbones import LoadedBackbone, from_backbone, load_backbone
+from export.backbones import LoadedBackbone, from_backbone, load_backbone, relative_error
 from export.hf import TIMM_FILE, is_beit, save_hf, save_processor, shapes, timm_call, timm_snippet, timm_state
 from export.itpn import CLASSIFIER_FILE as HIVIT_CLASSIFIER
 from export.itpn import load_hivit_classifier, load_itpn, save_hivit_classifier, save_itpn
@@ -71,10 +71,6 @@ def sample_photos(size: int, processor_dir: Path) -> torch.Tensor:
     pixels = AutoImageProcessor.from_pretrained(processor_dir)(images=images, return_tensors="pt")["pixel_values"]
     assert pixels.shape[-2:] == (size, size), pixels.shape
     return pixels.float()
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours.float() - theirs.float()).norm() / ours.float().norm().clamp_min(1e-12)).item()
 
 
 def check(ours: LoadedBackbone, out: Path, dtype: str) -> dict[str, float]:
