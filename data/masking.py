@@ -16,6 +16,7 @@ takes a `numpy.random.Generator`, so a mask is a pure function of its seed (resu
   uniformly from `ratio`, the target ratio * h * w patches (at most its int()); otherwise it is left whole.
   With `patches` the target is that count instead (BEiT's MaskingGenerator: 75 of 196, blocks of at
   least 16 patches, microsoft/unilm beit/masking_generator.py; the same algorithm as iBOT's).
+  `MaskSampler.batch` is DINOv2's policy instead, over a batch's global crops together (`spread`).
 
 Visible-patch masks, drawn in the step on the device (MaskAlign, iTPN: the student sees only the
 visible patches, as [B, keep] indices in increasing order):
@@ -58,15 +59,17 @@ def block_shape(area: float, rng: np.random.Generator, min_aspect: float = 0.3) 
 
 
 def block_mask(height: int, width: int, count: float, rng: np.random.Generator, min_block_patches: int | None = None,
-               min_aspect: float = 0.3, attempts: int = 10, fill_exact: bool = True) -> np.ndarray:
+               min_aspect: float = 0.3, attempts: int = 10, fill_exact: bool = True,
+               max_block_patches: float | None = None) -> np.ndarray:
     """Blocks until `count` patches are masked or no block fits (see the module docstring). `count` may
     be fractional, as iBOT's ratio * h * w: at most int(count) patches are masked, and the fractional
-    part only widens the range block areas are drawn from, as in the reference."""
+    part only widens the range block areas are drawn from, as in the reference. `max_block_patches`
+    caps what one block may add (DINOv2's MaskingGenerator max_num_patches, half the grid)."""
     low = ibot_min_block(height, width) if min_block_patches is None else min_block_patches
     mask = np.zeros((height, width), dtype=bool)
     masked = 0
     while masked < count:
-        remaining = count - masked
+        remaining = count - masked if max_block_patches is None else min(count - masked, max_block_patches)
         added = 0
         for _ in range(attempts):
             h, w = block_shape(_uniform(rng, low, remaining), rng, min_aspect)  # low > remaining is allowed
@@ -116,6 +119,8 @@ class MaskSampler:
     min_aspect: float = 0.3
     fill_exact: bool = False
     patches: int | None = None
+    spread: bool = False  # DINOv2's batch policy (`batch`); the loader then calls `batch`, not this
+    max_block_fraction: float | None = None
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         h, w = self.grid
@@ -127,6 +132,26 @@ class MaskSampler:
         if self.kind == "random":
             return random_mask(h, w, int(high), rng)  # iBOT's 'rand' shape: int(high) patches
         raise ValueError(f"mask kind {self.kind!r} is not one of 'block', 'random'")
+
+    def batch(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """[n, h, w]: the masks of a batch's n global crops as DINOv2 draws them (facebookresearch/dinov2
+        dinov2/data/collate.py): exactly int(n * prob) of them masked, the i-th with int(ratio * h * w)
+        patches for a ratio ~ U(r_i, r_(i+1)) on linspace(ratio, int(n * prob) + 1), the rest whole,
+        then shuffled; blocks of at least `min_block_patches`, each adding at most
+        max_block_fraction * h * w (its MaskingGenerator, max_num_patches 0.5 * h * w)."""
+        h, w = self.grid
+        masked = int(n * self.prob)
+        edges = np.linspace(self.ratio[0], self.ratio[1], masked + 1)
+        cap = None if self.max_block_fraction is None else self.max_block_fraction * h * w
+        out = np.zeros((n, h, w), dtype=bool)
+        for i in range(masked):
+            count = int(h * w * _uniform(rng, edges[i], edges[i + 1]))
+            if self.kind == "random":
+                out[i] = random_mask(h, w, count, rng)
+            else:
+                out[i] = block_mask(h, w, count, rng, self.min_block_patches, self.min_aspect,
+                                    fill_exact=self.fill_exact, max_block_patches=cap)
+        return out[rng.permutation(n)]
 
 
 # ----------------------------------------------------------------------------- visible patches

@@ -154,12 +154,18 @@ class StreamPlan:
                 return None
             img, label = decoded
             views = self.augment(img)
+        if self.mask_sampler.spread:  # drawn for the whole batch in `collate`, from the samples' seeds
+            return views, sample_seed, label, raw["__key__"]
         rng = np.random.default_rng(sample_seed)
         masks = [torch.from_numpy(self.mask_sampler(rng)) for _ in views.global_crops]
         return views, masks, label, raw["__key__"]
 
     def collate(self, items: list) -> dict:
         views, masks, labels, keys = zip(*items)
+        if self.mask_sampler.spread:  # `masks` holds the sample seeds: the batch's masks are a function of them
+            G, B = len(views[0].global_crops), len(items)
+            drawn = torch.from_numpy(self.mask_sampler.batch(G * B, np.random.default_rng(list(masks))))
+            masks = [list(drawn.view(G, B, *drawn.shape[1:])[:, b]) for b in range(B)]
         g, loc = [v.global_crops for v in views], [v.local_crops for v in views]
         n_local, size = self.augment.n_local, self.augment.local_size
         extra = {}
@@ -360,7 +366,7 @@ def build_train_loader(data, *, patch_size: int, seed: int, rank: int = 0, world
     grid = data.global_crops.size // patch_size
     m = data.mask
     sampler = MaskSampler((grid, grid), m.kind, tuple(m.ratio), m.prob, m.min_block_patches, m.min_aspect, m.fill_exact,
-                          m.patches)
+                          m.patches, m.spread, m.max_block_fraction)
     return ShardLoader(
         expand_shards(data.train_shards), augment=augment or MultiCrop.from_config(data), mask_sampler=sampler,
         batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,

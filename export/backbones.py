@@ -100,7 +100,8 @@ def from_backbone(backbone) -> LoadedBackbone:
         model = build_vit(d["arch"], img_size=d["image_size"], patch_size=d["patch"],
                           layer_scale=1.0 if backbone.layer_scale else None,
                           pos_interp=backbone.config["model"].get("pos_embed_interp", "dino"),
-                          rel_pos_bias=d["rel_pos_bias"], qkv_bias=d["qkv_bias"], pos_embed=d["pos_embed"])
+                          rel_pos_bias=d["rel_pos_bias"], qkv_bias=d["qkv_bias"], pos_embed=d["pos_embed"],
+                          ffn=d["ffn"], registers=d["registers"])
     model.load_state_dict(backbone.state, strict=True, assign=True)
     aug = backbone.config["data"]["augment"]
     return LoadedBackbone(model.eval(), "mimscale", d["image_size"], tuple(aug["mean"]), tuple(aug["std"]),
@@ -148,8 +149,8 @@ def load_backbone(path: str | Path, which: str = "auto", dtype: torch.dtype = to
         size = proc.crop_size["height"] if getattr(proc, "do_center_crop", False) else proc.size["height"]
         info = config.get("mimscale", {})
         return LoadedBackbone(model, "transformers", size, tuple(proc.image_mean), tuple(proc.image_std), str(path),
-                              path / "eval_results.jsonl", step=info.get("step"), method=info.get("method"),
-                              run_knn=info.get("knn"))
+                              path / "eval_results.jsonl", 1 + config.get("num_register_tokens", 0),
+                              step=info.get("step"), method=info.get("method"), run_knn=info.get("knn"))
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -33,6 +33,7 @@ from export.backbones import from_backbone, relative_error
 from trainer.weights import Backbone, ExportError
 
 HF_PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
+             "Dinov2WithRegistersForImageClassification": "dinov2_with_registers.",
              "BeitForImageClassification": "beit."}
 
 
@@ -99,7 +100,10 @@ def hf_classifier(p: Parts):
         config.use_mask_token = False
     else:
         base, config, _ = hf.hf_model_and_config(p.backbone)
-        cls = Dinov2ForImageClassification if base.__name__ == "Dinov2Model" else ViTForImageClassification
+        import transformers
+
+        cls = {"Dinov2Model": Dinov2ForImageClassification, "ViTModel": ViTForImageClassification}.get(
+            base.__name__) or getattr(transformers, base.__name__.replace("Model", "ForImageClassification"))
         if hasattr(config, "use_mask_token"):
             config.use_mask_token = False
     config.num_labels = p.num_classes
@@ -111,10 +115,13 @@ def hf_classifier(p: Parts):
 def hf_state(p: Parts, cls: type, expected: dict[str, torch.Size], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Our tensors under `cls`'s names (`expected`: its state dict's names and shapes)."""
     prefix = HF_PREFIX[cls.__name__]
-    kind = {"Dinov2ForImageClassification": "dinov2", "BeitForImageClassification": "beit"}.get(cls.__name__, "vit")
+    kind = {"Dinov2ForImageClassification": "dinov2", "Dinov2WithRegistersForImageClassification": "dinov2",
+            "BeitForImageClassification": "beit"}.get(cls.__name__, "vit")
     state = p.backbone.state
     if kind == "beit":
         state = hf.qv_biases(state, zeros=True)
+    elif kind == "dinov2":
+        state = hf.with_layer_scale(state)
     elif p.backbone.layer_scale and kind == "vit":
         state = hf.fold_layer_scale(state)
     base = {k[len(prefix):]: v for k, v in expected.items() if k.startswith(prefix) and ".pooler." not in f".{k}"}

@@ -107,6 +107,8 @@ def hf_model_and_config(backbone: Backbone):
     common = dict(hidden_size=d["width"], num_hidden_layers=d["depth"], num_attention_heads=d["heads"],
                   hidden_act="gelu", layer_norm_eps=1e-6, image_size=d["image_size"], patch_size=d["patch"],
                   num_channels=3, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if d["ffn"] == "swiglu" or d["registers"]:  # DINOv2's options: only its classes hold them
+        return dinov2_model_and_config(backbone, d, common)
     # Dinov2MLP's width is int(hidden_size * mlp_ratio) and transformers 5.x wants an integer ratio:
     # a layer-scale backbone whose MLP is not a whole multiple of its width (ViT-g/14, ViT-G/14)
     # becomes a ViTModel with the gammas folded into the layers before them (see fold_layer_scale).
@@ -119,6 +121,44 @@ def hf_model_and_config(backbone: Backbone):
     # ViTForMaskedImageModeling load the [MASK] embedding.
     return ViTModel, ViTConfig(intermediate_size=d["mlp"], encoder_stride=d["patch"], **common), \
         {"add_pooling_layer": False, "use_mask_token": backbone.uses_mask_token}
+
+
+def dinov2_model_and_config(backbone: Backbone, d: dict, common: dict):
+    """Dinov2Model, or Dinov2WithRegistersModel for a backbone with register tokens, with SwiGLU where it
+    has one: transformers sizes it from an integer mlp_ratio by DINOv2's rule, so the arch's ratio
+    must give the width the tensors have."""
+    import transformers
+    from transformers import Dinov2Config, Dinov2Model
+
+    from models.vit import swiglu_hidden
+
+    ratio = VIT_ARCHS[d["arch"]].mlp_ratio
+    hidden = swiglu_hidden(int(d["width"] * ratio)) * 2 if d["ffn"] == "swiglu" else int(d["width"] * ratio)
+    if ratio != int(ratio) or hidden != d["mlp"]:
+        raise ExportError(f"{backbone.checkpoint}: transformers' DINOv2 sizes its feed-forward from an integer "
+                          f"mlp_ratio; {d['arch']}'s is {ratio:g} ({d['ffn']}, {d['mlp']} wide): no transformers class "
+                          "holds it. The timm file is written as usual")
+    options = dict(mlp_ratio=int(ratio), use_swiglu_ffn=d["ffn"] == "swiglu", layerscale_value=1.0,
+                   use_mask_token=backbone.uses_mask_token, **common)
+    if not d["registers"]:
+        return Dinov2Model, Dinov2Config(**options), {}
+    if not hasattr(transformers, "Dinov2WithRegistersModel"):
+        raise ExportError(f"{backbone.checkpoint}: a backbone with register tokens needs transformers' "
+                          f"Dinov2WithRegistersModel (4.48 and later); transformers {transformers.__version__} "
+                          "has none")
+    return transformers.Dinov2WithRegistersModel, transformers.Dinov2WithRegistersConfig(
+        num_register_tokens=d["registers"], **options), {}
+
+
+def with_layer_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gammas of 1 for a backbone without layer-scale, for a transformers class that always has it."""
+    out = dict(state)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    width = state["cls_token"].shape[-1]
+    for i in range(depth):
+        for ls in ("ls1", "ls2"):
+            out.setdefault(f"blocks.{i}.{ls}.gamma", torch.ones(width))
+    return out
 
 
 def fold_layer_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,9 +228,11 @@ def save_hf(backbone: Backbone, out: Path, dtype: torch.dtype) -> type:
     with torch.device("meta"):
         model = cls(config, **kwargs)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    kind = {"Dinov2Model": "dinov2", "BeitModel": "beit"}.get(cls.__name__, "vit")
+    kind = {"Dinov2Model": "dinov2", "Dinov2WithRegistersModel": "dinov2", "BeitModel": "beit"}.get(cls.__name__, "vit")
     if kind == "beit":
         state = qv_biases(backbone.state, zeros=True)
+    elif kind == "dinov2":
+        state = with_layer_scale(backbone.state)
     else:
         state = fold_layer_scale(backbone.state) if backbone.layer_scale and kind == "vit" else dict(backbone.state)
     mapped = to_hf_state(state, expected, kind, dtype)
@@ -240,7 +282,20 @@ def timm_call(backbone: Backbone) -> tuple[str, dict]:
                       global_pool="token")  # Beit's default, avg, moves the final norm after pooling (fc_norm)
     elif backbone.layer_scale:
         kwargs["init_values"] = 1.0  # any value: the file's gammas replace it
+    if d["ffn"] == "swiglu":  # timm's own DINOv2 models' layout (vit_giant_patch14_dinov2): fc1 = [gate; up]
+        kwargs.update(mlp_layer="SwiGLUPacked", act_layer="silu", mlp_ratio=(d["mlp"] + 0.5) / d["width"])
+    if d["registers"]:  # timm holds registers with no_embed_class: positions on the patches alone (timm_state)
+        kwargs.update(reg_tokens=d["registers"], no_embed_class=True)
     return name, kwargs
+
+
+def timm_kwargs(kwargs: dict) -> dict:
+    """create_model keywords from the JSON-able ones `timm_call` gives (a layer class by its name)."""
+    if kwargs.get("mlp_layer") == "SwiGLUPacked":
+        from timm.layers import SwiGLUPacked
+
+        kwargs = {**kwargs, "mlp_layer": SwiGLUPacked}
+    return kwargs
 
 
 # Our BEiT names -> timm Beit's (the rest are the same).
@@ -250,6 +305,9 @@ TIMM_BEIT_RENAMES = ((".attn.rel_pos.relative_position_bias_table", ".attn.relat
 
 def timm_state(backbone: Backbone, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in backbone.state.items() if k != "mask_token"}
+    if "reg_token" in state:  # [CLS] takes its position embedding along (timm's _convert_dinov2 does the same)
+        state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+        state["pos_embed"] = state["pos_embed"][:, 1:]
     if is_beit(shapes(backbone)):
         state = qv_biases(state, zeros=False)  # timm's Beit takes qkv_bias=False for none
         for ours, theirs in TIMM_BEIT_RENAMES:
@@ -260,7 +318,7 @@ def timm_state(backbone: Backbone, dtype: torch.dtype) -> dict[str, torch.Tensor
 # num_classes=0 in the overlay too: timm loads a file non-strictly when the model's num_classes differs
 # from its pretrained config's (it drops the classifier), which would hide a missing or unexpected key.
 def timm_snippet(name: str, kwargs: dict, file: str) -> str:
-    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    extra = "".join(f", {k}={'timm.layers.SwiGLUPacked' if k == 'mlp_layer' else repr(v)}" for k, v in kwargs.items())
     return (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={file!r}, "
             f"custom_load=False, num_classes=0), num_classes=0{extra})")
 
@@ -269,4 +327,5 @@ def load_timm(file: str | Path, name: str, kwargs: dict):
     import timm
 
     return timm.create_model(name, pretrained=True, num_classes=0,
-                             pretrained_cfg_overlay=dict(file=str(file), custom_load=False, num_classes=0), **kwargs)
+                             pretrained_cfg_overlay=dict(file=str(file), custom_load=False, num_classes=0),
+                             **timm_kwargs(kwargs))

@@ -35,6 +35,9 @@ ARCHS: dict[str, Arch] = {
     "vit_huge": Arch("vit", width=1280, depth=32, heads=16, patch=14, timm="vit_huge_patch14_224"),
     "vit_giant": Arch("vit", width=1408, depth=40, heads=16, patch=14, mlp_ratio=6144 / 1408,
                       timm="vit_giant_patch14_224"),
+    # DINOv2's vit_giant2 (facebookresearch/dinov2 dinov2/models/vision_transformer.py): ViT-g/14 at width
+    # 1536 with 24 heads of 64; its recipe adds model.ffn swiglu (timm: vit_giant_patch14_dinov2)
+    "vit_giant2": Arch("vit", width=1536, depth=40, heads=24, patch=14),
     "vit_gigantic": Arch("vit", width=1664, depth=48, heads=16, patch=14, mlp_ratio=8192 / 1664,
                          timm="vit_gigantic_patch14_224"),
     "hivit_test": Arch("hivit", width=32, depth=2, heads=2, patch=8, mlp_depth=1),

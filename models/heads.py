@@ -132,8 +132,10 @@ class IBOTHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, patch_out_dim: int | None = None, patch: str = "shared",
-                 norm_last_layer: bool = True, prototype_init: str = "linear", **kw):
-        """kw: DINOHead's hidden_dim, bottleneck_dim, nlayers, norm, all_reduce."""
+                 norm_last_layer: bool = True, prototype_init: str = "linear", patch_options: dict | None = None,
+                 **kw):
+        """kw: DINOHead's hidden_dim, bottleneck_dim, nlayers, norm, all_reduce; `patch_options`: those of
+        the 'separate' patch head that differ (DINOv2 sizes its two heads apart)."""
         super().__init__()
         if patch not in PATCH_HEADS:
             raise ValueError(f"patch head {patch!r} is not one of {', '.join(PATCH_HEADS)}")
@@ -144,7 +146,7 @@ class IBOTHead(nn.Module):
         self.last_layer2 = (NormedLinear(self.cls.last_layer.weight.shape[1], patch_out_dim, norm_last_layer,
                                          prototype_init) if patch == "last_layer" else None)
         self.patch = (DINOHead(in_dim, patch_out_dim, norm_last_layer=norm_last_layer, prototype_init=prototype_init,
-                               **kw) if patch == "separate" else None)
+                               **{**kw, **(patch_options or {})}) if patch == "separate" else None)
 
     def cls_path(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], NormedLinear]:
         """(bottleneck, prototype layer) of the [CLS] token."""

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 
 import torch
 
-KINDS = ("vit", "dinov2", "beit")  # transformers' model_type of the backbones mapped here
+KINDS = ("vit", "dinov2", "dinov2_with_registers", "beit")  # transformers' model_type of the backbones mapped here
 
 
 def layouts(depth: int, kind: str) -> Iterator[dict[str, list[str]]]:
     """Candidate {our name: [HF names]} maps for a backbone of `kind` (vit | dinov2 | beit) and `depth`
     blocks; a fused q/k/v tensor of ours maps to three of theirs, in that order."""
-    return _beit_layouts(depth) if kind == "beit" else _vit_layouts(depth, kind == "dinov2")
+    return _beit_layouts(depth) if kind == "beit" else _vit_layouts(depth, kind.startswith("dinov2"))
 
 
 def _vit_layouts(depth: int, dinov2: bool):
@@ -30,11 +30,14 @@ def _vit_layouts(depth: int, dinov2: bool):
     attns = (("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
              ("attention.attention.query", "attention.attention.key", "attention.attention.value",
               "attention.output.dense"))
-    mlps = (("mlp.fc1", "mlp.fc2"),) if dinov2 else (("mlp.fc1", "mlp.fc2"), ("intermediate.dense", "output.dense"))
+    # an MLP's fc1 -> one tensor, or a SwiGLU's packed fc1 (timm's [gate; up] halves) -> two
+    mlps = ((("mlp.fc1",), "mlp.fc2"), (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+            (("mlp.weights_in",), "mlp.weights_out")) if dinov2 else \
+        ((("mlp.fc1",), "mlp.fc2"), (("intermediate.dense",), "output.dense"))
     norms = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
     for layer, attn, mlp in itertools.product(layers, attns, mlps):
         names = {"cls_token": ["embeddings.cls_token"], "pos_embed": ["embeddings.position_embeddings"],
-                 "mask_token": ["embeddings.mask_token"]}
+                 "mask_token": ["embeddings.mask_token"], "reg_token": ["embeddings.register_tokens"]}
         for suffix in ("weight", "bias"):
             names[f"patch_embed.proj.{suffix}"] = [f"embeddings.patch_embeddings.projection.{suffix}"]
             names[f"norm.{suffix}"] = [f"layernorm.{suffix}"]
@@ -44,7 +47,7 @@ def _vit_layouts(depth: int, dinov2: bool):
                 names[ours + f"attn.proj.{suffix}"] = [hf + f"{attn[3]}.{suffix}"]
                 names[ours + f"norm1.{suffix}"] = [hf + f"{norms[0]}.{suffix}"]
                 names[ours + f"norm2.{suffix}"] = [hf + f"{norms[1]}.{suffix}"]
-                names[ours + f"mlp.fc1.{suffix}"] = [hf + f"{mlp[0]}.{suffix}"]
+                names[ours + f"mlp.fc1.{suffix}"] = [hf + f"{m}.{suffix}" for m in mlp[0]]
                 names[ours + f"mlp.fc2.{suffix}"] = [hf + f"{mlp[1]}.{suffix}"]
         for i in range(depth if dinov2 else 0):
             names[f"blocks.{i}.ls1.gamma"] = [layer.format(i=i) + "layer_scale1.lambda1"]

@@ -43,6 +43,8 @@ def init_module_(module: nn.Module) -> None:
     if isinstance(module, VisionTransformer):
         module.init_pos_embed()
         _fill(module.cls_token, lambda t: nn.init.normal_(t, std=1e-6))
+        if module.reg_token is not None:  # DINOv2: normal, std 1e-6
+            _fill(module.reg_token, lambda t: nn.init.normal_(t, std=1e-6))
         nn.init.zeros_(module.mask_token)
     if isinstance(module, HiViT):
         module.init_pos_embed()

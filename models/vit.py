@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, GluMlp, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch.utils.checkpoint import checkpoint
 
@@ -140,6 +140,21 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def swiglu_hidden(mlp_width: int) -> int:
+    """DINOv2's SwiGLU width for a block whose MLP would be `mlp_width` wide: two thirds of it (the same
+    parameter count: three matrices instead of two), rounded up to a multiple of 8
+    (facebookresearch/dinov2 dinov2/layers/swiglu_ffn.py; transformers' Dinov2SwiGLUFFN likewise)."""
+    return (int(mlp_width * 2 / 3) + 7) // 8 * 8
+
+
+def swiglu_ffn(in_features: int, hidden_features: int, act_layer=None, bias: bool = True, drop: float = 0.0,
+               **kw) -> GluMlp:
+    """timm's SwiGLUPacked (fc1 -> [x1, x2], silu(x1) * x2 -> fc2, DINOv2's w12 / w3) at DINOv2's width for
+    the MLP width timm's Block asks for (its `act_layer`, GELU, is not the gate's)."""
+    return GluMlp(in_features, 2 * swiglu_hidden(hidden_features), act_layer=nn.SiLU, gate_last=False, bias=bias,
+                  drop=drop, **kw)
+
+
 def sincos_pos_embed(dim: int, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """Fixed 2-D sin-cos position embeddings [1, num_prefix + h * w, dim] in MAE's layout (what
     MaskAlign uses): channels [sin(x w), cos(x w), sin(y w), cos(y w)] with x the column, y the row,
@@ -179,13 +194,20 @@ class VisionTransformer(TimmVisionTransformer):
     `pos_embed`: 'learned' (trunc-normal 0.02, timm/iBOT) or 'sincos' (fixed, MAE's table; listed by
     `fixed_parameters()` so the optimizer gives it lr 0). `pos_interp`: 'dino' or 'timm', how the
     table is resampled for another grid (see `dino_resample_pos_embed`).
+
+    DINOv2's options: `ffn` 'swiglu' (`swiglu_ffn`), `registers` learned tokens placed after [CLS]
+    once position embeddings are added (they have none, as in facebookresearch/dinov2
+    vision_transformer.py), so the position table stays [CLS] + patches; and `drop_path_uniform`.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
                  varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
-                 pos_interp: str = "dino", rel_pos_bias: str = "none", qkv_bias: str = "qkv", init: str = "timm"):
+                 pos_interp: str = "dino", rel_pos_bias: str = "none", qkv_bias: str = "qkv", init: str = "timm",
+                 ffn: str = "mlp", registers: int = 0, drop_path_uniform: bool = False):
+        if ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"ffn {ffn!r}: expected mlp or swiglu")
         if pos_embed not in ("learned", "sincos", "none") or pos_interp not in ("dino", "timm"):
             raise ValueError(f"pos_embed {pos_embed!r} / pos_interp {pos_interp!r}: expected learned|sincos|none, "
                              "dino|timm")
@@ -197,7 +219,14 @@ class VisionTransformer(TimmVisionTransformer):
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
                          init_values=layer_scale, num_classes=0, global_pool="token", dynamic_img_size=True,
                          attn_layer=Attention, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                         pos_embed="none" if pos_embed == "none" else "learn")
+                         pos_embed="none" if pos_embed == "none" else "learn",
+                         mlp_layer=swiglu_ffn if ffn == "swiglu" else Mlp)
+        if drop_path_uniform and drop_path_rate > 0:  # timm's rates rise linearly over depth
+            for block in self.blocks:
+                block.drop_path1, block.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
+        # DINOv2 initialises its register tokens from N(0, 1e-6), as [CLS] (models/init.py redoes it)
+        self.reg_token = nn.Parameter(torch.randn(1, registers, embed_dim) * 1e-6) if registers else None
+        self.num_prefix_tokens = 1 + registers
         for block in self.blocks:
             block.attn.attn_fn, block.attn.varlen_fn = attn_fn, varlen_fn
             if rel_pos_bias == "per_block":
@@ -270,7 +299,7 @@ class VisionTransformer(TimmVisionTransformer):
         if self.pos_embed is None:
             return
         if self.pos_embed_kind == "sincos":
-            table = sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens)
+            table = sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size)
         else:
             table = torch.empty(self.pos_embed.shape, dtype=torch.float32, device=self.pos_embed.device)
             beit_normal_(table) if self.init_kind == "beit" else trunc_normal_(table, std=0.02)
@@ -281,7 +310,16 @@ class VisionTransformer(TimmVisionTransformer):
         return {"pos_embed"} if self.pos_embed_kind == "sincos" else set()
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """x: patch tokens [B, h, w, C] -> [B, 1 + h * w, C] with [CLS] and position embeddings."""
+        """x: patch tokens [B, h, w, C] -> [B, 1 + R + h * w, C]: [CLS] and the patches with their position
+        embeddings, the R register tokens (none by default) between them."""
+        return self._add_registers(self._cls_and_positions(x))
+
+    def _add_registers(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reg_token is None:
+            return x
+        return torch.cat([x[:, :1], self.reg_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+
+    def _cls_and_positions(self, x: torch.Tensor) -> torch.Tensor:
         B, h, w, C = x.shape
         old = tuple(self.patch_embed.grid_size)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x.reshape(B, h * w, C)], dim=1)
@@ -290,9 +328,9 @@ class VisionTransformer(TimmVisionTransformer):
         pos = self.pos_embed
         if (h, w) != old:
             if self.pos_interp == "dino":
-                pos = dino_resample_pos_embed(pos, old, (h, w), self.num_prefix_tokens)
-            else:
-                pos = resample_abs_pos_embed(pos, (h, w), old, num_prefix_tokens=self.num_prefix_tokens)
+                pos = dino_resample_pos_embed(pos, old, (h, w))
+            else:  # (the table's one prefix token is [CLS]: registers have no position)
+                pos = resample_abs_pos_embed(pos, (h, w), old, num_prefix_tokens=1)
         return self.pos_drop(x + pos.to(x.dtype))
 
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
@@ -403,7 +441,11 @@ def vit_options(state: dict[str, torch.Tensor]) -> dict[str, str]:
     rel = ("shared" if "rel_pos_bias.relative_position_bias_table" in state else
            "per_block" if "blocks.0.attn.rel_pos.relative_position_bias_table" in state else "none")
     qkv = "qv" if "blocks.0.attn.q_bias" in state else "qkv" if "blocks.0.attn.qkv.bias" in state else "none"
-    return {"rel_pos_bias": rel, "qkv_bias": qkv, "pos_embed": "learned" if "pos_embed" in state else "none"}
+    fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
+    swiglu = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]  # SwiGLUPacked's halves
+    return {"rel_pos_bias": rel, "qkv_bias": qkv, "pos_embed": "learned" if "pos_embed" in state else "none",
+            "ffn": "swiglu" if swiglu else "mlp",
+            "registers": state["reg_token"].shape[1] if "reg_token" in state else 0}
 
 
 def beit_normal_(t: torch.Tensor) -> torch.Tensor:
@@ -415,9 +457,11 @@ def build_vit(arch: str, *, img_size: int, patch_size: int | None = None, drop_p
               layer_scale: float | None = None, attn_fn: AttentionFn = attention_reference,
               varlen_fn: VarlenAttentionFn = attention_varlen_reference, pos_embed: str = "learned",
               pos_interp: str = "dino", rel_pos_bias: str = "none", qkv_bias: str = "qkv",
-              init: str = "timm") -> VisionTransformer:
+              init: str = "timm", ffn: str = "mlp", registers: int = 0,
+              drop_path_uniform: bool = False) -> VisionTransformer:
     a = get_arch(arch, "vit")
     return VisionTransformer(img_size=img_size, patch_size=patch_size or a.patch, embed_dim=a.width,
                              depth=a.depth, num_heads=a.heads, mlp_ratio=a.mlp_ratio, drop_path_rate=drop_path_rate,
                              layer_scale=layer_scale, attn_fn=attn_fn, varlen_fn=varlen_fn, pos_embed=pos_embed,
-                             pos_interp=pos_interp, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, init=init)
+                             pos_interp=pos_interp, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, init=init,
+                             ffn=ffn, registers=registers, drop_path_uniform=drop_path_uniform)

@@ -62,7 +62,7 @@ BAD = [
     ("model: {patch_size: 0}", "model.patch_size", "must be > 0"),
     ("optim: {betas: [0.9, 1.0]}", "optim.betas", "1.0 is outside [0.0, 1.0)"),
     ("data: {augment: {color_jitter: [0.4, 0.4, 0.2, 0.9]}}", "data.augment.color_jitter", "hue 0.9"),
-    ("method: simclr", "method", "unknown method 'simclr'; known: beit, dvae, finetune, ibot"),
+    ("method: simclr", "method", "unknown method 'simclr'; known: beit, dinov2, dvae, finetune, ibot"),
 ]
 
 
@@ -259,7 +259,7 @@ def test_every_shipped_config_is_valid(tmp_path):
         if path.name.startswith("beit_"):
             overrides.append(f"beit.tokenizer={tokenizers.get(path.name, tokenizers['*'])}")
         cfg = load_config(path, overrides)
-        assert cfg.method in ("ibot", "maskalign", "ibot_clip", "beit", "dvae", "itpn", "finetune"), path
+        assert cfg.method in ("ibot", "maskalign", "ibot_clip", "beit", "dvae", "itpn", "finetune", "dinov2"), path
 
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])

@@ -39,6 +39,18 @@ class ModelConfig:
                                  "hivit_tiny, hivit_base, hivit_large for method itpn).")
     patch_size: int = opt(16, "Patch size in pixels; crop sizes must be multiples of it.")
     drop_path: float = opt(0.1, "Stochastic depth rate of the last block (linear over depth).")
+    drop_path_uniform: bool = opt(
+        False, "Every block drops its residual branches at drop_path, not a rate rising linearly to it over depth "
+               "(facebookresearch/dinov2 dinov2/configs/ssl_default_config.yaml student.drop_path_uniform: true; "
+               "iBOT, timm: linear).")
+    ffn: Literal["mlp", "swiglu"] = opt(
+        "mlp", "Each block's feed-forward: 'mlp' (GELU, the arch's MLP width) or 'swiglu' (SiLU-gated, timm's "
+               "SwiGLUPacked layout, hidden width DINOv2's rule (int(2/3 * MLP width) + 7) // 8 * 8: "
+               "facebookresearch/dinov2 dinov2/layers/swiglu_ffn.py, ffn_layer: swiglufused in "
+               "dinov2/configs/train/vitg14.yaml).")
+    registers: int = opt(
+        0, "Learned register tokens after [CLS], dropped at the output (Darcet et al., 'Vision Transformers Need "
+           "Registers'; facebookresearch/dinov2 student.num_register_tokens, 4 in its *_reg4 models).")
     layer_scale: float | None = opt(None, "LayerScale init value (e.g. 1e-5 for giant models); null: off.")
     grad_checkpointing: int = opt(0, "Recompute every k-th block in backward (1: every block; 0: off).")
     sharded_init: bool = opt(False, "Build the model under deepspeed.zero.Init (no rank holds all weights; "
@@ -56,7 +68,7 @@ class ModelConfig:
         require(self.arch in known, "arch", f"{self.arch!r} is not one of {', '.join(known)}")
         at_least(self, 0, "patch_size", strict=True)
         require(0.0 <= self.drop_path < 1.0, "drop_path", f"{self.drop_path} is outside [0, 1)")
-        at_least(self, 0, "grad_checkpointing")
+        at_least(self, 0, "grad_checkpointing", "registers")
 
 
 @dataclass
@@ -135,9 +147,20 @@ class MaskConfig:
         False, "When no block fits the remaining count, grow the mask patch by patch to exactly int(ratio * h * w). "
                "false: stop short, as iBOT's and BEiT's generators do (bytedance/ibot loader.py, "
                "microsoft/unilm beit/masking_generator.py).")
+    spread: bool = opt(
+        False, "Draw the masks of a batch's global crops together, as DINOv2 (facebookresearch/dinov2 "
+               "dinov2/data/collate.py): exactly int(prob * crops) of them masked, their ratios spread over "
+               "linspace(ratio[0], ratio[1]), the rest whole, shuffled. false: each crop on its own with "
+               "probability prob (iBOT).")
+    max_block_fraction: float | None = opt(
+        None, "Cap on the patches one block adds, as a fraction of the grid (DINOv2's MaskingGenerator "
+              "max_num_patches = 0.5 * h * w, dinov2/train/train.py). null: no cap (iBOT, BEiT).")
 
     def validate(self) -> None:
         check_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
+        if self.max_block_fraction is not None:
+            require(0 < self.max_block_fraction <= 1, "max_block_fraction",
+                    f"{self.max_block_fraction} is outside (0, 1]")
         check_prob(self.prob, "prob")
         if self.patches is not None:
             at_least(self, 1, "patches")

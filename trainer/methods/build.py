@@ -34,6 +34,9 @@ def build_student(cfg, drop_path: float | None = None, pos_embed: str = "learned
     `options`: the BEiT options of `build_vit` (layer_scale, rel_pos_bias, qkv_bias, init)."""
     m, impl = cfg.model, kernels(cfg)
     options.setdefault("layer_scale", m.layer_scale)
+    options.setdefault("ffn", m.ffn)
+    options.setdefault("registers", m.registers)
+    options.setdefault("drop_path_uniform", m.drop_path_uniform)
     return build_vit(m.arch, img_size=cfg.data.global_crops.size, patch_size=m.patch_size,
                      drop_path_rate=m.drop_path if drop_path is None else drop_path,
                      attn_fn=get_attention(impl), varlen_fn=get_attention_varlen(impl), pos_embed=pos_embed,

@@ -114,7 +114,8 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
                 center_patch: torch.Tensor, student_temp: float, teacher_temp: float, teacher_patch_temp: float,
                 loss_fn: SoftmaxCEFn = softmax_ce_reference, last_layers: tuple = (None, None),
                 teacher_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                mask_index: torch.Tensor | None = None,
+                patch_teacher_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The iBOT loss terms.
 
     student_cls: [C*B, X], every student crop (globals first); student_patch: [M, X] at the masked
@@ -128,6 +129,8 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
         center statistics, out of the loss pass itself.
     mask_index: `patch_masks.flatten().nonzero()[:, 0]` where the caller has it already (found on the
         host from the loader's masks: a `nonzero` on the GPU makes the host wait for it).
+    patch_teacher_rows: the row of `teacher_patch` each masked patch reads (default: `mask_index`, the
+        teacher's every patch; DINOv2's teacher targets hold the masked patches only: arange(M)).
     """
     G, B, N = patch_masks.shape
     cls_sum, patch_sum = teacher_sums or (None, None)
@@ -150,7 +153,8 @@ def ibot_losses(student_cls: torch.Tensor, student_patch: torch.Tensor, patch_ma
                                        teacher_temp).sum()
     # MIM: per image over its masked patches, then over images (unmasked images count 0) and views.
     t_rows = patch_masks.flatten().nonzero().squeeze(1) if mask_index is None else mask_index
-    per_patch = ce(last_layers[1], student_patch, teacher_patch, t_rows, center_patch, patch_sum, teacher_patch_temp)
+    per_patch = ce(last_layers[1], student_patch, teacher_patch, t_rows if patch_teacher_rows is None
+                   else patch_teacher_rows, center_patch, patch_sum, teacher_patch_temp)
     per_image = torch.zeros(G * B, device=per_patch.device, dtype=per_patch.dtype).index_add_(0, t_rows // N, per_patch)
     mim = (per_image / patch_masks.flatten(0, 1).sum(dim=1).clamp(min=1)).mean()
     return {"cls": cls_total / (len(pairs) * B), "mim": mim}
@@ -310,8 +314,10 @@ class IBOT(Method):
         values: this step's schedule (teacher_temp, teacher_patch_temp)."""
         return self.ibot_step(batch, values)[0]
 
-    def ibot_step(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> tuple[dict, torch.Tensor]:
-        """-> (iBOT loss terms, the student's final tokens at the masked positions [M, C])."""
+    def ibot_step(self, batch: dict[str, torch.Tensor], values: dict[str, float]
+                  ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """-> (iBOT loss terms, the student's final tokens at the masked positions [M, C], its [CLS]
+        tokens of the global crops [G*B, C], before the head)."""
         g, loc = batch["global_crops"], batch["local_crops"]
         masks = batch["masks"].flatten(2)  # [G, B, N]
         flat_masks = masks.flatten(0, 1)  # [G*B, N]
@@ -342,14 +348,20 @@ class IBOT(Method):
             h_patch = h_patch.flatten(0, 1).index_select(0, index)
         else:  # rows are independent: the patch MLP sees the masked tokens only, the rest never enters the loss
             h_cls, h_patch = cls_mlp(torch.cat([o["cls"] for o in outs])), patch_mlp(masked_tokens)
+        losses = self.distill(h_cls, h_patch, masks, index, t_cls, t_patch, values, (cls_protos, patch_protos))
+        return losses, masked_tokens, s["cls"]
+
+    def distill(self, h_cls: torch.Tensor, h_patch: torch.Tensor, masks: torch.Tensor, index: torch.Tensor,
+                t_cls: torch.Tensor, t_patch: torch.Tensor, values: dict[str, float], protos: tuple) -> dict:
+        """The two distillation terms from the student's bottleneck features and the teacher's logits
+        (`ibot_losses`), then the centers' update."""
         sums = (self.center.new_zeros(self.center.shape, dtype=torch.float32),
                 self.center_patch.new_zeros(self.center_patch.shape, dtype=torch.float32))
         losses = ibot_losses(
             h_cls, h_patch, masks, t_cls, t_patch.flatten(0, 1), self.center, self.center_patch, self.student_temp,
-            values["teacher_temp"], values["teacher_patch_temp"], self.loss_fn, (cls_protos, patch_protos), sums,
-            index)
+            values["teacher_temp"], values["teacher_patch_temp"], self.loss_fn, protos, sums, index)
         self.update_centers(sums[0] / t_cls.shape[0], sums[1] / (t_patch.shape[0] * t_patch.shape[1]))
-        return losses, masked_tokens
+        return losses
 
     @torch.no_grad()
     def update_centers(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:

@@ -58,7 +58,7 @@ class IBOTCLIP(IBOT):
                    input_mean=cfg.data.augment.mean, input_std=cfg.data.augment.std, **networks)
 
     def forward(self, batch: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
-        losses, masked_tokens = self.ibot_step(batch, values)
+        losses, masked_tokens, _ = self.ibot_step(batch, values)
         images = batch["global_crops"].flatten(0, 1)
         masks = batch["masks"].flatten(0, 1)  # [G*B, h, w]
         t = self.clip_teacher(images, tuple(masks.shape[-2:]), self.input_mean, self.input_std, [self.clip_block])
