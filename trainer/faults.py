@@ -39,9 +39,14 @@ class NumericalFault(RuntimeError):
 class StepGuard:
     """Agrees on non-finite losses and stop signals across ranks; counts skipped steps."""
 
-    def __init__(self, max_consecutive_skips: int, deadline: JobDeadline | None = None):
+    def __init__(self, max_consecutive_skips: int, deadline: JobDeadline | None = None, rollback_on_skips: int = 0):
         self.max_consecutive = max_consecutive_skips
         self.deadline = deadline
+        # with the spike guard: skipped steps in a row that it rolls back (never stopped for here)
+        self.rollback_on_skips = rollback_on_skips
+        self.means: dict[str, float] = {}  # the last step's watched values (check's `watch`), over micro-steps and ranks
+        self._names: list[str] = []
+        self._checks = 0  # micro-steps checked in this step
         self.skipped = 0  # steps skipped over the whole run (restored on resume)
         self.consecutive = 0
         self._flags: torch.Tensor | None = None  # summed check() flags of the current step
@@ -49,13 +54,20 @@ class StepGuard:
         self.signal_name: str | None = None
         stop_signals.catch()  # launch.py already does, before its imports; train() may be called without it
 
-    def check(self, loss: torch.Tensor) -> torch.Tensor:
+    def check(self, loss: torch.Tensor, watch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Agree with every rank on this micro-step's loss; -> the loss to back-propagate: NaN times the
         loss on every rank when any rank's loss is non-finite, so that DeepSpeed skips the step.
-        Stays on the device (no host sync); `record` reads the outcome after the optimizer step."""
+        Stays on the device (no host sync); `record` reads the outcome after the optimizer step.
+        `watch`: values (the loss terms) summed over ranks in the same all-reduce; `record` leaves their
+        mean over micro-steps and ranks in `means` (what the spike guard reads: no collective of its own)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        flags = torch.zeros(world + 1, dtype=torch.float32, device=loss.device)
+        names = list(watch or {})
+        flags = torch.zeros(world + 1 + len(names), dtype=torch.float32, device=loss.device)
+        if names:
+            flags[world + 1:] = torch.stack([watch[k].detach().float() for k in names])
+        self._names = names
+        self._checks += 1
         flags[rank] = (~torch.isfinite(loss.detach())).float()
         if self.signal_name is None:
             self.signal_name = stop_signals.take()
@@ -71,7 +83,12 @@ class StepGuard:
         """After the optimizer step of `step` (1-based): count it if it was skipped, and stop the run
         after `max_consecutive` skips in a row. -> whether the step was applied."""
         flags, self._flags = self._flags.tolist(), None  # the one read of the step (a host sync on a GPU)
-        world = len(flags) - 1
+        names = self._names
+        world = len(flags) - 1 - len(names)
+        if names:
+            count = self._checks * world
+            self.means = {k: v / count for k, v in zip(names, flags[world + 1:])}
+        self._checks = 0
         self.stop_requested = self.stop_requested or flags[world] > 0
         bad = [r for r in range(world) if flags[r] > 0]
         if applied:
@@ -83,6 +100,8 @@ class StepGuard:
         shown = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
         log.warning("step %d skipped on every rank (%s; loss terms here: %s): weights, optimizer and EMA teacher "
                     "unchanged; %d in a row, %d in this run", step, what, shown, self.consecutive, self.skipped)
+        if self.consecutive == self.rollback_on_skips:
+            return False  # the spike guard rolls back (trainer/spike_guard.py); with no checkpoint, the limit stands
         if self.consecutive >= self.max_consecutive:
             newest = newest_checkpoint()
             raise NumericalFault(

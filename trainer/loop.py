@@ -32,6 +32,7 @@ from .plan.memory import warn_if_over
 from .plan.workload import build_meta
 from .resume import Resume, client_state
 from .schedules import Schedules
+from .spike_guard import SpikeGuard, record_rollback
 from .timing import StepTimer, throughput
 
 log = logging.getLogger(__name__)
@@ -157,19 +158,23 @@ def setup_device(env: DistEnv) -> torch.device:
 
 
 def optimizer_step(engine, batches, values: dict, step: int, cfg: Config, timer: StepTimer, guard: StepGuard,
-                   clipper, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+                   clipper, device: torch.device, dtype: torch.dtype, seen: list | None = None) -> tuple[dict, dict]:
     """One optimizer step over `optim.grad_accum` micro-batches: -> (the last micro-batch's outputs,
-    each output's sum over the micro-batches with the weighted total as "loss", under its logged name)."""
+    each output's sum over the micro-batches with the weighted total as "loss", under its logged name).
+    `seen`: gets the keys of the samples trained on (the spike guard's record of what it skips)."""
     weights, a = engine.module.loss_weights, cfg.data.augment
     sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.optim.grad_accum):
         with timer.phase("data"):
             batch = normalize_batch(next(batches), a.mean, a.std, device, dtype)
+        if seen is not None:
+            seen.extend(batch.get("keys", []))
         with timer.phase("forward"):
             losses = engine(batch, {**values, "step": step, "micro_step": step * cfg.optim.grad_accum + micro})
             loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
+        watch = {"loss": loss, **{k: v for k, v in losses.items() if k in weights}} if seen is not None else None
         with timer.phase("backward"):
-            engine.backward(guard.check(loss))
+            engine.backward(guard.check(loss, watch))
         for k, v in {"loss": loss, **{logged_name(k, weights): v for k, v in losses.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         with timer.phase("optimizer"):
@@ -209,6 +214,35 @@ def is_best(method, summary: dict, result: dict, step: int) -> bool:
     return True
 
 
+def roll_back(cfg: Config, ckpt: Checkpointer, engine, ema, env: DistEnv, run_dir: Path, step: int, reason: str,
+              seen: dict[int, list[str]], global_batch: int) -> Resume | None:
+    """A spike at `step`: every rank restores the newest complete checkpoint, the data stream left where it
+    is (the steps since are skipped, their samples recorded); -> what was restored (None: no checkpoint)."""
+    newest = ckpt.latest()
+    if newest is None:
+        log.warning("step %d: loss spike (%s), but no complete checkpoint to roll back to: going on", step, reason)
+        return None
+    back = Resume(newest, env.world_size)
+    back.restore(ckpt, engine, ema, None, cfg, env.rank, env.world_size, global_batch)
+    keys = [k for s, ks in sorted(seen.items()) if s > back.step for k in ks]
+    everyone = [None] * env.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, (str(newest), keys))
+    else:
+        everyone = [(str(newest), keys)]
+    if len({path for path, _ in everyone}) != 1:  # the ranks must agree, or their weights would differ
+        raise RuntimeError(f"spike rollback: the ranks restored different checkpoints: {[p for p, _ in everyone]}")
+    if env.rank == 0:
+        record_rollback(run_dir, step, newest, back.step, reason, {r: k for r, (_, k) in enumerate(everyone)},
+                        cfg.run.spike_guard)
+    g = cfg.run.spike_guard
+    log.warning("step %d: loss spike (%s): rolled back to %s (step %d); the data of steps %d-%d (%d samples on this "
+                "rank) is skipped, its keys in %s%s", step, reason, newest, back.step, back.step + 1, step, len(keys),
+                run_dir / "rollbacks.jsonl",
+                f"; lr x{g.lr_scale:g} for {g.lr_scale_steps} steps" if g.lr_scale_steps else "")
+    return back
+
+
 def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None,
           stop_after: int | None = None) -> dict:
     run_dir = Path(cfg.run.output_dir).expanduser()
@@ -230,7 +264,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
     # all-reduce makes every rank stop with it.
     deadline = JobDeadline.from_job(cfg.checkpoint.before_time_limit_s) if env.rank == 0 else None
-    guard = StepGuard(cfg.optim.max_consecutive_skips, deadline=deadline)
+    spikes = SpikeGuard(cfg.run.spike_guard) if cfg.run.spike_guard.enabled else None
+    guard = StepGuard(cfg.optim.max_consecutive_skips, deadline=deadline,
+                      rollback_on_skips=cfg.run.spike_guard.nonfinite_steps if spikes else 0)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * env.world_size
@@ -253,6 +289,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         if best and env.rank == 0:
             name = method.best_by[0]
             ckpt.mark_best(ckpt.latest(), name, summary[f"best_{name}"])
+        seen.clear()  # the samples a rollback to this checkpoint would skip start here
 
     # ---- steps
     clipper = None
@@ -260,20 +297,25 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
     timer = StepTimer(cfg.log.sync_timing, device)
     batches, window = iter(loader), LogWindow()
+    seen: dict[int, list[str]] = {}  # step -> this rank's sample keys since the newest checkpoint (spike guard)
     last = min(cfg.schedule.steps, stop_at or cfg.schedule.steps, step + (stop_after or cfg.schedule.steps))
     stopped_by = None
     while step < last:
         step_start = time.perf_counter()
         timer.start_step(logged_next=(step + 1) % cfg.log.every_steps == 0 or step + 1 == cfg.schedule.steps)
         values = schedules.at(step)
+        if spikes is not None:
+            values["lr"] *= spikes.lr_factor(step)
         apply_schedule(engine.optimizer, values)
         before = [b.clone() for b in float_buffers(method)]
-        losses, sums = optimizer_step(engine, batches, values, step, cfg, timer, guard, clipper, device, dtype)
+        keys = seen.setdefault(step + 1, []) if spikes is not None else None
+        losses, sums = optimizer_step(engine, batches, values, step, cfg, timer, guard, clipper, device, dtype, keys)
         step += 1
         window.steps += 1
         if deadline is not None:
             deadline.observe(time.perf_counter() - step_start)
-        if guard.record(engine.was_step_applied(), step, losses, ckpt.latest):
+        applied = guard.record(engine.was_step_applied(), step, losses, ckpt.latest)
+        if applied:
             if ema is not None:
                 with timer.phase("ema"):
                     ema.update(values["momentum"])
@@ -281,6 +323,16 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         else:  # skipped on every rank: the running statistics go back too
             for b, saved in zip(float_buffers(method), before):
                 b.copy_(saved)
+        reason = spikes.spike(step, guard.means, applied, guard.consecutive) if spikes is not None else None
+        if reason is not None:
+            back = roll_back(cfg, ckpt, engine, ema, env, run_dir, step, reason, seen, global_batch)
+            if back is not None:
+                spikes.rolled_back(step)
+                metrics.write(step, {"spike_rolled_back_to": back.step})
+                step, summary, guard.consecutive = back.step, back.summary, 0
+                seen.clear()
+                window.reset()
+                continue
         if step % cfg.log.every_steps == 0 or step == cfg.schedule.steps:
             record = log_record(cfg, values, window.means(sums), window.steps, time.perf_counter() - window.start,
                                 global_batch, loader, guard, timer, method.logged_schedules, flops_per_step, device)

@@ -52,7 +52,8 @@ class Resume:
     def restore(self, ckpt: Checkpointer, engine, ema, loader, cfg: Config, rank: int, world_size: int,
                 global_batch: int) -> None:
         """Everything back as it was saved; sets `step`, `summary` and `skipped`. A frozen network's
-        file must be the one the run was trained with (its sha256)."""
+        file must be the one the run was trained with (its sha256). `loader` None: the data position
+        is left where it is (a spike's rollback)."""
         source = self.source
         if self.reshard:
             universal = resharding.convert(source)
@@ -76,7 +77,9 @@ class Resume:
             ckpt.load_engine(engine, source)
         if ema is not None:
             ema.load_state_dict(parts["ema"])
-        if self.reshard:
+        if loader is None:  # a rollback (trainer/spike_guard.py): the stream goes on past the skipped steps
+            pass
+        elif self.reshard:
             d = parts["data"]
             loader.restart(d["restart_epoch"], d["counters"])
             log.warning("data: %d samples taken by %d ranks' streams; the %d new ones start epoch %d (no sample "

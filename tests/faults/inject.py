@@ -15,6 +15,11 @@ FAULT is one of
                            The losses do not change.
     worker-error:N         the loader's N-th image (1-based, in whichever process decodes it) raises
                            in its augmentation: a bug in a loader worker, not bad data
+    spike:N@RANK           the loss terms of the N-th training forward on RANK (1-based, counted over
+                           the process's life: steps redone after a rollback count again) times 1000
+    skip-batches:N         the loader's first N batches after the start (or resume) are thrown away
+    keys:DIR               each rank appends the sample keys of every batch it trains on to
+                           DIR/keys.rank<R>.jsonl, one [call, keys] line per batch
 """
 
 import errno
@@ -121,6 +126,59 @@ def worker_error(n: int) -> None:
     data.transforms.MultiCrop.__call__ = failing
 
 
+def inject_spike(n: int, who: int, factor: float = 1000.0) -> None:
+    build, calls = trainer.loop.build_engine, {"n": 0}
+
+    def built(*args, **kwargs):
+        engine, ema = build(*args, **kwargs)
+        forward = engine.module.forward
+
+        def spiking(batch, values):
+            out = forward(batch, values)
+            calls["n"] += 1
+            if rank() == who and calls["n"] == n:
+                out = {k: v * factor for k, v in out.items()}
+            return out
+
+        engine.module.forward = spiking  # (nn.Module.__call__ finds the instance's forward; hooks still run)
+        return engine, ema
+
+    trainer.loop.build_engine = built
+
+
+def skip_batches(n: int) -> None:
+    build = trainer.loop.build_train_loader
+
+    def built(*args, **kwargs):
+        loader = build(*args, **kwargs)
+        real = type(loader).__iter__
+
+        def skipping(self):
+            batches = real(self)
+            for _ in range(n):
+                next(batches)
+            return batches
+
+        loader.__class__ = type("Skipping", (type(loader),), {"__iter__": skipping})
+        return loader
+
+    trainer.loop.build_train_loader = built
+
+
+def log_keys(directory: str) -> None:
+    import json
+
+    normalize, calls = trainer.loop.normalize_batch, {"n": 0}
+
+    def logged(batch, *args, **kwargs):
+        calls["n"] += 1
+        with open(Path(directory) / f"keys.rank{rank()}.jsonl", "a") as f:
+            f.write(json.dumps([calls["n"], list(batch.get("keys", []))]) + "\n")
+        return normalize(batch, *args, **kwargs)
+
+    trainer.loop.normalize_batch = logged
+
+
 def main() -> int:
     split = sys.argv.index("--")
     for spec in sys.argv[1:split]:
@@ -138,6 +196,12 @@ def main() -> int:
             hold_after(int(value))
         elif kind == "worker-error":
             worker_error(int(value))
+        elif kind == "spike":
+            inject_spike(int(value), who)
+        elif kind == "skip-batches":
+            skip_batches(int(value))
+        elif kind == "keys":
+            log_keys(value)
         else:
             raise SystemExit(f"unknown fault {spec!r}")
     torch.set_num_threads(1)

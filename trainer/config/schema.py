@@ -65,6 +65,11 @@ class Config:
         for name in ("blur_p", "solarize_p"):
             require(len(getattr(self.data.augment, name)) == self.data.global_crops.number, f"data.augment.{name}",
                     f"needs one probability per global crop ({self.data.global_crops.number})")
+        g = self.run.spike_guard
+        if g.enabled:
+            require(g.nonfinite_steps <= self.optim.max_consecutive_skips, "run.spike_guard.nonfinite_steps",
+                    f"{g.nonfinite_steps} exceeds optim.max_consecutive_skips ({self.optim.max_consecutive_skips}), "
+                    "which stops the run first")
         if self.data.mask.patches is not None:
             require(self.data.mask.patches < grid, "data.mask.patches",
                     f"{self.data.mask.patches} is not fewer than the {grid} patches of a global crop")

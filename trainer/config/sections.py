@@ -12,6 +12,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
+class SpikeGuardConfig:
+    enabled: bool = opt(
+        False, "Roll back a loss spike: reload the newest complete checkpoint before it, move the data past the "
+               "steps since (recorded in rollbacks.jsonl), go on. No reference trainer does this; false: today's "
+               "behaviour (a non-finite step is skipped, optim.max_consecutive_skips of them stop the run).")
+    window: int = opt(200, "Applied steps each loss term's running median and MAD are taken over.")
+    min_history: int = opt(50, "Steps of history before a step can be called a spike.")
+    factor: float = opt(
+        10.0, "A step is a spike when its loss, or any term of it (means over ranks), exceeds the window's median "
+              "by more than factor x max(1.4826 MAD, rel_floor x |median|). Upward only.")
+    rel_floor: float = opt(0.02, "Smallest deviation the factor multiplies, as a fraction of |median| (a loss with "
+                                 "almost no spread would otherwise call any rise a spike).")
+    nonfinite_steps: int = opt(
+        3, "This many non-finite (skipped) steps in a row roll back too; at most optim.max_consecutive_skips.")
+    lr_scale: float = opt(1.0, "After a rollback the lr is multiplied by this for lr_scale_steps steps.")
+    lr_scale_steps: int = opt(0, "Steps the lower lr lasts after a rollback (0: none).")
+    max_rollbacks: int = opt(3, "Rollbacks allowed within rollback_window steps; one more stops the run with a line "
+                                "naming the steps (a spike that comes back is not data, and would loop).")
+    rollback_window: int = opt(10_000, "Steps over which max_rollbacks counts.")
+
+    def validate(self) -> None:
+        at_least(self, 3, "window", "min_history")
+        at_least(self, 0, "factor", "rel_floor", "lr_scale", strict=True)
+        at_least(self, 1, "nonfinite_steps", "max_rollbacks", "rollback_window")
+        at_least(self, 0, "lr_scale_steps")
+        require(self.min_history <= self.window, "min_history", f"{self.min_history} exceeds window ({self.window})")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = opt("runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard events, log.")
     seed: int = opt(0, "Global seed; data order, augmentations and masks are pure functions of it.")
@@ -22,6 +51,7 @@ class RunConfig:
         "auto", "Attention / softmax-CE implementations: 'torch' (PyTorch references), 'triton' (Triton kernels "
                 "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (the kernels on a CUDA GPU "
                 "where a start-up self-check against the references passes, the references elsewhere).")
+    spike_guard: SpikeGuardConfig = opt(SpikeGuardConfig(), "Rolling back a loss spike (trainer/spike_guard.py).")
 
     def validate(self) -> None:
         require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
