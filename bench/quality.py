@@ -42,6 +42,7 @@ RECIPES = {
     "dvae": Recipe("dvae_tiny", backbone=False, exports=("scripts/export_tokenizer.py", "{tokenizer}")),
     "beit": Recipe("beit_vit_tiny", ("beit.tokenizer={tokenizer}",), needs="dvae"),
     "itpn": Recipe("itpn_hivit_tiny", ci=("schedule.steps=400",)),  # tests/runs/test_itpn_runs.py
+    "dinov2": Recipe("dinov2_vit_tiny", ci=("schedule.steps=120",)),  # tests/runs/test_dinov2_runs.py
     # fine-tuning the default's network (configs/finetune_vit_tiny.yaml): from the ibot run's checkpoint
     # and from scratch, with a class-balanced tenth of the labels and with all of them
     "finetune_ibot_10pct": Recipe("finetune_vit_tiny", ("finetune.init={run_ibot}", "finetune.label_fraction=0.1"),

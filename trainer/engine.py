@@ -43,7 +43,8 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: bool = True) -> list[dict]:
+def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: bool = True,
+                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
     """The method's trainable parameters (the student and its alignment modules; never a teacher)
     grouped by (weight decay?, lr scale, prototype layer?).
 
@@ -53,7 +54,8 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
     iBOT, DINO and MAE decay them). `lr_scale` is the layer-wise decay factor (modules beside the
     backbone count as its last layer), 0 for the backbone's `fixed_parameters()` (a sin-cos table);
     `lr_factor` names the scheduled value the group's lr is also multiplied by, where the method's
-    `lr_factors` says so (iBOT's prototype layers, held at 0 for the first steps).
+    `lr_factors` says so (iBOT's prototype layers, held at 0 for the first steps). The patch
+    embedding's lr scale is further multiplied by `patch_embed_lr_mult` (DINOv2's 0.2).
     """
     backbone = method.student["backbone"]  # a ViT; the dVAE (method dvae) has no blocks nor embeddings
     no_wd = set(method.no_weight_decay())
@@ -69,6 +71,8 @@ def param_groups(method: nn.Module, layer_decay: float = 1.0, decay_embeddings: 
         name = full_name.removeprefix("student.")
         decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_wd or name in fixed)
         scale = 0.0 if name in fixed else layer_decay ** (depth + 1 - layer_id(name, depth))
+        if name.startswith("backbone.patch_embed."):
+            scale *= patch_embed_lr_mult
         factor = next((value for part, value in factors.items() if part in name), None)
         key = (decay, scale, factor)
         if key not in groups:
@@ -201,7 +205,7 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
         log.info("frozen %s loaded from %s (sha256 %s)", name, path, sha[:12])
     if cfg.model.grad_checkpointing:
         method.student.backbone.set_grad_checkpointing(True, every=cfg.model.grad_checkpointing)
-    groups = param_groups(method, cfg.optim.layer_decay, cfg.optim.decay_embeddings)
+    groups = param_groups(method, cfg.optim.layer_decay, cfg.optim.decay_embeddings, cfg.optim.patch_embed_lr_mult)
     for g in groups:
         g.pop("names")
     # A replicated frozen teacher is kept out of the engine: DeepSpeed would partition it and hook

@@ -42,9 +42,9 @@ class StepGuard:
     def __init__(self, max_consecutive_skips: int, deadline: JobDeadline | None = None, rollback_on_skips: int = 0):
         self.max_consecutive = max_consecutive_skips
         self.deadline = deadline
-        # with the spike guard: skipped steps in a row that it rolls back (never stopped for here)
+        # with the spike guard: the skipped steps in a row it rolls back (not a stop, unless no checkpoint)
         self.rollback_on_skips = rollback_on_skips
-        self.means: dict[str, float] = {}  # the last step's watched values (check's `watch`), over micro-steps and ranks
+        self.means: dict[str, float] = {}  # the last step's `watch` values, means over micro-steps and ranks
         self._names: list[str] = []
         self._checks = 0  # micro-steps checked in this step
         self.skipped = 0  # steps skipped over the whole run (restored on resume)

@@ -148,6 +148,10 @@ def test_param_groups_decay_and_layer_scales():
     assert by_name["student.backbone.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
     assert by_name["student.head.cls.mlp.0.weight"]["lr_scale"] == 1.0
     assert by_name["student.head.cls.last_layer.weight"]["lr_factor"] == "last_layer_lr_factor"
+    # DINOv2's patch_embed_lr_mult: the patch embedding alone, on top of layer decay
+    by_name = {n: g for g in param_groups(method, layer_decay=0.5, patch_embed_lr_mult=0.2) for n in g["names"]}
+    assert by_name["student.backbone.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.2 * 0.5 ** (depth + 1))
+    assert by_name["student.backbone.pos_embed"]["lr_scale"] == 0.5 ** (depth + 1)
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in method.student.parameters())
     # iBOT freezes every prototype layer ("last_layer" in the name), last_layer2 included
     groups = param_groups(_tiny_ibot("ibot.shared_head=false"))

@@ -21,7 +21,7 @@ from trainer.plan.memory import GiB, activations, plan, warn_if_over
 
 CONFIGS = PROJECT_ROOT / "configs"
 TINY = ["defaults", "ibot_vit_tiny", "ibot_clip_vit_tiny", "maskalign_vit_tiny", "beit_vit_tiny", "itpn_hivit_tiny",
-        "dvae_tiny"]
+        "dvae_tiny", "dinov2_vit_tiny"]
 
 
 def config(name: str, *overrides: str):
@@ -185,6 +185,23 @@ def test_flops_of_a_vit_b16_forward_equal_a_hand_count():
     assert counter.get_total_flops() == hand
 
 
+def test_flops_of_a_vit_giant2_forward_equal_a_hand_count():
+    """DINOv2's ViT-g/14 (docs/scale.md writes this count out): 257 tokens of width 1536, SwiGLU 4096 wide
+    (fc1 packs gate and up: 2 x 4096 outputs), 40 blocks, patch 14 at 224 pixels."""
+    T, C, H, L = 257, 1536, 4096, 40
+    patch_embed = 2 * 256 * C * (3 * 14 * 14)
+    per_block = 2 * T * C * 3 * C + 2 * 2 * T * T * C + 2 * T * C * C + 2 * T * C * 2 * H + 2 * T * H * C
+    hand = patch_embed + L * per_block
+    assert hand == 598_780_133_376  # 598.8 GFLOP (299.4 GMACs)
+    with torch.device("meta"):
+        m = build_vit("vit_giant2", img_size=224, ffn="swiglu", layer_scale=1e-5)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        m.forward_features(torch.empty(1, 3, 224, 224, device="meta"))
+    assert abs(counter.get_total_flops() / hand - 1) < 0.01
+
+
 def test_step_flops_count_grad_passes_three_times():
     cfg = config("ibot_l16_in22k", "data.local_crops.number=0")
     f = step_flops(cfg)
@@ -202,15 +219,26 @@ def test_step_flops_count_grad_passes_three_times():
 
 
 @pytest.mark.parametrize("name", ["ibot_l16_in22k", "ibot_h14_in22k", "ibot_g14_in22k", "ibot_G14_in22k",
-                                  "ibot_clip_vit_G14_in22k"])
+                                  "ibot_clip_vit_G14_in22k", "dinov2_vitg14_in22k", "dinov2_vitG14_in22k"])
 def test_large_configs_fit_64_gpus_of_80_gb(name):
     cfg = config(name)
     p = plan(cfg, build_ds_config("zero3.json", cfg, 64), 64, 80 * GiB, search=False)
     print(p.table())
     assert p.fits and p.micro_batch >= 16 and p.margin > 10 * GiB
-    if "G14" in name:
+    if "G14" in name and cfg.method != "dinov2":
         assert cfg.model.arch == "vit_gigantic" and cfg.ibot.out_dim == 65536 and cfg.model.sharded_init
         assert 1.84e9 < p.counts.trainable < 1.91e9  # ViT-G/14 + iBOT heads
+    if cfg.method == "dinov2":  # the SwiGLU backbone and DINOv2's two heads of 131072 prototypes
+        with torch.device("meta"):
+            backbone = sum(p.numel() for p in build_vit(cfg.model.arch, img_size=224, ffn="swiglu",
+                                                        layer_scale=1e-5).parameters())
+        C, h = VIT_ARCHS[cfg.model.arch].width, 2048
+        heads = sum(C * h + h + h * h + h + h * b + b + 131072 * b + 131072 for b in (384, 256))
+        assert p.counts.trainable == backbone + heads and cfg.model.sharded_init
+        if cfg.model.arch == "vit_giant2":
+            assert backbone == 1_134_771_200  # tests/unit/test_dinov2.py counts it by hand
+        else:  # DINOv2's width rule keeps ViT-G's MLP parameter count: 3 x 5464 ~ 2 x 8192
+            assert 1.84e9 < backbone < 1.85e9
 
 
 def test_checkpointing_and_offload_change_the_plan_the_way_they_should():
@@ -268,7 +296,7 @@ def test_launch_warns_before_the_engine_when_the_plan_does_not_fit(caplog):
 
 def test_configs_for_vit_h_and_larger_build_sharded():
     big = [p.stem for p in CONFIGS.glob("*.yaml")
-           if config(p.stem).model.arch in ("vit_huge", "vit_giant", "vit_gigantic")]
+           if config(p.stem).model.arch in ("vit_huge", "vit_giant", "vit_giant2", "vit_gigantic")]
     assert {"ibot_h14_in22k", "ibot_g14_in22k", "ibot_G14_in22k", "ibot_clip_vit_G14_in22k"} <= set(big)
     assert all(config(name).model.sharded_init for name in big), big
 

@@ -255,6 +255,10 @@ class OptimConfig:
         "per_param", "per_param: each parameter's gradient is scaled to norm <= clip_grad on its own, as iBOT and "
                      "DINO do (bytedance/ibot utils.py clip_gradients, clip 3.0); global: DeepSpeed's clipping of "
                      "the norm of all gradients together.")
+    patch_embed_lr_mult: float = opt(
+        1.0, "The patch embedding's lr multiplied by this, on top of layer decay (facebookresearch/dinov2 "
+             "dinov2/configs/ssl_default_config.yaml optim.patch_embed_lr_mult 0.2, dinov2/utils/param_groups.py; "
+             "iBOT, BEiT: 1).")
     decay_embeddings: bool = opt(
         True, "Weight decay on pos_embed, cls_token and mask_token: only biases and 1-D parameters are exempt, as in "
               "iBOT, DINO and MAE/MaskAlign (bytedance/ibot utils.py get_params_groups). false: also exempt what "
@@ -277,6 +281,7 @@ class OptimConfig:
         at_least(self, 0, "clip_grad")
         at_least(self, 1, "grad_accum")
         require(0 < self.layer_decay <= 1, "layer_decay", f"{self.layer_decay} is outside (0, 1]")
+        at_least(self, 0, "patch_embed_lr_mult")
         at_least(self, 1, "max_consecutive_skips")
 
 
