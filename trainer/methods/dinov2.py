@@ -115,11 +115,11 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> to
     all-reduce), which changes nothing after the first normalisation but keeps exp finite at any
     prototype norm; and a prototype no row reaches keeps 0 mass instead of dividing 0 by 0."""
     x = logits.float() / temp
-    peak = x.max() if x.numel() else x.new_tensor(float("-inf"))
+    peak = x.max() if x.numel() else x.new_full((), float("-inf"))
     all_reduce_(peak, dist.ReduceOp.MAX if dist.is_available() else None)
     Q = torch.exp(x - peak).t()  # [K, B]
     K = Q.shape[0]
-    B = all_reduce_(Q.new_tensor(float(Q.shape[1])))
+    B = all_reduce_(Q.new_full((), float(Q.shape[1])))  # (new_full: no host-to-device copy)
     Q /= all_reduce_(Q.sum())
     for _ in range(iterations):
         Q /= all_reduce_(Q.sum(dim=1, keepdim=True)).clamp_min(torch.finfo(Q.dtype).tiny)
