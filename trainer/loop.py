@@ -327,7 +327,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         if reason is not None:
             back = roll_back(cfg, ckpt, engine, ema, env, run_dir, step, reason, seen, global_batch)
             if back is not None:
-                spikes.rolled_back(step)
+                spikes.rolled_back(step, back.step)
                 metrics.write(step, {"spike_rolled_back_to": back.step})
                 step, summary, guard.consecutive = back.step, back.summary, 0
                 seen.clear()

@@ -64,8 +64,9 @@ class SpikeGuard:
             self.history.setdefault(name, deque(maxlen=c.window)).append(value)
         return None
 
-    def rolled_back(self, step: int) -> None:
-        """Count a rollback of `step`; raises SpikeError past `max_rollbacks` within `rollback_window` steps."""
+    def rolled_back(self, step: int, restored_step: int) -> None:
+        """Count a rollback of `step` to `restored_step`; raises SpikeError past `max_rollbacks` within
+        `rollback_window` steps. The lowered lr (if any) holds for the `lr_scale_steps` steps after it."""
         c = self.cfg
         self.rollbacks = [s for s in self.rollbacks if s > step - c.rollback_window] + [step]
         if len(self.rollbacks) > c.max_rollbacks:
@@ -74,7 +75,7 @@ class SpikeGuard:
                 f"{', '.join(map(str, self.rollbacks))}; run.spike_guard.max_rollbacks {c.max_rollbacks}): the "
                 "spikes come back after skipping their data. Stopping; the newest complete checkpoint is kept. "
                 "Resume it with a lower optim.lr, a longer optim.warmup_steps or a smaller optim.clip_grad")
-        self.lr_until = step + c.lr_scale_steps
+        self.lr_until = restored_step + c.lr_scale_steps
 
     def lr_factor(self, step: int) -> float:
         """What the scheduled lr is multiplied by at `step` (0-based, as the schedules)."""

@@ -79,11 +79,11 @@ def test_a_spike_is_a_rise_past_the_robust_deviation_and_never_enters_the_histor
 
 def test_rollbacks_are_capped_and_lower_the_lr_for_a_while():
     g = guard(max_rollbacks=2, rollback_window=100, lr_scale=0.5, lr_scale_steps=10)
-    g.rolled_back(50)
-    assert g.lr_factor(55) == 0.5 and g.lr_factor(60) == 1.0
-    g.rolled_back(120)  # 50 is still within 100 steps
+    g.rolled_back(50, 40)  # a spike at step 50, back to the checkpoint of step 40: the lr x 0.5 for steps 40-49
+    assert g.lr_factor(40) == g.lr_factor(49) == 0.5 and g.lr_factor(50) == 1.0
+    g.rolled_back(120, 110)  # 50 is still within 100 steps
     with pytest.raises(SpikeError, match="3 rollbacks within 100 steps .at steps 50, 120, 140"):
-        g.rolled_back(140)
+        g.rolled_back(140, 130)
     g2 = guard(max_rollbacks=1, rollback_window=100)
-    g2.rolled_back(50)
-    g2.rolled_back(151)  # the first is out of the window
+    g2.rolled_back(50, 40)
+    g2.rolled_back(151, 150)  # the first is out of the window
