@@ -58,6 +58,9 @@ class DINOv2Config:
     patch_head_hidden_dim: int = opt(2048, "Patch head MLP width (ibot.head_hidden_dim).")
     patch_head_bottleneck_dim: int = opt(256, "Patch head bottleneck (ibot.head_bottleneck_dim: 256 in vitg14 too).")
     patch_head_layers: int = opt(3, "Patch head MLP layers (ibot.head_nlayers).")
+    head_norm: Literal["none", "bn"] = opt(
+        "none", f"Batch norm after each hidden layer of both heads ({DINOV2} dinov2/layers/dino_head.py use_bn, "
+                "default False; statistics over every rank, as models/heads.py TokenBatchNorm).")
     norm_last_layer: bool = opt(
         False, f"Fix the prototype norms at 1. false: they start at 1 and train ({DINOV2} dinov2/layers/"
                "dino_head.py: weight_norm with weight_g filled with 1, not frozen).")
@@ -170,7 +173,7 @@ class DINOv2(IBOT):
             return IBOTHead(width, d.out_dim, d.patch_out_dim, patch="separate" if d.separate_head else "shared",
                             hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim,
                             nlayers=d.head_layers, norm_last_layer=d.norm_last_layer, prototype_init=d.prototype_init,
-                            all_reduce=sum_over_ranks, patch_options=patch)
+                            norm=d.head_norm, all_reduce=sum_over_ranks, patch_options=patch)
 
         student, teacher, impl = build_student(cfg), build_student(cfg, drop_path=0.0), kernels(cfg)
         patch_out_dim = d.patch_out_dim if d.separate_head else d.out_dim

@@ -122,7 +122,8 @@ class Plan:
         frozen = ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in c.frozen.items()) or "none"
         lines = [f"{self.config}: {self.gpus} rank(s) of {self.gpu_bytes / GiB:.0f} GiB, micro-batch "
                  f"{self.micro_batch} per rank",
-                 f"parameters: trainable {c.trainable / 1e6:,.1f}M (heads included: {c.heads / 1e6:,.1f}M), "
+                 f"parameters: trainable {c.trainable / 1e6:,.1f}M (projection heads, student's and teacher's: "
+                 f"{c.heads / 1e6:,.1f}M), "
                  f"EMA teacher {c.ema / 1e6:,.1f}M, frozen {frozen}; largest gather "
                  f"{c.largest_gather / 1e6:,.1f}M ({c.largest_name})",
                  f"{'':44} {'GPU GiB':>9} {'CPU GiB':>9}"]
