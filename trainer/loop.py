@@ -32,7 +32,7 @@ from .plan.memory import warn_if_over
 from .plan.workload import build_meta
 from .resume import Resume, client_state
 from .schedules import Schedules
-from .spike_guard import SpikeGuard, record_rollback
+from .spike_guard import SpikeGuard, record_rollback, skipped_keys_file, write_skipped_keys
 from .timing import StepTimer, throughput
 
 log = logging.getLogger(__name__)
@@ -225,20 +225,20 @@ def roll_back(cfg: Config, ckpt: Checkpointer, engine, ema, env: DistEnv, run_di
     back = Resume(newest, env.world_size)
     back.restore(ckpt, engine, ema, None, cfg, env.rank, env.world_size, global_batch)
     keys = [k for s, ks in sorted(seen.items()) if s > back.step for k in ks]
+    write_skipped_keys(run_dir, step, env.rank, keys)
     everyone = [None] * env.world_size
     if dist.is_initialized():
-        dist.all_gather_object(everyone, (str(newest), keys))
+        dist.all_gather_object(everyone, (str(newest), len(keys)))
     else:
-        everyone = [(str(newest), keys)]
+        everyone = [(str(newest), len(keys))]
     if len({path for path, _ in everyone}) != 1:  # the ranks must agree, or their weights would differ
         raise RuntimeError(f"spike rollback: the ranks restored different checkpoints: {[p for p, _ in everyone]}")
     if env.rank == 0:
-        record_rollback(run_dir, step, newest, back.step, reason, {r: k for r, (_, k) in enumerate(everyone)},
-                        cfg.run.spike_guard)
+        record_rollback(run_dir, step, newest, back.step, reason, [n for _, n in everyone], cfg.run.spike_guard)
     g = cfg.run.spike_guard
     log.warning("step %d: loss spike (%s): rolled back to %s (step %d); the data of steps %d-%d (%d samples on this "
                 "rank) is skipped, its keys in %s%s", step, reason, newest, back.step, back.step + 1, step, len(keys),
-                run_dir / "rollbacks.jsonl",
+                skipped_keys_file(run_dir, step, env.rank),
                 f"; lr x{g.lr_scale:g} for {g.lr_scale_steps} steps" if g.lr_scale_steps else "")
     return back
 

@@ -9,7 +9,8 @@ steps is one too. Spikes never enter the history.
 
 The loop (trainer/loop.py) then restores the newest complete checkpoint, keeping the data stream
 where it is: the batches of the steps since that checkpoint, the spike's among them, are never
-trained on, and their sample keys go to `rollbacks.jsonl`. More than `max_rollbacks` rollbacks
+trained on; `rollbacks.jsonl` records the rollback, and each rank writes the keys of the samples it
+skipped under `rollbacks/`. More than `max_rollbacks` rollbacks
 within `rollback_window` steps stop the run (`SpikeError`) rather than loop on a spike that is not
 the data's.
 """
@@ -82,14 +83,31 @@ class SpikeGuard:
         return self.cfg.lr_scale if step < self.lr_until else 1.0
 
 
+def skipped_keys_file(run_dir: Path, spike_step: int, rank: int) -> Path:
+    """Where each rank writes the keys of the samples a rollback skipped on it, one per line."""
+    return run_dir / "rollbacks" / f"step{spike_step:08d}.rank{rank:05d}.keys"
+
+
+def write_skipped_keys(run_dir: Path, spike_step: int, rank: int, keys: list[str]) -> Path:
+    """This rank's skipped sample keys (each rank its own file: at ImageNet scale a rollback skips
+    millions of samples over the ranks, too many to gather into one line)."""
+    path = skipped_keys_file(run_dir, spike_step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text("".join(f"{k}\n" for k in keys))
+    tmp.replace(path)
+    return path
+
+
 def record_rollback(run_dir: Path, spike_step: int, restored: Path, restored_step: int, reason: str,
-                    samples: dict[int, list[str]], cfg) -> dict:
-    """Append the rollback to run_dir/rollbacks.jsonl (rank 0); -> the record. `samples`: rank -> the
-    keys of the samples skipped on it (those of steps restored_step + 1 .. spike_step)."""
+                    counts: list[int], cfg) -> dict:
+    """Append the rollback to run_dir/rollbacks.jsonl (rank 0); -> the record. `counts`: how many samples
+    each rank skipped (those of steps restored_step + 1 .. spike_step; their keys in `skipped_keys_file`)."""
     record = {"time": time.time(), "spike_step": spike_step, "reason": reason, "restored": str(restored),
               "restored_step": restored_step, "skipped_steps": [restored_step + 1, spike_step],
-              "lr_scale": cfg.lr_scale, "lr_scale_steps": cfg.lr_scale_steps,
-              "skipped_samples": {str(r): keys for r, keys in sorted(samples.items())}}
+              "lr_scale": cfg.lr_scale, "lr_scale_steps": cfg.lr_scale_steps, "skipped_samples": counts,
+              "skipped_keys": [str(skipped_keys_file(run_dir, spike_step, r).relative_to(run_dir))
+                               for r in range(len(counts))]}
     with open(run_dir / "rollbacks.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
