@@ -55,8 +55,10 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
-# A cancelled or timed-out job gets SIGTERM, then SIGKILL this many seconds later.
-KillWait=10
+# A cancelled or timed-out job gets SIGTERM, then SIGKILL this many seconds later: Slurm's default
+# (it was 10 here; on a loaded 2-core CI machine a cancelled job's save, exit and its script's last
+# line took longer once, and the line was lost to the SIGKILL).
+KillWait=30
 # Finished jobs stay visible to squeue/scontrol this long (the tests read their states).
 MinJobAge=600
 SchedulerParameters=sched_interval=2
