@@ -137,7 +137,7 @@ def dinov2_model_and_config(backbone: Backbone, d: dict, common: dict):
     if ratio != int(ratio) or hidden != d["mlp"]:
         raise ExportError(f"{backbone.checkpoint}: transformers' DINOv2 sizes its feed-forward from an integer "
                           f"mlp_ratio; {d['arch']}'s is {ratio:g} ({d['ffn']}, {d['mlp']} wide): no transformers class "
-                          "holds it. The timm file is written as usual")
+                          "holds it; nothing was written")
     options = dict(mlp_ratio=int(ratio), use_swiglu_ffn=d["ffn"] == "swiglu", layerscale_value=1.0,
                    use_mask_token=backbone.uses_mask_token, **common)
     if not d["registers"]:
@@ -283,6 +283,7 @@ def timm_call(backbone: Backbone) -> tuple[str, dict]:
     elif backbone.layer_scale:
         kwargs["init_values"] = 1.0  # any value: the file's gammas replace it
     if d["ffn"] == "swiglu":  # timm's own DINOv2 models' layout (vit_giant_patch14_dinov2): fc1 = [gate; up]
+        # (+ 0.5: timm takes int(width * mlp_ratio), which float error could put one below the packed width)
         kwargs.update(mlp_layer="SwiGLUPacked", act_layer="silu", mlp_ratio=(d["mlp"] + 0.5) / d["width"])
     if d["registers"]:  # timm holds registers with no_embed_class: positions on the patches alone (timm_state)
         kwargs.update(reg_tokens=d["registers"], no_embed_class=True)

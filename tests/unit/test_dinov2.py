@@ -340,3 +340,32 @@ def test_swiglu_and_registers_export_to_transformers_dinov2_and_timm(tmp_path, m
     assert done.hf_class == want and max(done.errors.values()) < 1e-5, done.errors
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["use_swiglu_ffn"] and config.get("num_register_tokens", 0) == registers
+
+
+def test_a_transformers_dinov2_with_registers_directory_reads_into_our_vit(tmp_path):
+    """finetune.init from a Dinov2WithRegistersModel (SwiGLU, 4 registers): the same tokens as transformers'."""
+    import transformers
+
+    from models.vit import vit_options
+    from trainer.methods.finetune import read_init
+
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    mlp_ratio=2, use_swiglu_ffn=True, num_register_tokens=4,
+                                                    image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    theirs = transformers.Dinov2WithRegistersModel(config).eval()
+    with torch.no_grad():  # nothing at its init value (unit gammas, zero registers)
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    theirs.save_pretrained(tmp_path / "hf")
+    state = read_init(str(tmp_path / "hf"), "auto")
+    options = vit_options(state)
+    assert options["ffn"] == "swiglu" and options["registers"] == 4
+    ours = build_vit("vit_test", img_size=32, patch_size=8, layer_scale=1.0, **options).eval()
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert missing == ["mask_token"] and not unexpected
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, mine = theirs(pixel_values=x).last_hidden_state, ours.forward_features(x)
+    assert torch.allclose(mine["cls"], tokens[:, 0], atol=1e-5)
+    assert torch.allclose(mine["patch"], tokens[:, 5:], atol=1e-5)
