@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     if args.dry_run is None and env.rank == 0:
-        say_ranks(env)
+        say_ranks(env, args)
     if args.dry_run is not None:
         try:
             dry_run(cfg, ds, env, args.dry_run)
@@ -69,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.faults import NumericalFault
     from trainer.loop import train
     from trainer.methods import method_class
+    from trainer.tracking import Trackers
 
     errors = {FrozenWeightsError: ("{kind} error", 2), UntrustedFileError: ("untrusted file", 2),
               CheckpointError: ("checkpoint error", 3), NumericalFault: ("numerical fault", 3),
               DataFailureError: ("data error", 3), KernelFault: ("kernel error", 3)}
+    trackers = Trackers.open(cfg, env.rank)  # W&B / MLflow as configured, rank 0 only
     try:
-        summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at, stop_after=args.stop_after)
+        summary = train(cfg, ds, env, resume=args.resume, stop_at=args.stop_at, stop_after=args.stop_after,
+                        trackers=trackers)
         stop_signals.ignore()  # saved: a late signal must not turn this into a killed process
         leave_distributed()
     except tuple(errors) as e:
@@ -82,14 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         what = what.format(kind=getattr(e, "kind", ""))
         TRACEBACKS.error("%s", what, exc_info=True)
         say(f"mimscale: {what} (rank {env.rank}): {e}  [log: {log_dir / f'rank{env.rank}.log'}]")
+        trackers.close(exit_code=code)
         return code
     except BaseException:  # a bug or an interrupt: keep the traceback on the terminal too
         TRACEBACKS.error("unexpected error", exc_info=True)
+        trackers.close(exit_code=1)
         raise
     if summary.get("stopped_by"):
         if env.rank == 0:
             say(f"mimscale: {summary['stopped_by']}: saved step {summary['step']} and stopped; run the same "
                 "command to resume")
+        trackers.close()
         return 0
     run_dir = Path(cfg.run.output_dir).expanduser()
     if env.rank == 0:
@@ -104,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             print("pictures: " + "  ".join(str(p) for p in paths))
         except Exception as e:  # noqa: BLE001
             logging.getLogger("mimscale").warning("could not draw the run's pictures: %s", e, exc_info=True)
+    if trackers:  # the run's pictures, its methods' own included (reconstructions.png)
+        trackers.pictures(summary["step"], sorted(run_dir.glob("*.png")))
+    trackers.close()
     return 0
 
 

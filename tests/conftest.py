@@ -200,6 +200,50 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+# what differs between two runs of the same steps: the wall clock and what is measured by it
+WALL_CLOCK = ("time", "images_per_s", "step_time_s", "max_rss_gib", "max_memory_gib", "model_tflops_per_s", "mfu")
+
+
+def records(run: Path) -> list[dict]:
+    """metrics.jsonl's records in order, without the wall-clock values: two runs of the same steps
+    (one of them killed and resumed) have equal lists."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK and not k.startswith("time_")} for r in rows]
+
+
+def wandb_offline(run: Path) -> tuple[set[str], list[tuple[int, dict]]]:
+    """What a run sent to W&B offline: (the run ids of <run>/wandb/offline-run-*, [(step, {key: value})]
+    in the order written, over every launch's directory): read from the .wandb files themselves
+    (LevelDB-style log blocks of protobuf Records, W&B's transaction log)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    ids, history = set(), []
+    for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                pos += block - pos % block
+                continue
+            buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or its last fragment
+                record = pb.Record()
+                record.ParseFromString(buf)
+                buf = b""
+                if record.WhichOneof("record_type") == "run":
+                    ids.add(record.run.run_id)
+                elif record.WhichOneof("record_type") == "history":
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    history.append((record.history.step.num, items))
+    return ids, history
+
+
 class Run:
     """A finished launch.py run: its metrics.jsonl records, status.json and what it printed."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 from .distributed import DistEnv, dist_env
-from .ds_config import build_ds_config
+from .ds_config import build_ds_config, ds_config_name, resolve_ds_config
 
 log = logging.getLogger("mimscale")
 TRACEBACKS = logging.getLogger("mimscale.tracebacks")  # the log file only: the terminal gets one line
@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="overrides: dotted keys, values in YAML syntax, e.g. data.batch_size=128 "
                "optim.lr=1.5e-4 data.global_crops.scale=[0.25,1.0]")
     p.add_argument("--config", help="experiment YAML (default: configs/defaults.yaml)")
-    p.add_argument("--ds_config", default="zero3.json",
-                   help="DeepSpeed JSON; a bare name is looked up in ds_configs/ (default: zero3.json)")
+    p.add_argument("--ds_config", default=None,
+                   help="DeepSpeed JSON; a bare name is looked up in ds_configs/ (default: accelerate's "
+                        "--deepspeed_config_file under `accelerate launch --use_deepspeed`, else zero3.json)")
     p.add_argument("--resume", help="resume from this checkpoint directory instead of the newest one")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="save and exit at this optimizer step (time-limited job slots; schedules still span "
@@ -103,7 +104,9 @@ def prepare(args: argparse.Namespace) -> tuple[Config, DistEnv, dict]:
     """Everything that can fail on user input, before any process group exists."""
     cfg = load_config(args.config, args.overrides)
     env = dist_env()
-    ds = build_ds_config(args.ds_config, cfg, env.world_size)
+    ds = build_ds_config(args.ds_config, cfg, env.world_size, os.environ)
+    name, args.ds_from_accelerate = ds_config_name(args.ds_config, os.environ)
+    args.ds_config = str(resolve_ds_config(name).resolve())
     check_output_dir(cfg.run.output_dir)
     check_shards(cfg, env)
     return cfg, env, ds
@@ -152,7 +155,7 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
-def say_ranks(env: DistEnv) -> None:
+def say_ranks(env: DistEnv, args: argparse.Namespace | None = None) -> None:
     """Rank 0 says how many ranks train, and from which launcher: `accelerate launch --cpu
     --num_processes 2` starts ONE process without RANK, which would otherwise train alone, silently."""
     accelerate = any(k.startswith("ACCELERATE_") for k in os.environ)
@@ -162,6 +165,9 @@ def say_ranks(env: DistEnv) -> None:
                     "deepspeed" if "CROSS_RANK" in os.environ else "RANK/WORLD_SIZE")
     log.info("training on %d rank%s (%s; rendezvous %s:%d)", env.world_size, "s" * (env.world_size > 1),
              "a single process" if launcher == "none" else f"from {launcher}", env.master_addr, env.master_port)
+    if args is not None:
+        log.info("DeepSpeed config %s%s", args.ds_config,
+                 " (from accelerate's deepspeed_config_file)" if args.ds_from_accelerate else "")
     if env.world_size == 1 and accelerate:
         log.warning("accelerate launch started a single process (it does with --cpu, whatever --num_processes "
                     "says): for N ranks on CPUs use `accelerate launch --multi_gpu --num_processes N launch.py ...`")

@@ -32,6 +32,55 @@ def resolve_ds_config(name: str) -> Path:
     raise ConfigError("--ds_config", name, f"file not found (bare names are looked up in ds_configs/: {known})")
 
 
+# accelerate's DeepSpeed options (`accelerate launch --zero_stage 3 ...`, or the deepspeed_config section of an
+# `accelerate config` file) reach the ranks as these variables (accelerate/utils/launch.py
+# prepare_deepspeed_cmd_env): variable -> (the DeepSpeed key it sets, its type, its value when absent)
+ACCELERATE_OPTIONS = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("zero_optimization.stage", int, 0),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("gradient_accumulation_steps", int, 1),
+    "ACCELERATE_GRADIENT_CLIPPING": ("gradient_clipping", float, 0.0),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("zero_optimization.offload_optimizer.device", str, "none"),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("zero_optimization.offload_param.device", str, "none"),
+}
+
+
+def ds_config_name(ds_config: str | None, environ) -> tuple[str, bool]:
+    """The DeepSpeed JSON of this launch -> (its name, whether accelerate chose it): `--ds_config`, else the
+    file of `accelerate launch --use_deepspeed --deepspeed_config_file F` (or of an accelerate config's
+    deepspeed_config section), else zero3.json. Both given must be the same file."""
+    accelerate = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if environ.get("ACCELERATE_USE_DEEPSPEED") else None
+    if accelerate and ds_config and resolve_ds_config(ds_config).resolve() != resolve_ds_config(accelerate).resolve():
+        raise ConfigError("--ds_config", ds_config, f"accelerate's deepspeed_config_file is {accelerate}: give one "
+                                                    "DeepSpeed JSON, or the same file to both")
+    return ds_config or accelerate or "zero3.json", bool(accelerate and not ds_config)
+
+
+def check_accelerate(ds: dict, cfg: Config, environ, source: str) -> None:
+    """accelerate's own DeepSpeed options must say what the merged DeepSpeed dict (`ds`) and the YAML say:
+    accelerate fills "auto" values of its own config, but this launcher takes the DeepSpeed JSON and the
+    YAML as they are, so a flag that disagrees would be silently ignored otherwise."""
+    if not environ.get("ACCELERATE_USE_DEEPSPEED"):
+        return
+    for var, (key, kind, absent) in ACCELERATE_OPTIONS.items():
+        if not environ.get(var):
+            continue
+        given = kind(environ[var])
+        present, value = _get(ds, key)
+        value = value if present else absent
+        if not _same(kind(value), given):
+            flag = var.removeprefix("ACCELERATE_").removeprefix("DEEPSPEED_").lower()
+            raise ConfigError(source, key, f"is {value!r} here but accelerate's {flag} is {given!r}; make them agree "
+                                           "(this launcher takes the DeepSpeed JSON and the YAML as they are)")
+    precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    if precision and precision != "fp32" and precision != cfg.run.precision:  # (accelerate always sets "no")
+        given = environ["ACCELERATE_MIXED_PRECISION"]
+        raise ConfigError("run.precision", cfg.run.precision, f"accelerate says mixed_precision {given}; match them")
+    init = environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT")
+    if init and (init.lower() == "true") != cfg.model.sharded_init:
+        raise ConfigError("model.sharded_init", str(cfg.model.sharded_init),
+                          f"accelerate's zero3_init_flag is {init}; make them agree")
+
+
 def owned_values(cfg: Config, world_size: int) -> dict[str, tuple[str, Any]]:
     """DeepSpeed key (dotted) -> (the YAML key that owns it, its value)."""
     o = cfg.optim
@@ -52,8 +101,12 @@ def owned_values(cfg: Config, world_size: int) -> dict[str, tuple[str, Any]]:
     }
 
 
-def build_ds_config(name: str, cfg: Config, world_size: int) -> dict:
-    """Load `name`, check it against `cfg`, and return the complete DeepSpeed dict."""
+def build_ds_config(name: str | None, cfg: Config, world_size: int, environ=None) -> dict:
+    """Load `name` (None: accelerate's deepspeed_config_file, else zero3.json), check it against `cfg` (and
+    against accelerate's DeepSpeed options, where `accelerate launch --use_deepspeed` started this process:
+    `environ`), and return the complete DeepSpeed dict."""
+    environ = {} if environ is None else environ
+    name, _ = ds_config_name(name, environ)
     path = resolve_ds_config(name)
     source = str(path)
     try:
@@ -91,6 +144,7 @@ def build_ds_config(name: str, cfg: Config, world_size: int) -> dict:
         raise ConfigError(source, "zero_optimization.stage3_param_persistence_threshold",
                           f"{zero.get('stage3_param_persistence_threshold', 'unset (DeepSpeed: 100000)')}"
                           ": must be 0 (the EMA teacher is updated partition by partition)")
+    check_accelerate(ds, cfg, environ, source)
     return ds
 
 

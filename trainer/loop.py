@@ -244,7 +244,8 @@ def roll_back(cfg: Config, ckpt: Checkpointer, engine, ema, env: DistEnv, run_di
 
 
 def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None, stop_at: int | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, trackers=None) -> dict:
+    """`trackers`: rank 0's W&B / MLflow runs (trainer/tracking.py), sent what metrics.jsonl gets."""
     run_dir = Path(cfg.run.output_dir).expanduser()
     cfg.data.train_shards, cfg.data.val_shards = resolve_builtin(
         cfg.data.train_shards, cfg.data.val_shards, cfg.data.cache_dir)
@@ -260,7 +261,6 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
                                 world_size=env.world_size, pin_memory=device.type == "cuda",
                                 **type(method).train_data(cfg, run_dir, env.rank))
     schedules = Schedules.from_config(cfg, type(method))
-    metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard)
     # Rank 0 alone watches the time limit (one squeue call, not one per rank); the guard's
     # all-reduce makes every rank stop with it.
     deadline = JobDeadline.from_job(cfg.checkpoint.before_time_limit_s) if env.rank == 0 else None
@@ -278,6 +278,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         if method.eval_features is not None:
             start.summary["knn_raw_pixels"] = raw_pixel_knn(cfg, env, device)
     step, summary, guard.skipped = start.step, start.summary, start.skipped
+    metrics = MetricsWriter(run_dir, enabled=env.rank == 0, tensorboard=cfg.log.tensorboard, trackers=trackers,
+                            resumed_at=step)
     # What produced this run, for the exported model card (this rank's own argv; the launcher is not visible).
     command = shlex.join(["python", *sys.argv]) + (f"  # on {env.world_size} ranks" if env.world_size > 1 else "")
 
@@ -328,7 +330,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
             back = roll_back(cfg, ckpt, engine, ema, env, run_dir, step, reason, seen, global_batch)
             if back is not None:
                 spikes.rolled_back(step, back.step)
-                metrics.write(step, {"spike_rolled_back_to": back.step})
+                metrics.roll_back(back.step, step, run_dir / "rollbacks" / f"step{step}.metrics.jsonl")
                 step, summary, guard.consecutive = back.step, back.summary, 0
                 seen.clear()
                 window.reset()
@@ -364,7 +366,8 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         best = is_best(method, summary, result, step)
         summary.update(result, held_out_step=step)
     save(best)
-    metrics.write(step, {k: v for k, v in summary.items() if v is not None})
+    if finished:  # (a stopped run's summary is in its checkpoint; the launch that finishes writes it once)
+        metrics.write(step, {k: v for k, v in summary.items() if v is not None})
     metrics.close()
     if dist.is_initialized():
         dist.barrier()

@@ -50,8 +50,8 @@ def losses(run: Path) -> dict[int, float]:
     return dict(conftest_losses(run))
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def metrics(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
 def optimizer_state(ckpt: Path, rank: int) -> dict:

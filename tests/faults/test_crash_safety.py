@@ -2,6 +2,7 @@
 checkpoint survives, the same command resumes from it, and the losses equal an uninterrupted run."""
 
 import errno
+import json
 import os
 import random
 import re
@@ -10,6 +11,7 @@ import time
 from collections import namedtuple
 
 import pytest
+from conftest import records, wandb_offline
 from fault_runs import launch, losses, ok, tiny_args
 
 pytestmark = pytest.mark.slow
@@ -22,10 +24,15 @@ def _args(run, *extra):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     ok(launch(_args(run), ranks=2))
-    ref = losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    ref = losses(reference_run)
     assert sorted(ref) == list(range(1, STEPS + 1))
     return ref
 
@@ -42,21 +49,30 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_kill_during_save_resumes_from_the_previous_checkpoint(tmp_path, reference):
+def test_kill_during_save_resumes_from_the_previous_checkpoint(tmp_path, reference, reference_run):
     run = tmp_path / "run"
-    killed = launch(_args(run), faults=("kill-in-save:4@1",), ranks=2)
+    killed = launch(_args(run, "log.wandb=offline"), faults=("kill-in-save:4@1",), ranks=2)
     assert killed.returncode != 0
     ckpt = run / "checkpoints"
     # DeepSpeed's files of step 4 are on disk, but the save never completed: not a checkpoint
     assert any((ckpt / "step00000004").glob("*optim_states.pt"))
     assert not (ckpt / "step00000004" / "COMPLETE").exists()
     assert (ckpt / "latest").read_text() == "step00000002"
-    resumed = ok(launch(_args(run), ranks=2))  # the same command
+    assert max(losses(run)) == 4  # metrics.jsonl had steps 3 and 4 when the kill came
+    resumed = ok(launch(_args(run, "log.wandb=offline"), ranks=2))  # the same command
     assert f"resumed from {ckpt / 'step00000002'} at step 2" in resumed.stderr
     assert losses(run) == reference  # steps 3 and 4 re-run with the losses they had
+    # metrics.jsonl has each step once (cut back to step 2 at the resume), as the uninterrupted run's
+    assert records(run) == records(reference_run)
+    # one W&B run over both launches, each step sent once: steps 3 and 4 were not sent again
+    ids, history = wandb_offline(run)
+    assert ids == {json.loads((run / "tracking.json").read_text())["wandb"]["id"]}
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    assert [s for s, _ in history] == sorted(reference)  # (the summary joins step 6: the same step)
+    assert {s: h["loss"] for s, h in history if "loss" in h} == reference
 
 
-def test_kill_at_a_random_moment_loses_nothing(tmp_path, reference):
+def test_kill_at_a_random_moment_loses_nothing(tmp_path, reference, reference_run):
     run = tmp_path / "run"
     rng = random.Random()
     after_step, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 0.6)
@@ -73,9 +89,10 @@ def test_kill_at_a_random_moment_loses_nothing(tmp_path, reference):
     assert proc.wait(timeout=300) != 0
     resumed = ok(launch(_args(run), ranks=2))
     assert losses(run) == reference, (after_step, delay, resumed.stderr[-2000:])
+    assert records(run) == records(reference_run), (after_step, delay)  # each step once
 
 
-def test_sigterm_saves_and_the_same_command_resumes(tmp_path, reference):
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, reference, reference_run):
     run = tmp_path / "run"
     proc = launch(_args(run), ranks=2, popen=True, stdout=open(os.devnull, "w"), stderr=open(tmp_path / "err", "w"))
     deadline = time.time() + 300
@@ -91,6 +108,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, reference):
     assert stopped < STEPS
     ok(launch(_args(run), ranks=2))
     assert losses(run) == reference
+    assert records(run) == records(reference_run)  # a stopped launch leaves no summary of its own
 
 
 def test_failed_save_on_one_rank_stops_every_rank_and_keeps_the_previous(tmp_path, reference):

@@ -7,6 +7,7 @@ import math
 import shutil
 
 import pytest
+from conftest import wandb_offline
 from fault_runs import launch, metrics, ok, tiny_args
 
 from trainer.config.sections import SpikeGuardConfig
@@ -27,7 +28,7 @@ def test_a_spike_rolls_back_once_skips_its_data_and_goes_on_as_a_run_from_the_ch
     run, keys = tmp_path / "run", tmp_path / "keys"
     keys.mkdir()
     spec, why = FAULTS[fault]
-    result = ok(launch(tiny_args(run, 10, *ARGS, *GUARD, "run.spike_guard.nonfinite_steps=1"),
+    result = ok(launch(tiny_args(run, 10, *ARGS, *GUARD, "run.spike_guard.nonfinite_steps=1", "log.wandb=offline"),
                        faults=(spec, f"keys:{keys}"), ranks=2))
     # exactly one rollback, of step 7 to the checkpoint of step 4, decided alike on both ranks
     (record,) = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
@@ -46,11 +47,20 @@ def test_a_spike_rolls_back_once_skips_its_data_and_goes_on_as_a_run_from_the_ch
         assert record["skipped_samples"][rank] == 12
         later = {k for call in range(8, 14) for k in seen[call]}
         assert not later & set(skipped)
+    # metrics.jsonl is the run as trained, each step once: the abandoned steps 5-7 moved aside
     rows = metrics(run)
-    mark = next(i for i, r in enumerate(rows) if "spike_rolled_back_to" in r)
-    assert rows[mark] == {**rows[mark], "step": 7, "spike_rolled_back_to": 4}
+    mark = next(i for i, r in enumerate(rows) if "spike_rolled_back_from" in r)
+    assert rows[mark] == {**rows[mark], "step": 4, "spike_rolled_back_from": 7}
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
     after = {r["step"]: r["loss"] for r in rows[mark + 1:] if "loss" in r}
     assert sorted(after) == list(range(5, 11)) and all(math.isfinite(v) for v in after.values())
+    aside = metrics(run / "rollbacks", "step7.metrics.jsonl")
+    assert [r["step"] for r in aside] == [5, 6, 7] and aside[-1] == {"step": 7, "spike_rolled_back_to": 4}
+    # W&B cannot take a step back: it keeps steps 1-6 as first trained, the mark at 7, then 8-10
+    ids, history = wandb_offline(run)
+    assert len(ids) == 1 and [s for s, _ in history] == list(range(1, 11))
+    assert history[6][1]["spike_rolled_back_to"] == 4
+    assert {s: h["loss"] for s, h in history[7:]} == {s: after[s] for s in (8, 9, 10)}
 
     # a run started from that checkpoint with those three batches thrown away: the same losses
     again = tmp_path / "again"

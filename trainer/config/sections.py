@@ -319,8 +319,28 @@ class LogConfig:
                                   "times are the GPU's (that step loses its overlap; the others keep it); false: "
                                   "whole-step times only.")
 
+    wandb: Literal["off", "online", "offline"] = opt(
+        "off", "Weights & Biases from rank 0: the resolved config, every metrics.jsonl record (same keys, same "
+               "steps), the held-out results and the run's pictures. 'offline' writes <run>/wandb/ for a later "
+               "`wandb sync`. The run id is kept in <run>/tracking.json: a resume, a requeue, a chain's next task "
+               "or a reshard go on with the same W&B run. Needs the extra: pip install -e '.[wandb]'.")
+    wandb_project: str = opt("mimscale", "W&B project.")
+    wandb_entity: str = opt("", "W&B entity (team or user); empty: the API key's default entity.")
+    wandb_group: str = opt("", "W&B group (e.g. a sweep's name); empty: none.")
+    wandb_tags: list[str] = opt([], "W&B tags.")
+    mlflow: bool = opt(False, "MLflow from rank 0, like log.wandb (parameters: the flattened config; metrics; "
+                              "pictures as artifacts); the run id kept in <run>/tracking.json. Needs the extra: "
+                              "pip install -e '.[mlflow]'.")
+    mlflow_uri: str = opt("", "MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else a local store <run>/mlruns.")
+    mlflow_experiment: str = opt("mimscale", "MLflow experiment name.")
+
     def validate(self) -> None:
         at_least(self, 1, "every_steps")
+        import importlib.util
+
+        for key, on in (("wandb", self.wandb != "off"), ("mlflow", self.mlflow)):
+            require(not on or importlib.util.find_spec(key) is not None, key,
+                    f"the {key} package is not installed: pip install -e '.[{key}]'")
 
 
 
