@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, losses, tiny_ibot_cmd
+from conftest import ROOT, losses, records, tiny_ibot_cmd, wandb_offline
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -113,11 +113,21 @@ def rank_pid(job: str, rank: int) -> int | None:
 def test_chain_of_three_hands_over_and_matches_one_uninterrupted_run(slurm, tmp_path, ibot_two_rank_run):
     """3 array tasks of 2 ranks, each with a budget of 2 steps, end at step 6 with the reference's curve."""
     job = submit(slurm, "--name", "chain", "--runs-dir", str(tmp_path), "--chain", "3",
-                 *tiny_args(tmp_path), "--stop-after", "2")
+                 *tiny_args(tmp_path, extra=("log.wandb=offline", "log.mlflow=true")), "--stop-after", "2")
     final = wait(slurm, job)
     run = tmp_path / "chain"
     assert sorted(final.values()) == ["COMPLETED"] * 3, (final, logs(run))
     assert losses(run) == losses(ibot_two_rank_run)  # steps 1..6 once each, identical losses
+    assert records(run) == records(ibot_two_rank_run)  # every record, as the run made in one go has it
+    # one W&B run and one MLflow run over the three tasks, each step sent once
+    ids, history = wandb_offline(run)
+    tracking = json.loads((run / "tracking.json").read_text())
+    assert ids == {tracking["wandb"]["id"]} and len(list((run / "wandb").glob("offline-run-*"))) == 3
+    assert [(s, h["loss"]) for s, h in history] == losses(ibot_two_rank_run)
+    (mlflow_run,) = (run / "mlruns").glob(f"*/{tracking['mlflow']['run_id']}")
+    assert len(list((run / "mlruns").glob("*/*/meta.yaml"))) == 1
+    logged = [line.split() for line in (mlflow_run / "metrics" / "loss").read_text().splitlines()]
+    assert [(int(s), float(v)) for _, v, s in logged] == losses(ibot_two_rank_run)
     text = logs(run)
     assert f"resumed from {run}/checkpoints/step00000002 at step 2" in (run / "logs" / "rank0.log").read_text()
     assert "task 1 of the chain continues" in text and "task 2 of the chain continues" in text
