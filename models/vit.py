@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, GluMlp, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch.utils.checkpoint import checkpoint
 
@@ -220,7 +221,7 @@ class VisionTransformer(TimmVisionTransformer):
                          init_values=layer_scale, num_classes=0, global_pool="token", dynamic_img_size=True,
                          attn_layer=Attention, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                          pos_embed="none" if pos_embed == "none" else "learn",
-                         mlp_layer=swiglu_ffn if ffn == "swiglu" else Mlp)
+                         mlp_layer=swiglu_ffn if ffn == "swiglu" else Mlp, block_fn=Block)
         if drop_path_uniform and drop_path_rate > 0:  # timm's rates rise linearly over depth
             for block in self.blocks:
                 block.drop_path1, block.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
@@ -404,9 +405,9 @@ class VisionTransformer(TimmVisionTransformer):
                         len(lengths))
         for i, block in enumerate(self.blocks):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                x = checkpoint(_packed_block, block, x, packed, use_reentrant=False)
+                x = checkpoint(block, x, packed, use_reentrant=False)
             else:
-                x = _packed_block(block, x, packed)
+                x = block(x, packed)
         x = self.norm(x)[0]
         outs, offset, p = [], 0, self.num_prefix_tokens
         for s in seqs:
@@ -420,6 +421,18 @@ class VisionTransformer(TimmVisionTransformer):
         """Pooled features: [CLS] (timm's global_pool "token"), or the mean patch token ("avg")."""
         out = self.forward_features(x, masks)
         return out["patch"].mean(dim=1) if self.global_pool == "avg" else out["cls"]
+
+
+class Block(TimmBlock):
+    """timm's Block, and on a packed multi-crop sequence (`attn_mask` a Packed) `_packed_block`. Either way
+    it is called as a module, so ZeRO-3's hooks on the block fire, and run.compile's compiled forward
+    (trainer/compile.py) covers both."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Packed | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if isinstance(attn_mask, Packed):
+            return _packed_block(self, x, attn_mask)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def _packed_block(block: nn.Module, x: torch.Tensor, packed: Packed) -> torch.Tensor:

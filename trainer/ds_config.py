@@ -144,6 +144,9 @@ def build_ds_config(name: str | None, cfg: Config, world_size: int, environ=None
         raise ConfigError(source, "zero_optimization.stage3_param_persistence_threshold",
                           f"{zero.get('stage3_param_persistence_threshold', 'unset (DeepSpeed: 100000)')}"
                           ": must be 0 (the EMA teacher is updated partition by partition)")
+    if cfg.run.compile == "model" and zero.get("stage") == 3:
+        raise ConfigError(source, "zero_optimization.stage", "3 with run.compile model: under ZeRO-3 compile the "
+                                                             "blocks (run.compile blocks), or use ZeRO stage 0-2")
     check_accelerate(ds, cfg, environ, source)
     return ds
 

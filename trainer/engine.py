@@ -19,6 +19,7 @@ import torch.nn as nn
 from models.init import init_module_
 from models.kernels import resolve
 
+from .compile import backbone_blocks, compile_student, gather_blocks_whole
 from .config import Config
 from .ema import TeacherEMA
 from .methods import check_shapes, frozen_files, method_class, replicated_frozen
@@ -205,6 +206,7 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
         log.info("frozen %s loaded from %s (sha256 %s)", name, path, sha[:12])
     if cfg.model.grad_checkpointing:
         method.student.backbone.set_grad_checkpointing(True, every=cfg.model.grad_checkpointing)
+    compile_student(method, cfg.run.compile, ds_config.get("zero_optimization", {}).get("stage", 0))
     groups = param_groups(method, cfg.optim.layer_decay, cfg.optim.decay_embeddings, cfg.optim.patch_embed_lr_mult)
     for g in groups:
         g.pop("names")
@@ -216,6 +218,8 @@ def build_engine(cfg: Config, ds_config: dict, seed: int):
     args = SimpleNamespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
     engine, _, _, _ = deepspeed.initialize(args=args, model=method, model_parameters=groups, config=ds_config)
     sentinel_on_host(engine.optimizer)
+    if cfg.run.compile == "blocks" and engine.zero_optimization_stage() == 3:
+        gather_blocks_whole(engine, backbone_blocks(engine.module.student["backbone"]))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
     for name, module in replicated.items():
         object.__setattr__(engine.module, name, module.to(device=engine.device, dtype=dtype))

@@ -20,6 +20,7 @@ from data.transforms import normalize_batch
 from evaluation.knn import percent
 
 from .checkpoint import Checkpointer
+from .compile import CompileReport
 from .config import Config, dump_yaml
 from .distributed import DistEnv, cuda_index
 from .engine import apply_schedule, build_engine, init_distributed
@@ -298,7 +299,7 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
     if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "per_param":
         clipper = PerParamClip([(n, p) for n, p in method.named_parameters() if p.requires_grad], cfg.optim.clip_grad)
     timer = StepTimer(cfg.log.sync_timing, device)
-    batches, window = iter(loader), LogWindow()
+    batches, window, compiled = iter(loader), LogWindow(), CompileReport(cfg.run.compile)
     seen: dict[int, list[str]] = {}  # step -> this rank's sample keys since the newest checkpoint (spike guard)
     last = min(cfg.schedule.steps, stop_at or cfg.schedule.steps, step + (stop_after or cfg.schedule.steps))
     stopped_by = None
@@ -316,6 +317,9 @@ def train(cfg: Config, ds_config: dict, env: DistEnv, resume: str | None = None,
         window.steps += 1
         if deadline is not None:
             deadline.observe(time.perf_counter() - step_start)
+        counts = compiled.step(time.perf_counter() - step_start)
+        if counts:
+            metrics.write(step, counts)
         applied = guard.record(engine.was_step_applied(), step, losses, ckpt.latest)
         if applied:
             if ema is not None:

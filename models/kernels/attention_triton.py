@@ -280,87 +280,127 @@ def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, cu_seqlens, max_seqlen):
-        varlen = cu_seqlens is not None
-        # Contiguous so that gradients (allocated contiguous) share the inputs' strides. The
-        # kernels take any strides; a q/k/v split of one qkv projection is not dense, and an
-        # empty_like of it would not keep its layout.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        D = q.shape[-1]
-        if varlen:
-            T, H = q.shape[0], q.shape[1]
-            n_seq, N = cu_seqlens.numel() - 1, max_seqlen
-            lse = torch.empty(H, T, device=q.device, dtype=torch.float32)
-            slb, slh = 0, T
-        else:
-            B, H, N = q.shape[:3]
-            n_seq = B
-            lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-            slb, slh = H * N, N
-        if bias is not None:
-            if varlen or tuple(bias.shape) != (H, N, N):
-                raise ValueError(f"bias must be [H, N, N] = {[H, N, N]} for [B, H, N, D] inputs (not packed); "
-                                 f"got {list(bias.shape)}")
-            # Contiguous: the kernels index it so. A gathered relative-position table is a
-            # permuted view; copying its H N^2 values once is cheaper than strided loads.
-            bias = bias.contiguous()
-        o = torch.empty_like(q)
-        scale = D ** -0.5
-        upcast = _INTERPRET and q.dtype == torch.bfloat16
-        block_d = max(16, triton.next_power_of_2(D))
-        cu = cu_seqlens if varlen else q  # unused pointer in the fixed layout
+def _layout(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
+    """(varlen, sequences, heads, N, D, lse shape, lse sequence and head strides) of q."""
+    D = q.shape[-1]
+    if cu_seqlens is not None:
+        T, H = q.shape[0], q.shape[1]
+        return True, cu_seqlens.numel() - 1, H, max_seqlen, D, (H, T), 0, T
+    B, H, N = q.shape[:3]
+    return False, B, H, N, D, (B, H, N), H * N, N
 
-        def grid(meta):
-            return (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)
 
-        _attn_fwd[grid](q, k, v, o, lse, cu, bias, scale * LOG2E, *_strides4(q, varlen), *_strides4(k, varlen),
-                        *_strides4(v, varlen), *_strides4(o, varlen), slb, slh, H, N, D, N, VARLEN=varlen,
-                        BLOCK_D=block_d, UPCAST=upcast, HAS_BIAS=bias is not None)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens if varlen else None, bias)
-        ctx.meta = (varlen, n_seq, H, N, D, scale, block_d, slb, slh)
-        ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-        return o
+# Custom ops (torch.library), not an autograd.Function: torch.compile treats each as one opaque call, so
+# a compiled block keeps the kernel and stays one graph (dynamo would break the graph at an autograd.Function
+# that launches Triton kernels through the autotuner). The inputs reach them contiguous (`flash_attention`),
+# so the gradients, allocated contiguous, share their strides.
+@torch.library.custom_op("mimscale::flash_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+            cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen, n_seq, H, N, D, lse_shape, slb, slh = _layout(q, cu_seqlens, max_seqlen)
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    o = torch.empty_like(q)
+    scale = D ** -0.5
+    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    block_d = max(16, triton.next_power_of_2(D))
+    cu = cu_seqlens if varlen else q  # unused pointer in the fixed layout
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens, bias = ctx.saved_tensors
-        varlen, n_seq, H, N, D, scale, block_d, slb, slh = ctx.meta
-        do = do.contiguous()  # o is contiguous: dO gets its strides
-        cu = cu_seqlens if varlen else q
-        upcast = _INTERPRET and q.dtype == torch.bfloat16
-        delta = torch.empty_like(lse)
-        so = _strides4(o, varlen)
-        _attn_bwd_delta[(triton.cdiv(N, 64), n_seq * H)](o, do, delta, *so, slb, slh, cu, H, N, D, VARLEN=varlen,
-                                                         BLOCK_M=64, BLOCK_D=block_d)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        # d(bias) = dS summed over the batch: the dK/dV kernel adds each dS tile atomically into one
-        # fp32 [H, N, N] buffer. It stays in L2 (2.5 MB at H=16, N=197), where a per-sequence
-        # [B, H, N, N] buffer summed afterwards would write and read B times that through memory.
-        # The price: the order of the batch sum, so the bias gradient's last bits, vary from run
-        # to run (dQ, dK, dV do not).
-        dbias = torch.zeros(H, N, N, device=q.device, dtype=torch.float32) if ctx.bias_grad else None
-        has_bias = bias is not None
-        args = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so, slb, slh, H, N, D, N)
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seq * H)](
-            q, k, v, do, lse, delta, dk, dv, cu, bias, dbias, scale, scale * LOG2E, *args, VARLEN=varlen,
-            BLOCK_D=block_d, UPCAST=upcast, HAS_BIAS=has_bias, BIAS_GRAD=dbias is not None)
-        _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)](
-            q, k, v, do, lse, delta, dq, cu, bias, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
-            UPCAST=upcast, HAS_BIAS=has_bias)
-        return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)
+
+    _attn_fwd[grid](q, k, v, o, lse, cu, bias, scale * LOG2E, *_strides4(q, varlen), *_strides4(k, varlen),
+                    *_strides4(v, varlen), *_strides4(o, varlen), slb, slh, H, N, D, N, VARLEN=varlen,
+                    BLOCK_D=block_d, UPCAST=upcast, HAS_BIAS=bias is not None)
+    return o, lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, bias, cu_seqlens, max_seqlen):
+    lse_shape = _layout(q, cu_seqlens, max_seqlen)[5]
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("mimscale::flash_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+            bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, and d(bias) in fp32 (an empty tensor without `bias_grad`: an op returns no None)."""
+    varlen, n_seq, H, N, D, _, slb, slh = _layout(q, cu_seqlens, max_seqlen)
+    scale = D ** -0.5
+    do = do.contiguous()  # o is contiguous: dO gets its strides
+    cu = cu_seqlens if varlen else q
+    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    block_d = max(16, triton.next_power_of_2(D))
+    delta = torch.empty_like(lse)
+    so = _strides4(o, varlen)
+    _attn_bwd_delta[(triton.cdiv(N, 64), n_seq * H)](o, do, delta, *so, slb, slh, cu, H, N, D, VARLEN=varlen,
+                                                     BLOCK_M=64, BLOCK_D=block_d)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # d(bias) = dS summed over the batch: the dK/dV kernel adds each dS tile atomically into one
+    # fp32 [H, N, N] buffer. It stays in L2 (2.5 MB at H=16, N=197), where a per-sequence
+    # [B, H, N, N] buffer summed afterwards would write and read B times that through memory.
+    # The price: the order of the batch sum, so the bias gradient's last bits, vary from run
+    # to run (dQ, dK, dV do not).
+    dbias = torch.zeros(H, N, N, device=q.device, dtype=torch.float32) if bias_grad else None
+    has_bias = bias is not None
+    args = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so, slb, slh, H, N, D, N)
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seq * H)](
+        q, k, v, do, lse, delta, dk, dv, cu, bias, dbias, scale, scale * LOG2E, *args, VARLEN=varlen,
+        BLOCK_D=block_d, UPCAST=upcast, HAS_BIAS=has_bias, BIAS_GRAD=dbias is not None)
+    _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seq * H)](
+        q, k, v, do, lse, delta, dq, cu, bias, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
+        UPCAST=upcast, HAS_BIAS=has_bias)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, bias, cu_seqlens, max_seqlen, bias_grad):
+    H, N = _layout(q, cu_seqlens, max_seqlen)[2:4]
+    dbias = q.new_empty((H, N, N) if bias_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, cu_seqlens, max_seqlen = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, bias)
+    ctx.max_seqlen = max_seqlen
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens, bias = ctx.saved_tensors
+    dq, dk, dv, dbias = _bwd_op(do, q, k, v, o, lse, bias, cu_seqlens, ctx.max_seqlen, ctx.bias_grad)
+    return dq, dk, dv, dbias.to(bias.dtype) if ctx.bias_grad else None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention(q, k, v, bias, cu_seqlens, max_seqlen):
+    # Contiguous: the kernels take any strides, but a q/k/v split of one qkv projection is not dense,
+    # and the gradients (allocated contiguous) must share the inputs' strides.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if bias is not None:
+        varlen, _, H, N = _layout(q, cu_seqlens, max_seqlen)[:4]
+        if varlen or tuple(bias.shape) != (H, N, N):
+            raise ValueError(f"bias must be [H, N, N] = {[H, N, N]} for [B, H, N, D] inputs (not packed); "
+                             f"got {list(bias.shape)}")
+        # Contiguous: the kernels index it so. A gathered relative-position table is a permuted view;
+        # copying its H N^2 values once is cheaper than strided loads.
+        bias = bias.contiguous()
+    return _fwd_op(q, k, v, bias, cu_seqlens, max_seqlen)[0]
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: [B, H, N, D] (bf16, fp16 or fp32) -> [B, H, N, D]. bias: None or a finite float
     [H, N, N] (any float dtype, fp32 kept in fp32) added to q k^T / sqrt(D), the same for every sequence."""
-    return _FlashAttention.apply(q, k, v, bias, None, None)
+    return _attention(q, k, v, bias, None, 0)
 
 
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                            max_seqlen: int) -> torch.Tensor:
     """Packed q, k, v: [T, H, D]; cu_seqlens: int32 [S + 1] segment offsets (0 ... T). Each token
     attends to the tokens of its own segment only."""
-    return _FlashAttention.apply(q, k, v, None, cu_seqlens.to(torch.int32), int(max_seqlen))
+    return _attention(q, k, v, None, cu_seqlens.to(torch.int32), int(max_seqlen))

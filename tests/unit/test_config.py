@@ -294,3 +294,17 @@ def test_a_first_run_builds_no_extension(tmp_path):
     assert "step 1/1" in p.stderr and "built successfully" not in p.stdout + p.stderr
     assert not ext.exists() or not any(ext.iterdir()), f"built: {sorted(x.name for x in ext.iterdir())}"
     print(f"first step after {elapsed:.1f} s")
+
+
+def test_a_tracker_asked_for_without_its_package_stops_with_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow") else
+                        real(name, *a))
+    for override, extra in (("log.wandb=offline", "wandb"), ("log.mlflow=true", "mlflow")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert str(e.value) == (f"command line: log.{extra}: the {extra} package is not installed: "
+                                f"pip install -e '.[{extra}]'")
+    assert load_config(None, ["log.wandb=off"]).log.wandb == "off"  # YAML's bare off is false: still 'off'

@@ -227,6 +227,8 @@ def _coerce(value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     bad = Invalid("", f"{value!r} is not {_type_name(typ)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(typ):
+            return "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
         if value not in typing.get_args(typ):
             raise Invalid("", f"{value!r} is not {_type_name(typ)}")
         return value

@@ -52,6 +52,12 @@ class RunConfig:
                 "where written; a CUDA GPU, or TRITON_INTERPRET=1 on the CPU) or 'auto' (the kernels on a CUDA GPU "
                 "where a start-up self-check against the references passes, the references elsewhere).")
     spike_guard: SpikeGuardConfig = opt(SpikeGuardConfig(), "Rolling back a loss spike (trainer/spike_guard.py).")
+    compile: Literal["off", "blocks", "model"] = opt(
+        "off", "torch.compile (inductor) of the student (trainer/compile.py): 'blocks' compiles each backbone block "
+               "(under ZeRO-3 each a leaf module gathered whole; one graph, no break), 'model' the student's "
+               "networks whole (ZeRO stage 0-2 only). The Triton attention is a custom op inside the graph. "
+               "DINOv3 (facebookresearch/dinov3 ssl_default_config.yaml train.compile: true), timm --torchcompile; "
+               "off: iBOT's, DINOv2's and BEiT's eager runs.")
 
     def validate(self) -> None:
         require(bool(self.output_dir.strip()), "output_dir", "must not be empty")
