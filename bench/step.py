@@ -100,6 +100,9 @@ def time_steps(config: str, steps: int, warmup: int, ds_config: str = "zero3.jso
             raise BenchError(f"the run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "step_time_s" in r and r["step"] > warmup]
+    first = next((r["step_time_s"] for r in records if "step_time_s" in r), None)
+    compiled = next(({k: v for k, v in r.items() if k.startswith("compile_")} for r in records
+                     if "compile_graphs" in r), None)
     if not timed:
         raise BenchError("no step records after the warm-up")
 
@@ -121,8 +124,43 @@ def time_steps(config: str, steps: int, warmup: int, ds_config: str = "zero3.jso
         cfg = load_config(config, list(overrides))
     world = ranks_of(launcher) if launcher else int(os.environ.get("WORLD_SIZE", 1))
     summary["planned_memory_gib"] = plan_this_run(cfg, build_ds_config(ds_config, cfg, world), world).total / GiB
+    summary["first_step_s"] = first  # what compiling adds (run.compile), and the first step's own costs
+    if compiled:
+        summary.update(compiled)
     return {"config": config, "steps": steps, "warmup": warmup, "ranks": world, "summary": summary,
             "records": timed, "run_command": shlex.join(cmd)}
+
+
+def compare_compile(config: str, steps: int, warmup: int, mode: str, ds_config: str = "zero3.json", launcher: str = "",
+                    overrides: list[str] = ()) -> dict:
+    """The same steps eager (run.compile=off) and compiled (`mode`), one after the other in this call ->
+    {"eager", "compiled": time_steps results, "speedup": eager / compiled median step time, "compile_s": the
+    compiled first step's extra time over the eager first step (the compile, once)}."""
+    eager = time_steps(config, steps, warmup, ds_config, launcher, [*overrides, "run.compile=off"])
+    compiled = time_steps(config, steps, warmup, ds_config, launcher, [*overrides, f"run.compile={mode}"])
+    e, c = eager["summary"], compiled["summary"]
+    return {"config": config, "mode": mode, "eager": eager, "compiled": compiled,
+            "speedup": e["step_time_s"] / c["step_time_s"], "compile_s": c["first_step_s"] - e["first_step_s"]}
+
+
+def report_compile(result: dict) -> list[str]:
+    """`compare_compile`'s result side by side."""
+    e, c = result["eager"]["summary"], result["compiled"]["summary"]
+    rows = [("step (median)", "step_time_s", "{:.4f} s"), ("images/s", "images_per_s", "{:.1f}"),
+            *((f"{ph}", f"time_{ph}_s", "{:.4f} s") for ph in PHASES),
+            ("peak memory", "max_memory_gib" if e.get("max_memory_gib") else "max_rss_gib", "{:.2f} GiB")]
+    timed, warmup = result["eager"]["steps"] - result["eager"]["warmup"], result["eager"]["warmup"]
+    lines = [f"{result['config']}: eager vs run.compile={result['mode']}, {timed} steps each after {warmup} "
+             f"warm-up, {result.get('device', '')}",
+             f"  {'':16}{'eager':>14}{'compiled':>14}"]
+    for name, key, fmt in rows:
+        if e.get(key) is not None and c.get(key) is not None:
+            lines.append(f"  {name:16}{fmt.format(e[key]):>14}{fmt.format(c[key]):>14}")
+    lines.append(f"  compiled / eager step time {1 / result['speedup']:.3f} (speed-up x{result['speedup']:.2f}); "
+                 f"compiling took about {result['compile_s']:.1f} s once (first step {c['first_step_s']:.1f} s against "
+                 f"{e['first_step_s']:.1f} s); {c.get('compile_graphs', '?')} graphs, "
+                 f"{c.get('compile_graph_breaks', '?')} graph breaks")
+    return lines
 
 
 def report(result: dict) -> list[str]:

@@ -4,12 +4,16 @@
     python scripts/bench_step.py --config configs/ibot_l16_in22k.yaml --steps 20 \
         --launcher "deepspeed --num_gpus 8" data.train_shards=/data/shards/in22k/shard-{000000..000063}.tar
     python scripts/bench_step.py --config configs/ibot_vit_tiny.yaml --syncs --out bench/results/syncs_x.json
+    python scripts/bench_step.py --config configs/ibot_vit_tiny.yaml --compile blocks   # eager vs compiled
+    python scripts/bench_step.py --config configs/ibot_l16_in22k.yaml --steps 30 --warmup 5 --compile blocks \
+        --launcher "deepspeed --num_gpus 8" data.train_shards=...                        # the GPU comparison
 
 Medians of each phase (data, forward, backward, optimizer, EMA) with its share of the step, images/s,
 model FLOPs, TFLOP/s and MFU on a known GPU, and the peak memory against the planner's estimate;
 `--syncs` counts the host-device synchronisations per optimizer step instead, by the line that
-does them. The JSON (device, versions, command, every per-step record) goes to --out (default
-bench/results/step_<config>_<cpu|gpu>.json).
+does them; `--compile MODE` runs the steps eager and then compiled (run.compile) and prints them side by
+side, with the compile time (once) and the graph and break counts. The JSON (device, versions, command,
+every per-step record) goes to --out (default bench/results/step_<config>[_compile_<mode>]_<cpu|gpu>.json).
 """
 
 import argparse
@@ -19,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import RESULTS, on_gpu, record, write  # noqa: E402
-from bench.step import BenchError, count_syncs, report, time_steps  # noqa: E402
+from bench.step import BenchError, compare_compile, count_syncs, report, report_compile, time_steps  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON path (default: bench/results/step_<config>_<cpu|gpu>.json)")
     p.add_argument("--syncs", action="store_true",
                    help="count the host-device synchronisations per optimizer step instead (trainer/syncs.py)")
+    p.add_argument("--compile", choices=("blocks", "model"),
+                   help="run the steps eager, then with run.compile=MODE, and compare them")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_intermixed_args(argv)
     about = record("scripts/bench_step.py", argv, "deepspeed", "triton")
@@ -45,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write(args.out, {"config": args.config, "overrides": args.overrides, **result, **about})
         return 0
+    kind = "gpu" if on_gpu() else "cpu"
+    if args.compile:
+        try:
+            result = {**compare_compile(args.config, args.steps, args.warmup, args.compile, args.ds_config,
+                                        args.launcher, args.overrides), **about}
+        except BenchError as e:
+            print(f"bench_step: {e}", file=sys.stderr)
+            return 1
+        print("\n".join(report_compile(result)))
+        path = write(args.out or RESULTS / f"step_{Path(args.config).stem}_compile_{args.compile}_{kind}.json", result)
+        print(f"wrote {path}")
+        return 0
     try:
         result = {**time_steps(args.config, args.steps, args.warmup, args.ds_config, args.launcher, args.overrides),
                   **about}
@@ -52,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_step: {e}", file=sys.stderr)
         return 1
     print("\n".join(report(result)))
-    kind = "gpu" if on_gpu() else "cpu"
     path = write(args.out or RESULTS / f"step_{Path(args.config).stem}_{kind}.json", result)
     print(f"wrote {path}")
     return 0
