@@ -87,7 +87,7 @@ def pytest_configure(config):
 LONGEST_FIRST = ("runs/test_default_run.py", "dist/test_resume.py", "dist/test_distributed.py",
                  "runs/test_beit_chain.py", "runs/test_frozen_teacher_runs.py", "faults/test_crash_safety.py",
                  "runs/test_itpn_runs.py", "slurm/test_cluster.py", "runs/test_step_syncs.py", "dist/test_comm.py",
-                 "dist/test_reshard.py", "runs/test_dinov2_runs.py")
+                 "dist/test_reshard.py", "runs/test_dinov2_runs.py", "runs/test_compile.py")
 
 
 def pytest_collection_modifyitems(config, items):
