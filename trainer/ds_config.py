@@ -44,11 +44,16 @@ ACCELERATE_OPTIONS = {
 }
 
 
+def launched_by_accelerate(environ) -> bool:
+    """`accelerate launch --use_deepspeed` (or its config's distributed_type DEEPSPEED) started this process."""
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def ds_config_name(ds_config: str | None, environ) -> tuple[str, bool]:
     """The DeepSpeed JSON of this launch -> (its name, whether accelerate chose it): `--ds_config`, else the
     file of `accelerate launch --use_deepspeed --deepspeed_config_file F` (or of an accelerate config's
     deepspeed_config section), else zero3.json. Both given must be the same file."""
-    accelerate = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if environ.get("ACCELERATE_USE_DEEPSPEED") else None
+    accelerate = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if launched_by_accelerate(environ) else None
     if accelerate and ds_config and resolve_ds_config(ds_config).resolve() != resolve_ds_config(accelerate).resolve():
         raise ConfigError("--ds_config", ds_config, f"accelerate's deepspeed_config_file is {accelerate}: give one "
                                                     "DeepSpeed JSON, or the same file to both")
@@ -59,7 +64,7 @@ def check_accelerate(ds: dict, cfg: Config, environ, source: str) -> None:
     """accelerate's own DeepSpeed options must say what the merged DeepSpeed dict (`ds`) and the YAML say:
     accelerate fills "auto" values of its own config, but this launcher takes the DeepSpeed JSON and the
     YAML as they are, so a flag that disagrees would be silently ignored otherwise."""
-    if not environ.get("ACCELERATE_USE_DEEPSPEED"):
+    if not launched_by_accelerate(environ):
         return
     for var, (key, kind, absent) in ACCELERATE_OPTIONS.items():
         if not environ.get(var):

@@ -61,8 +61,7 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                    purge_step=resumed_at + 1 if resumed_at else None)
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_at + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
