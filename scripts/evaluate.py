@@ -30,6 +30,7 @@ from evaluation.protocols import POOLS, append_result, evaluate, splits, table  
 from export.backbones import load_backbone  # noqa: E402
 from trainer.config.sections import DataConfig  # noqa: E402
 from trainer.distributed import leave_distributed  # noqa: E402
+from trainer.tracking import send_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("no kNN of an untrained network or of raw pixels was recorded with this backbone to compare with")
         print(f"appended to {append_result(backbone.results_file, done['record'], backbone.step)}")
+        if backbone.kind == "mimscale":  # and to the run's W&B / MLflow run, where it had one
+            sent = send_results(backbone.results_file.parent, backbone.step, done["record"])
+            if sent:
+                print(f"sent to the run's {' and '.join(sent)} run")
     leave_distributed()
     return 0
 

@@ -211,15 +211,13 @@ def records(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK and not k.startswith("time_")} for r in rows]
 
 
-def wandb_offline(run: Path) -> tuple[set[str], list[tuple[int, dict]]]:
-    """What a run sent to W&B offline: (the run ids of <run>/wandb/offline-run-*, [(step, {key: value})]
-    in the order written, over every launch's directory): read from the .wandb files themselves
-    (LevelDB-style log blocks of protobuf Records, W&B's transaction log)."""
+def wandb_records(run: Path):
+    """Every record a run wrote to W&B offline, <run>/wandb/offline-run-*/run-*.wandb in order (each
+    launch's own directory): LevelDB-style log blocks of protobuf Records, W&B's transaction log."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    ids, history = set(), []
     for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
         data, pos, block, buf = path.read_bytes(), 7, 32768, b""
         assert data[:4] == b":W&B", path
@@ -236,11 +234,21 @@ def wandb_offline(run: Path) -> tuple[set[str], list[tuple[int, dict]]]:
                 record = pb.Record()
                 record.ParseFromString(buf)
                 buf = b""
-                if record.WhichOneof("record_type") == "run":
-                    ids.add(record.run.run_id)
-                elif record.WhichOneof("record_type") == "history":
-                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                    history.append((record.history.step.num, items))
+                yield record
+
+
+def wandb_items(items) -> dict:
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+
+def wandb_offline(run: Path) -> tuple[set[str], list[tuple[int, dict]]]:
+    """What a run sent to W&B offline: (the run ids, [(step, {key: value})] in the order written)."""
+    ids, history = set(), []
+    for record in wandb_records(run):
+        if record.WhichOneof("record_type") == "run":
+            ids.add(record.run.run_id)
+        elif record.WhichOneof("record_type") == "history":
+            history.append((record.history.step.num, wandb_items(record.history.item)))
     return ids, history
 
 

@@ -62,6 +62,10 @@ class WandbTracker:
     def pictures(self, step: int, paths: list[Path]) -> None:
         self.run.log({f"pictures/{Path(p).stem}": self.wandb.Image(str(p)) for p in paths}, step=step)
 
+    def results(self, step: int, values: dict) -> None:
+        """A result computed after the run: to the run's summary (W&B takes no step at or before its last)."""
+        self.run.summary.update(numbers(values))
+
     def close(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -101,6 +105,9 @@ class MlflowTracker:
         metrics = [Metric(k, float(v), now, step) for k, v in numbers(values).items()]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
+
+    def results(self, step: int, values: dict) -> None:
+        self.log(step, values)
 
     def pictures(self, step: int, paths: list[Path]) -> None:
         for p in paths:
@@ -160,6 +167,27 @@ class Trackers:
     def pictures(self, step: int, paths: list[Path]) -> None:
         self._each("pictures", step, [p for p in paths if Path(p).is_file()])
 
+    def results(self, step: int, values: dict) -> None:
+        self._each("results", step, values)
+
     def close(self, exit_code: int = 0) -> None:
         self._each("close", exit_code)
         self.trackers = []
+
+
+def send_results(run_dir: Path, step: int | None, record: dict) -> list[str]:
+    """A result computed after the run (scripts/evaluate.py: a linear probe, a kNN sweep) to the trackers
+    the run itself logged to (its config.yaml; the ids in tracking.json) -> their names ([] if none)."""
+    from .config import files_unchecked, load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / TRACKING_FILE).is_file() or not (run_dir / "config.yaml").is_file():
+        return []
+    with files_unchecked():  # (the run's teacher files need not be where they were)
+        cfg = load_config(run_dir / "config.yaml")
+    cfg.run.output_dir = str(run_dir)  # the directory as it is now, holding tracking.json
+    trackers = Trackers.open(cfg, 0)
+    names = [type(t).__name__.removesuffix("Tracker") for t in trackers.trackers]
+    trackers.results(step or 0, record)
+    trackers.close()
+    return names
