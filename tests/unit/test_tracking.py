@@ -56,18 +56,24 @@ def test_a_rollback_moves_the_abandoned_steps_aside(tmp_path):
 
 
 def test_a_result_after_the_run_goes_to_its_wandb_run(tmp_path):
-    """scripts/evaluate.py's linear probe of a run that logged to W&B: the same W&B run (its id from
-    tracking.json), in the run's summary; a run without a tracker is left alone."""
+    """A run's pictures go to W&B as images; scripts/evaluate.py's linear probe of a run that logged to W&B
+    goes to the same W&B run (its id from tracking.json), in the run's summary; a run without a tracker
+    is left alone."""
     assert send_results(tmp_path, 10, {"linear_top1": 0.5}) == []
     cfg = load_config(None, ["log.wandb=offline", f"run.output_dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "curves.png")
     trackers = Trackers.open(cfg, 0)
     trackers.log(10, {"loss": 1.5, "note": "text"})
+    trackers.pictures(10, [tmp_path / "curves.png", tmp_path / "absent.png"])  # as launch.py does at the end
     trackers.close()
     assert send_results(tmp_path, 10, {"linear_top1": 87.7}) == ["Wandb"]
     ids, history = wandb_offline(tmp_path)
     assert len(ids) == 1 and len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
     assert [(s, h["loss"]) for s, h in history] == [(10, 1.5)] and "note" not in history[0][1]
+    assert history[0][1]["pictures/curves/_type"] == "image-file"  # in the same step's row
     summaries = [wandb_items(r.summary.update) for r in wandb_records(tmp_path)
                  if r.WhichOneof("record_type") == "summary"]
     assert any(s.get("linear_top1") == 87.7 for s in summaries)
