@@ -52,28 +52,21 @@ def main(argv: list[str] | None = None) -> int:
             write(args.out, {"config": args.config, "overrides": args.overrides, **result, **about})
         return 0
     kind = "gpu" if on_gpu() else "cpu"
-    if args.compile:
-        try:
-            result = {**compare_compile(args.config, args.steps, args.warmup, args.compile, args.ds_config,
-                                        args.launcher, args.overrides), **about}
-        except BenchError as e:
-            print(f"bench_step: {e}", file=sys.stderr)
-            return 1
-        print("\n".join(report_compile(result)))
-        path = write(args.out or RESULTS / f"step_{Path(args.config).stem}_compile_{args.compile}_{kind}.json", result)
-        print(f"wrote {path}")
-        return 0
+    stem = Path(args.config).stem + (f"_compile_{args.compile}" if args.compile else "")
     try:
-        result = {**time_steps(args.config, args.steps, args.warmup, args.ds_config, args.launcher, args.overrides),
-                  **about}
+        if args.compile:  # the same steps eager, then compiled
+            result = compare_compile(args.config, args.steps, args.warmup, args.compile, args.ds_config,
+                                     args.launcher, args.overrides)
+        else:
+            result = time_steps(args.config, args.steps, args.warmup, args.ds_config, args.launcher, args.overrides)
     except BenchError as e:
         print(f"bench_step: {e}", file=sys.stderr)
         return 1
-    print("\n".join(report(result)))
-    path = write(args.out or RESULTS / f"step_{Path(args.config).stem}_{kind}.json", result)
+    result = {**result, **about}
+    print("\n".join((report_compile if args.compile else report)(result)))
+    path = write(args.out or RESULTS / f"step_{stem}_{kind}.json", result)
     print(f"wrote {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
