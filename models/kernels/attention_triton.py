@@ -290,13 +290,8 @@ def _layout(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
     return False, B, H, N, D, (B, H, N), H * N, N
 
 
-# Custom ops (torch.library), not an autograd.Function: torch.compile treats each as one opaque call, so
-# a compiled block keeps the kernel and stays one graph (dynamo would break the graph at an autograd.Function
-# that launches Triton kernels through the autotuner). The inputs reach them contiguous (`flash_attention`),
-# so the gradients, allocated contiguous, share their strides.
-@torch.library.custom_op("mimscale::flash_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-            cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
     varlen, n_seq, H, N, D, lse_shape, slb, slh = _layout(q, cu_seqlens, max_seqlen)
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     o = torch.empty_like(q)
@@ -314,16 +309,24 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return o, lse
 
 
+# The forward and backward as custom ops (torch.library), not an autograd.Function: torch.compile treats
+# each as one opaque call, so a compiled block keeps the kernel and stays one graph (dynamo would break
+# the graph at an autograd.Function that launches Triton kernels through the autotuner). The inputs reach
+# them contiguous (`flash_attention`), so the gradients, allocated contiguous, share their strides. The
+# plain functions stay callable: models/kernels/compile.py launches them on meta tensors, where the ops
+# would run their fake implementations.
+_fwd_op = torch.library.custom_op("mimscale::flash_attention_fwd", attention_forward, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(q, k, v, bias, cu_seqlens, max_seqlen):
     lse_shape = _layout(q, cu_seqlens, max_seqlen)[5]
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("mimscale::flash_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-            bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
-            bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+                       bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, and d(bias) in fp32 (an empty tensor without `bias_grad`: an op returns no None)."""
     varlen, n_seq, H, N, D, _, slb, slh = _layout(q, cu_seqlens, max_seqlen)
     scale = D ** -0.5
@@ -351,6 +354,9 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, do, lse, delta, dq, cu, bias, scale, scale * LOG2E, *args, VARLEN=varlen, BLOCK_D=block_d,
         UPCAST=upcast, HAS_BIAS=has_bias)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
+
+
+_bwd_op = torch.library.custom_op("mimscale::flash_attention_bwd", attention_backward, mutates_args=())
 
 
 @_bwd_op.register_fake

@@ -151,19 +151,20 @@ def model_launches(head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), layouts=LAYOUTS, p
                         continue
 
                     def attention(d=d, n=n, h=h, dt=dt, layout=layout):
+                        # the custom ops' own functions (the ops would run their fake versions on meta)
+                        bias, cu, longest = None, None, 0
                         if layout == "varlen":  # 2 global + 2 local crops of a /16 model packed in one row
                             lengths = [n, n, 37, 37]
-                            q, k, v = (torch.empty(sum(lengths), h, d, device=meta, dtype=dt, requires_grad=True)
-                                       for _ in range(3))
+                            q, k, v = (torch.empty(sum(lengths), h, d, device=meta, dtype=dt) for _ in range(3))
                             cu = torch.empty(len(lengths) + 1, device=meta, dtype=torch.int32)
-                            o = attention_triton.flash_attention_varlen(q, k, v, cu, max(lengths))
+                            longest = max(lengths)
                         else:
-                            q, k, v = (torch.empty(batch, h, n, d, device=meta, dtype=dt, requires_grad=True)
-                                       for _ in range(3))
-                            bias = (torch.empty(h, n, n, device=meta, dtype=dt, requires_grad=True)
-                                    if layout == "bias" else None)
-                            o = attention_triton.flash_attention(q, k, v, bias)
-                        o.backward(torch.empty_like(o))
+                            q, k, v = (torch.empty(batch, h, n, d, device=meta, dtype=dt) for _ in range(3))
+                            if layout == "bias":
+                                bias = torch.empty(h, n, n, device=meta, dtype=dt)
+                        o, lse = attention_triton.attention_forward(q, k, v, bias, cu, longest)
+                        attention_triton.attention_backward(torch.empty_like(o), q, k, v, o, lse, bias, cu, longest,
+                                                            bias is not None)
                     yield f"attention D={d} {dt_name} {layout}", attention
         for dt_name in dtypes:
             dt = {**DTYPES, **EXTRA_DTYPES}[dt_name]
