@@ -1,10 +1,9 @@
 """run.compile: torch.compile applied to the plain student from outside, before DeepSpeed wraps it.
 
-'blocks': each of the student backbone's blocks. Under ZeRO-3 each block is made a ZeRO-3 leaf module
-(DeepSpeed's `set_z3_leaf_modules`: its parameters are gathered whole by one hook on the block, not one
-per Linear), and the block's `forward` is compiled, not its `__call__`: the hooks stay outside the graph
-(they are `torch.compiler.disable`d, so inside it each would break the graph), and a block is one graph,
-shared by all blocks of a shape. Activation checkpointing wraps the compiled forward unchanged.
+'blocks': each of the student backbone's blocks; its `forward` is compiled, not its `__call__`, so the
+hooks on the block stay outside the graph. Under ZeRO-3 the block then gathers its parameters whole and
+the hooks inside it are removed (`gather_blocks_whole`): one graph per block shape, no break.
+Activation checkpointing wraps the compiled forward unchanged.
 
 'model': the student's networks whole (the backbone's `forward_features` and `forward`, the head), one
 graph per crop shape. Only below ZeRO stage 3 (trainer/ds_config.py refuses it there): DeepSpeed 0.19's

@@ -4,8 +4,8 @@ experiment trackers (trainer/tracking.py).
 A run resumes from its newest checkpoint, so the steps after it are trained again, with the same values
 (resume is exact). metrics.jsonl is cut back to the checkpoint's step when the run starts, so it holds
 each step once; TensorBoard purges the later steps itself (`purge_step`); a tracker keeps what it was
-sent, so the writer never sends it a step at or below the highest one it had (W&B drops a step that
-goes back anyway)."""
+sent, so the writer never sends it a step at or below the highest one it had (W&B keeps its steps
+increasing)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ from .config import Config, to_dict
 log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"
-EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # module -> the extra that installs it (pyproject.toml)
 
 
 def tracker_ids(run_dir: Path) -> dict:

@@ -111,7 +111,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, reference, referen
     assert records(run) == records(reference_run)  # a stopped launch leaves no summary of its own
 
 
-def test_failed_save_on_one_rank_stops_every_rank_and_keeps_the_previous(tmp_path, reference):
+def test_failed_save_on_one_rank_stops_every_rank_and_keeps_the_previous(tmp_path, reference, reference_run):
     run = tmp_path / "run"
     failed = launch(_args(run), faults=("fail-save:4@1",), ranks=2)
     assert failed.returncode != 0  # torchrun exits 1; its report names the ranks' own code
@@ -125,6 +125,7 @@ def test_failed_save_on_one_rank_stops_every_rank_and_keeps_the_previous(tmp_pat
     assert (ckpt / "step00000002" / "COMPLETE").exists()
     ok(launch(_args(run), ranks=2))
     assert losses(run) == reference
+    assert records(run) == records(reference_run)  # steps 3 and 4, logged before the failed save, once
 
 
 def test_no_room_for_a_checkpoint_stops_before_writing(tmp_path):
