@@ -309,12 +309,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return o, lse
 
 
-# The forward and backward as custom ops (torch.library), not an autograd.Function: torch.compile treats
-# each as one opaque call, so a compiled block keeps the kernel and stays one graph (dynamo would break
-# the graph at an autograd.Function that launches Triton kernels through the autotuner). The inputs reach
-# them contiguous (`flash_attention`), so the gradients, allocated contiguous, share their strides. The
-# plain functions stay callable: models/kernels/compile.py launches them on meta tensors, where the ops
-# would run their fake implementations.
+# The forward and backward as custom ops (torch.library): torch.compile keeps each as one opaque call, so a
+# compiled block keeps the kernel and stays one graph (tests/runs/test_compile.py, fullgraph=True). The
+# inputs reach them contiguous (`flash_attention`), so the gradients, allocated contiguous, share their
+# strides. The plain functions stay callable: models/kernels/compile.py launches them on meta tensors,
+# where the ops would run their fake implementations.
 _fwd_op = torch.library.custom_op("mimscale::flash_attention_fwd", attention_forward, mutates_args=())
 
 
